@@ -1,0 +1,220 @@
+"""Typed run configuration: dataclasses, filled from a YAML file, then from `--section.key=value` overrides.
+
+An experiment is data, not code: stage 1 and stage 2 differ only in their YAML files (which parameters train,
+where the weights come from, learning rates, schedule, epochs). Unknown keys and values of the wrong type are
+errors, so a typo never silently trains with a default.
+
+    cfg = load_config("experiments/cub_vgg16_stage1.yaml", ["--optim.lr=0.5", "--train.epochs=3"])
+    cfg.optim.lr            # 0.5
+    config_to_dict(cfg)     # plain dict, stored in checkpoints and run_dir/config.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from bcnn.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    format: str = "cub"  # "cub": CUB-200-2011 layout; "folder": root/train/<class>/*, root/test/<class>/*
+    root: str = "data/CUB_200_2011"
+    val_fraction: float = 0.1  # stratified hold-out from the official train split; 0 = train on all of it
+    split_seed: int = 0  # seeds the val hold-out only, so it stays fixed when train.seed changes
+    crop_to_bbox: bool = False  # CUB only: crop every image to its bounding box before the transform
+    resize: int = 448  # shorter side, before the crop
+    crop: int = 448  # square input size the model sees
+    hflip: bool = True
+    random_resized_crop: bool = False  # replaces Resize + RandomCrop in training
+    rrc_min_scale: float = 0.25
+    rotation: float = 0.0  # degrees; 0 = off
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    backbone_weights: str = "imagenet"  # "imagenet" (torchvision download/cache), "none", or a state-dict path
+    cut: str = "relu5_3"  # "relu5_3": pool5 dropped, as in the paper; "pool5": after the last max-pool
+    sqrt_eps: float = 1e-5  # y = sign(x) * sqrt(|x| + eps): eps keeps the gradient finite at 0
+    freeze_backbone: bool = True  # frozen: no gradients, kept in eval mode, weights bit-identical
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 1.0  # classifier learning rate
+    backbone_lr: float = 0.0  # used only when the backbone trains
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "plateau"  # plateau (on val top-1) | step | cosine | none
+    factor: float = 0.1  # plateau and step: multiply the lr by this
+    patience: int = 3  # plateau: epochs without improvement before the lr drops
+    step_size: int = 20  # step: epochs between drops
+    min_lr: float = 0.0  # cosine: final lr; plateau: floor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 55
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    seed: int = 0
+    init_from: str = ""  # checkpoint whose model weights start this run (stage 2 <- stage 1); "" = none
+    run_dir: str = "runs/cub_vgg16_stage1"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 20  # batches between log lines
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    ("data", "format"): ("cub", "folder"),
+    ("model", "cut"): ("relu5_3", "pool5"),
+    ("optim", "name"): ("sgd", "adam", "adamw"),
+    ("schedule", "name"): ("plateau", "step", "cosine", "none"),
+}
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    """Check (YAML value) or parse (command-line string) one value against the field's declared type."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip().lower()
+        try:
+            if typ is bool:
+                if text in ("true", "yes", "1", "on"):
+                    return True
+                if text in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError
+            return typ(text)
+        except ValueError:
+            raise UserError(f"{where} must be of type {typ.__name__}, got {value!r}; fix the value.") from None
+    ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise UserError(f"{where} must be of type {typ.__name__}, got {value!r}; fix the value.")
+    return value
+
+
+def _field_types(obj: Any) -> dict[str, type]:
+    hints = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(obj)}
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise UserError(
+            f"unknown config key {dotted!r} in {source}; keys look like section.name with section one of "
+            f"{', '.join(sorted(sections))} (see bcnn/config.py)."
+        )
+    section = getattr(cfg, parts[0])
+    types = _field_types(section)
+    if parts[1] not in types:
+        raise UserError(
+            f"unknown config key {dotted!r} in {source}; known keys of {parts[0]}: {', '.join(types)}."
+        )
+    value = _coerce(value, types[parts[1]], f"{dotted} ({source})")
+    allowed = CHOICES.get((parts[0], parts[1]))
+    if allowed and value not in allowed:
+        raise UserError(f"{dotted} ({source}) must be one of {', '.join(allowed)}, got {value!r}.")
+    setattr(section, parts[1], value)
+
+
+def apply_dict(cfg: Config, values: dict, source: str) -> Config:
+    """Apply a nested {section: {key: value}} dict, as read from YAML or stored in a checkpoint."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source} must hold a mapping of sections (data, model, optim, ...); fix the file.")
+    for section, entries in values.items():
+        if not isinstance(entries, dict):
+            raise UserError(f"section {section!r} in {source} must be a mapping of key: value; fix the file.")
+        for key, value in entries.items():
+            _set(cfg, f"{section}.{key}", value, source)
+    return cfg
+
+
+def parse_overrides(args: Iterable[str]) -> list[tuple[str, str]]:
+    """`--section.key=value` or `--section.key value` -> [(section.key, value)]."""
+    args = list(args)
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(f"cannot read argument {arg!r}; overrides look like --section.key=value.")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise UserError(f"override {arg!r} has no value; write it as {arg}=VALUE.")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file, then command-line overrides; every value type-checked."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass one of the files in experiments/.")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        apply_dict(cfg, values, str(path))
+    for key, value in parse_overrides(overrides):
+        _set(cfg, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Values each of the right type can still be impossible together; say which and why."""
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
+    for key in ("data.crop", "data.resize", "train.epochs", "train.batch_size", "train.eval_batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(getattr(cfg, section), name)}.")
+    if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
+        raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
+    if cfg.optim.lr < 0 or cfg.optim.backbone_lr < 0 or cfg.optim.weight_decay < 0:
+        raise UserError("learning rates and weight decay must not be negative; fix optim.* in the config.")
+    if cfg.schedule.name == "plateau" and cfg.data.val_fraction == 0:
+        raise UserError(
+            "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "
+            "use schedule.name=step, cosine or none, or set data.val_fraction > 0."
+        )
+    if not cfg.model.freeze_backbone and cfg.optim.backbone_lr == 0:
+        raise UserError("model.freeze_backbone is false but optim.backbone_lr is 0; set optim.backbone_lr > 0.")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict, source: str = "checkpoint") -> Config:
+    cfg = apply_dict(Config(), values, source)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bcnn",
+    version="0.1.0",
+    description="Bilinear CNNs (Lin et al.) for fine-grained recognition on CUB-200-2011, in PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bcnn", "bcnn.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "pyyaml>=6.0",
+        "tensorboard>=2.14",
+        "tqdm>=4.60",
+    ],
+    extras_require={"dev": ["pytest>=7.0"]},
+)
