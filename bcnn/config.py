@@ -94,7 +94,8 @@ CHOICES = {
 
 
 def _coerce(value: Any, typ: type, where: str) -> Any:
-    """Check (YAML value) or parse (command-line string) one value against the field's declared type."""
+    """Check a value against the field's declared type; strings are parsed (command line, and YAML
+    numbers like 1e-5 that PyYAML reads as strings)."""
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
         try:
