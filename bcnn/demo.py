@@ -1,6 +1,6 @@
 """The whole pipeline on a generated mini-CUB, on the CPU, in minutes: what `make demo` runs.
 
-    python -m bcnn.demo [--root demo] [--crop 64] [--epochs 8]
+    python -m bcnn.demo [--root demo] [--crop 64] [--epochs 10]
 
 Writes a mini-CUB in the real CUB-200-2011 format (`python -m bcnn.data synth`), trains stage 1 and stage 2
 with experiments/demo_stage{1,2}.yaml through the same `bcnn.train` entry point as the real recipe, then
@@ -25,9 +25,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bcnn.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="demo", help="folder for the mini-CUB and the runs (replaced)")
     parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--per-class", type=int, default=16, help="images per class, train and test together")
+    parser.add_argument("--per-class", type=int, default=24, help="images per class, train and test together")
     parser.add_argument("--crop", type=int, default=64, help="input size of the model")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of each stage")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of each stage")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

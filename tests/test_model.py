@@ -1,0 +1,261 @@
+"""bcnn.model: the bilinear head against a NumPy reference, float32 pooling, finite gradients at zero, the VGG16
+cuts, a frozen backbone that does not move, loading backbone and model weights.
+
+Small inputs (32-64 px) throughout: a VGG16 forward at 448 px costs seconds on a CPU. No test downloads anything;
+the ImageNet path is exercised with a random VGG16 placed in a temporary torch hub cache.
+"""
+
+import copy
+import os
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from bcnn.config import ModelConfig
+from bcnn.errors import UserError
+from bcnn.model import (
+    BilinearCNN,
+    BilinearHead,
+    BilinearPool,
+    build_model,
+    load_model_weights,
+    signed_sqrt,
+    vgg16_features,
+)
+
+IMAGENET_FILE_NAME = os.path.basename(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url)  # vgg16-397923af.pth
+
+
+def numpy_bilinear_features(x: np.ndarray, eps: float) -> np.ndarray:
+    """The paper's head up to the classifier, written independently in float64."""
+    batch, channels, height, width = x.shape
+    flat = x.astype(np.float64).reshape(batch, channels, height * width)
+    gram = np.einsum("bcn,bdn->bcd", flat, flat) / (height * width)
+    vector = gram.reshape(batch, channels * channels)
+    vector = np.sign(vector) * np.sqrt(np.abs(vector) + eps)
+    return vector / np.linalg.norm(vector, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def random_vgg16_home(tmp_path_factory):
+    """A torch home whose hub cache holds a random torchvision VGG16 under the ImageNet file name."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    checkpoints_dir = torch_home / "hub" / "checkpoints"
+    checkpoints_dir.mkdir(parents=True)
+    torch.manual_seed(123)
+    state = torchvision.models.vgg16().state_dict()
+    torch.save(state, checkpoints_dir / IMAGENET_FILE_NAME)
+    features = {key[len("features.") :]: value for key, value in state.items() if key.startswith("features.")}
+    return torch_home, checkpoints_dir / IMAGENET_FILE_NAME, features
+
+
+@pytest.fixture(scope="module")
+def random_backbone():
+    torch.manual_seed(0)
+    return vgg16_features("relu5_3", "none")
+
+
+def assert_backbone_equals(backbone: nn.Sequential, expected: dict) -> None:
+    actual = backbone.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, value in actual.items():
+        assert torch.equal(value, expected[key]), key
+
+
+# ---- the head -------------------------------------------------------------------------------------------------
+
+
+def test_head_matches_numpy_reference():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 5, 7) * 2 - 0.5  # negative values too, so the signed sqrt sees both signs
+    head = BilinearHead(feature_dim=6, num_classes=4, sqrt_eps=1e-5)
+    with torch.no_grad():
+        head.fc.bias.normal_()
+        features = head.features(x)
+        logits = head(x)
+
+    expected = numpy_bilinear_features(x.numpy(), eps=1e-5)
+    weight, bias = head.fc.weight.detach().double().numpy(), head.fc.bias.detach().double().numpy()
+    assert features.shape == (3, 36) and logits.shape == (3, 4)
+    np.testing.assert_allclose(features.numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(logits.numpy(), expected @ weight.T + bias, rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_runs_in_float32_for_bfloat16_input():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6).to(torch.bfloat16)
+    pooled = BilinearPool()(x)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, BilinearPool()(x.float()), rtol=1e-6, atol=1e-6)
+
+    head = BilinearHead(feature_dim=8, num_classes=3)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        pooled_under_autocast = BilinearPool()(x)
+        logits = head(x)
+    assert pooled_under_autocast.dtype == torch.float32 and logits.dtype == torch.float32
+    torch.testing.assert_close(pooled_under_autocast, pooled)
+    torch.testing.assert_close(logits, head(x.float()))
+
+
+@pytest.mark.parametrize("feature_map", ["all_zero", "zeros_mixed_in"])
+def test_gradients_are_finite_at_zero(feature_map):
+    torch.manual_seed(0)
+    if feature_map == "all_zero":
+        x = torch.zeros(2, 4, 3, 3)
+    else:
+        x = torch.randn(2, 4, 3, 3)
+        x[:, 1] = 0.0  # a dead channel: whole rows and columns of X Xᵀ are exactly 0
+        x[x.abs() < 0.5] = 0.0
+    x.requires_grad_(True)
+    head = BilinearHead(feature_dim=4, num_classes=3)
+    head(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+    # Without the eps the same inputs give NaN, which is what the eps is for.
+    zero = torch.zeros(3, requires_grad=True)
+    signed_sqrt(zero, eps=0.0).sum().backward()
+    assert not torch.isfinite(zero.grad).all()
+
+
+def test_classifier_init_is_kaiming_normal():
+    torch.manual_seed(0)
+    head = BilinearHead(feature_dim=32, num_classes=200)
+    fan_in = 32 * 32
+    expected_std = (2.0 / fan_in) ** 0.5
+    assert abs(head.fc.weight.std().item() - expected_std) < 0.1 * expected_std
+    assert abs(head.fc.weight.mean().item()) < 0.1 * expected_std
+    assert torch.equal(head.fc.bias, torch.zeros(200))
+
+
+# ---- the backbone ---------------------------------------------------------------------------------------------
+
+
+def test_vgg16_cuts(random_backbone):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert random_backbone(x).shape == (2, 512, 4, 4)
+        assert vgg16_features("pool5", "none")(x).shape == (2, 512, 2, 2)
+    assert isinstance(random_backbone[-1], nn.ReLU)
+    with pytest.raises(UserError, match="model.cut"):
+        vgg16_features("fc7", "none")
+
+
+def _sgd_steps(model: nn.Module, steps: int = 3) -> None:
+    torch.manual_seed(1)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    # Every parameter goes to the optimizer, so weight decay and momentum get their chance to move frozen ones.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+def test_frozen_backbone_stays_bit_identical(random_backbone):
+    model = BilinearCNN(3, copy.deepcopy(random_backbone)).freeze_backbone()
+    backbone_before = copy.deepcopy(model.backbone.state_dict())
+    classifier_before = model.head.fc.weight.detach().clone()
+
+    _sgd_steps(model)
+
+    assert model.backbone_frozen and model.training and model.backbone.training is False
+    assert_backbone_equals(model.backbone, backbone_before)
+    assert not torch.equal(model.head.fc.weight, classifier_before)
+    groups = model.param_groups(backbone_lr=0.1, classifier_lr=1.0)
+    assert [group["name"] for group in groups] == ["classifier"]
+    assert groups[0]["lr"] == 1.0 and len(groups[0]["params"]) == 2
+
+
+def test_unfrozen_backbone_trains(random_backbone):
+    model = BilinearCNN(3, copy.deepcopy(random_backbone)).freeze_backbone().unfreeze_backbone()
+    conv_before = model.backbone[0].weight.detach().clone()
+
+    _sgd_steps(model)
+
+    assert not model.backbone_frozen and model.backbone.training
+    assert not torch.equal(model.backbone[0].weight, conv_before)
+    groups = model.param_groups(backbone_lr=0.01, classifier_lr=1.0)
+    assert [(group["name"], group["lr"]) for group in groups] == [("backbone", 0.01), ("classifier", 1.0)]
+    assert len(groups[0]["params"]) == 26  # 13 convolutions, weight and bias each
+
+
+def test_build_model_from_config():
+    model = build_model(ModelConfig(backbone_weights="none", cut="pool5", sqrt_eps=1e-3), num_classes=7)
+    assert model.backbone_frozen and model.head.sqrt_eps == 1e-3
+    assert isinstance(model.backbone[-1], nn.MaxPool2d)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+def test_backbone_weights_from_a_file(random_vgg16_home, tmp_path):
+    _, full_vgg16_file, features = random_vgg16_home
+    assert_backbone_equals(vgg16_features("relu5_3", str(full_vgg16_file)), features)
+
+    features_only_file = tmp_path / "features.pth"
+    torch.save(features, features_only_file)
+    assert_backbone_equals(vgg16_features("relu5_3", str(features_only_file)), features)
+
+
+def test_backbone_weights_file_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        vgg16_features("relu5_3", str(tmp_path / "missing.pth"))
+
+    resnet_like = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, resnet_like)
+    with pytest.raises(UserError, match="resnet.pth does not fit VGG16"):
+        vgg16_features("relu5_3", str(resnet_like))
+
+
+def test_imagenet_weights_come_from_the_hub_cache(random_vgg16_home, monkeypatch):
+    torch_home, _, features = random_vgg16_home
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the cached file should have been used")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    assert_backbone_equals(vgg16_features("relu5_3", "imagenet"), features)
+
+
+def test_imagenet_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError) as raised:
+        vgg16_features("relu5_3", "imagenet")
+    message = str(raised.value)
+    assert IMAGENET_FILE_NAME in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "model.backbone_weights=none" in message
+
+
+# ---- model checkpoints ----------------------------------------------------------------------------------------
+
+
+def _small_model(num_classes: int) -> BilinearCNN:
+    return BilinearCNN(num_classes, nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), feature_dim=8)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
+def test_load_model_weights_strips_wrapper_prefixes(prefix):
+    torch.manual_seed(0)
+    trained = _small_model(3)
+    state = {prefix + key: value for key, value in trained.state_dict().items()}
+    fresh = _small_model(3)
+    load_model_weights(fresh, state)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[key]), key
+
+
+def test_load_model_weights_with_other_classes_is_a_user_error():
+    state = {"module." + key: value for key, value in _small_model(3).state_dict().items()}
+    with pytest.raises(UserError, match=r"head\.fc\.weight .*same classes"):
+        load_model_weights(_small_model(5), state)

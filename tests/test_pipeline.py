@@ -1,0 +1,146 @@
+"""End to end, as a user runs it: `make demo`'s pipeline (mini-CUB -> stage 1 -> stage 2 -> eval) and the CLIs.
+
+The demo runs once per session (module fixture, small images and few epochs) and the tests read what it wrote.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcnn import train as train_cli
+from bcnn.data import write_synthetic_cub
+
+CLASSES = 4
+REPO = Path(__file__).resolve().parent.parent
+STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def split_counts(cub_root: Path) -> dict:
+    """Count the official split straight from train_test_split.txt, independently of bcnn.data."""
+    flags = [line.split()[1] for line in (cub_root / "train_test_split.txt").read_text().split("\n") if line.strip()]
+    return {"train": flags.count("1"), "test": flags.count("0")}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    result = run("bcnn.demo", "--root", str(root), "--classes", str(CLASSES), "--per-class", "20",
+                 "--crop", "64", "--epochs", "8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, result.stdout
+
+
+def test_demo_evaluates_every_test_image_above_chance(demo):
+    root, stdout = demo
+    report = json.loads((root / "runs" / "stage2" / "eval_test.json").read_text())
+    assert report["split"] == "test"
+    assert report["count"] == split_counts(root / "mini_cub")["test"]
+    chance = 100 / CLASSES
+    assert report["top1"] > 2 * chance, report
+    assert report["top5"] >= report["top1"]
+    assert "tensorboard --logdir" in stdout and str(root / "runs") in stdout
+
+
+def test_demo_run_directories_hold_what_the_readme_promises(demo):
+    root, _ = demo
+    for stage in ("stage1", "stage2"):
+        run_dir = root / "runs" / stage
+        for name in ("config.yaml", "train.log", "metrics.jsonl", "best.pt", "last.pt"):
+            assert (run_dir / name).is_file(), f"{stage}/{name} missing"
+        assert list(run_dir.glob("events.out.tfevents.*")), f"{stage} has no TensorBoard events"
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [row["epoch"] for row in rows] == list(range(1, 9))
+        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+        assert best["epoch"] == max(rows, key=lambda row: row["val_top1"])["epoch"]
+        assert not any(key.startswith(("module.", "_orig_mod.")) for key in best["model"])
+        assert len(best["classes"]) == CLASSES
+
+
+def test_stage2_starts_from_stage1_and_moves_the_backbone(demo):
+    root, _ = demo
+    stage1 = torch.load(root / "runs" / "stage1" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    stage2 = torch.load(root / "runs" / "stage2" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    stage1_last = torch.load(root / "runs" / "stage1" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    backbone_keys = [key for key in stage1 if key.startswith("backbone.")]
+    assert backbone_keys
+    # stage 1 froze the backbone: best and last agree on it bit for bit; stage 2 trained it.
+    assert all(torch.equal(stage1[key], stage1_last[key]) for key in backbone_keys)
+    assert any(not torch.equal(stage1[key], stage2[key]) for key in backbone_keys)
+    assert "initialised model weights from" in (root / "runs" / "stage2" / "train.log").read_text()
+
+
+def test_eval_with_flip_and_on_val(demo):
+    root, _ = demo
+    checkpoint = root / "runs" / "stage2" / "best.pt"
+    result = run("bcnn.eval", "--checkpoint", str(checkpoint), "--split", "val", "--tta", "flip",
+                 "--batch-size", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((checkpoint.parent / "eval_val_flip.json").read_text())
+    val_rows = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
+    assert report["tta"] == "flip" and report["count"] == val_rows[0]["val_count"]
+    assert "top-1" in result.stdout and "top-5" in result.stdout and "mean per-class" in result.stdout
+
+
+def test_training_never_reads_the_test_split(tmp_path, monkeypatch):
+    data = write_synthetic_cub(tmp_path / "cub", classes=3, per_class=6, seed=1)
+    requested = []
+    real_build_dataset = train_cli.build_dataset
+    monkeypatch.setattr(train_cli, "build_dataset",
+                        lambda cfg, split, **kw: requested.append(split) or real_build_dataset(cfg, split, **kw))
+    train_cli.main(["--config", STAGE1, f"--data-root={data}", "--device=cpu",
+                    f"--run-dir={tmp_path / 'run'}", "--data.crop=32", "--data.resize=40", "--train.epochs=1"])
+    assert sorted(requested) == ["train", "val"]
+
+
+def test_folder_dataset_trains_with_a_config_change(tmp_path):
+    """A class-per-folder dataset (train/<class>/, test/<class>/) goes through the same train and eval."""
+    cub = write_synthetic_cub(tmp_path / "cub", classes=3, per_class=6, seed=2)
+    images = dict(line.split() for line in (cub / "images.txt").read_text().splitlines())
+    is_train = dict(line.split() for line in (cub / "train_test_split.txt").read_text().splitlines())
+    for image_id, rel in images.items():
+        target = tmp_path / "folder" / ("train" if is_train[image_id] == "1" else "test") / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((cub / "images" / rel).read_bytes())
+    run_dir = tmp_path / "run"
+    result = run("bcnn.train", "--config", STAGE1, "--data-root", str(tmp_path / "folder"),
+                 "--data.format=folder", "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32",
+                 "--data.resize=40", "--train.epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run("bcnn.eval", "--checkpoint", str(run_dir / "best.pt"), "--device=cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run_dir / "eval_test.json").read_text())
+    assert report["count"] == split_counts(cub)["test"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bcnn.eval", "--checkpoint", "no/such/best.pt"], "does not exist"),
+        (["bcnn.train", "--config", STAGE1, "--optim.lrr=1"], "unknown config key"),
+        (["bcnn.train", "--config", STAGE1, "--data-root=/no/such/cub", "--device=cpu"],
+         "make data"),
+    ],
+)
+def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message):
+    result = run(*args, f"--run-dir={tmp_path / 'run'}" if args[0] == "bcnn.train" else "--device=cpu")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_finished_run_is_not_overwritten(demo):
+    root, _ = demo
+    run_dir = root / "runs" / "stage1"
+    before = (run_dir / "best.pt").read_bytes()
+    result = run("bcnn.train", "--config", STAGE1, f"--run-dir={run_dir}",
+                 f"--data-root={root / 'mini_cub'}", "--device=cpu")
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (run_dir / "best.pt").read_bytes() == before
