@@ -20,7 +20,6 @@ import math
 import os
 import random
 import re
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -34,7 +33,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from bcnn.config import DataConfig
-from bcnn.errors import UserError
+from bcnn.errors import UserError, exit_on_user_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -442,7 +441,7 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {_describe(path)}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bcnn.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="download, check and extract CUB-200-2011 into ROOT")
@@ -462,13 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--split-seed", type=int, default=0, help="seed of the val hold-out")
     verify.set_defaults(run=lambda a: print(_describe(a.root, a.format, a.val_fraction, a.split_seed)))
     args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args.run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_user_error(main)()
