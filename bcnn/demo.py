@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
                                 "--device", "cpu"])
     print(f"\nrun directories: {runs / 'stage1'}, {runs / 'stage2'} (config.yaml, train.log, metrics.jsonl, "
           f"best.pt, last.pt, eval_test.json)")
-    print(f"TensorBoard logs: tensorboard --logdir {runs}")
+    print(f"TensorBoard logs: {train_cli.tensorboard_command(runs)}")
     return result
 
 

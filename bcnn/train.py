@@ -107,6 +107,12 @@ def build_scheduler(cfg: Config, optimizer):
     return None
 
 
+def tensorboard_command(logdir) -> str:
+    """The command to look at the curves, with this environment's tensorboard when the venv is not activated."""
+    local = Path(sys.executable).parent / "tensorboard"
+    return f"{local if local.exists() else 'tensorboard'} --logdir {logdir}"
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Never train over an earlier run's checkpoints by accident."""
     if (run_dir / "last.pt").exists() and not overwrite:
@@ -200,8 +206,8 @@ def main(argv=None) -> dict:
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
                  train_stats["seconds"])
     writer.close()
-    log.info("finished: checkpoints in %s (best.pt, last.pt); curves: tensorboard --logdir %s",
-             run_dir, run_dir.parent)
+    log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run_dir,
+             tensorboard_command(run_dir.parent))
     return row
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bcnn import train as train_cli
 from bcnn.data import write_synthetic_cub
@@ -55,7 +56,10 @@ def test_demo_run_directories_hold_what_the_readme_promises(demo):
         run_dir = root / "runs" / stage
         for name in ("config.yaml", "train.log", "metrics.jsonl", "best.pt", "last.pt"):
             assert (run_dir / name).is_file(), f"{stage}/{name} missing"
-        assert list(run_dir.glob("events.out.tfevents.*")), f"{stage} has no TensorBoard events"
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        for tag in ("train/loss", "train/top1", "val/top1", "val/top5", "lr/classifier"):
+            assert len(events.Scalars(tag)) == 8, f"{stage}: TensorBoard tag {tag} missing or short"
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [row["epoch"] for row in rows] == list(range(1, 9))
         best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
