@@ -17,7 +17,10 @@ log = logging.getLogger("bcnn")
 
 def train_one_epoch(model, loader, optimizer, device, epoch: int, log_every: int = 20) -> dict:
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    # Running sums stay on the device: a .item() per step would stall the GPU pipeline every batch.
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, start=1):
         images = images.to(device, non_blocking=True)
@@ -29,16 +32,16 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, log_every: int
         optimizer.step()
 
         batch = targets.numel()
-        total_loss += loss.item() * batch
-        correct += (logits.argmax(1) == targets).sum().item()
+        total_loss += loss.detach() * batch
+        correct += (logits.detach().argmax(1) == targets).sum()
         seen += batch
         if log_every and (step % log_every == 0 or step == len(loader)):
             log.info(
                 "epoch %d [%d/%d] loss %.4f top1 %.2f%% %.1f img/s",
-                epoch, step, len(loader), total_loss / seen, 100 * correct / seen,
+                epoch, step, len(loader), total_loss.item() / seen, 100 * correct.item() / seen,
                 seen / (time.perf_counter() - start),
             )
-    return {"loss": total_loss / seen, "top1": 100 * correct / seen, "images": seen,
+    return {"loss": total_loss.item() / seen, "top1": 100 * correct.item() / seen, "images": seen,
             "seconds": time.perf_counter() - start}
 
 
