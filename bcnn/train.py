@@ -38,6 +38,7 @@ log = logging.getLogger("bcnn")
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bcnn.train",
+        allow_abbrev=False,
         description="Train a bilinear CNN. Any config key can be overridden as --section.key=value "
         "(e.g. --optim.lr=0.5 --train.epochs=10); see bcnn/config.py for the keys.",
     )
