@@ -196,8 +196,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
     for key in ("data.crop", "data.resize", "train.epochs", "train.batch_size", "train.eval_batch_size"):
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise UserError(f"{key} must be at least 1, got {getattr(getattr(cfg, section), name)}.")
+        value = getattr(getattr(cfg, section), name)
+        if value < 1:
+            raise UserError(f"{key} must be at least 1, got {value}.")
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
     if cfg.optim.lr < 0 or cfg.optim.backbone_lr < 0 or cfg.optim.weight_decay < 0:

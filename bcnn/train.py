@@ -143,8 +143,9 @@ def main(argv=None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     prepare_run_dir(run_dir, args.overwrite)
     setup_logging(run_dir / "train.log")
+    config_dict = config_to_dict(cfg)  # stored with every checkpoint as plain values
     with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(config_dict, f, sort_keys=False)
     seed_everything(cfg.train.seed)
     log.info("run dir %s, device %s, config %s", run_dir, device, args.config)
 
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
              "frozen" if model.backbone_frozen else "trainable")
 
     writer = SummaryWriter(log_dir=str(run_dir))
-    best_top1, row = -math.inf, {}
+    best_score, row = -math.inf, {}
     for epoch in range(1, cfg.train.epochs + 1):
         lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
         train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, cfg.train.log_every)
@@ -192,15 +193,15 @@ def main(argv=None) -> dict:
             writer.add_scalar(f"lr/{name}", lr, epoch)
         writer.flush()
 
-        state = {"model": model.state_dict(), "config": config_to_dict(cfg), "classes": classes,
+        state = {"model": model.state_dict(), "config": config_dict, "classes": classes,
                  "epoch": epoch, "metrics": row}
         save_checkpoint({**state, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else None},
                         run_dir / "last.pt")
         # Selection on val only; with no val split the paper's fixed schedule keeps the last epoch.
         score = val_stats["top1"] if val_stats else epoch
-        if score > best_top1:
-            best_top1 = score
+        if score > best_score:
+            best_score = score
             save_checkpoint(state, run_dir / "best.pt")
         log.info("epoch %d done: train loss %.4f top1 %.2f%%%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
