@@ -1,8 +1,10 @@
 """Checkpoints: plain dicts of tensors and Python values, written atomically, read with weights_only=True.
 
 A checkpoint holds `model` (state dict without `module.` / `_orig_mod.` prefixes), `config` (a plain dict),
-`classes` (names, so prediction needs no dataset), `epoch`, `metrics`, and for `last.pt` the optimizer and
-scheduler states. Writing goes to a temporary file in the same folder and is then renamed over the target,
+`classes` (names, so prediction needs no dataset), `epoch` (epochs completed), `metrics`, and for `last.pt`
+everything a resumed run needs to continue exactly as if it had never stopped: optimizer, scheduler and grad
+scaler states, `step_in_epoch` and `global_step`, the best val score so far, the partial epoch's sums and
+the random generators' states. Writing goes to a temporary file in the same folder and is then renamed over the target,
 so a crash mid-write leaves the previous checkpoint intact.
 """
 
@@ -10,9 +12,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
+import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bcnn.errors import UserError
@@ -33,17 +38,84 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load on the CPU; refuse anything that is not plain tensors and values (no pickled code runs)."""
-    path = Path(path)
+def _read(path: Path):
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train first (make stage1 / make stage2) or pass --checkpoint.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"checkpoint {path} holds objects other than tensors and plain values, refused for safety ({e}).") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise UserError(f"checkpoint {path} holds objects other than tensors and plain values"
+                        f"{f' ({found.group(1)})' if found else ''}, refused for safety: unpickling them could run "
+                        "code; use a checkpoint written by bcnn.train.") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {e}); use another file.") from None
+        raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {_first_line(e)}); "
+                        "use another file.") from None
+
+
+def _first_line(error: Exception) -> str:
+    """torch's load errors run to many lines of advice about weights_only; the first says what happened."""
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(". ") if lines else type(error).__name__
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load on the CPU; refuse anything that is not plain tensors and values (no pickled code runs)."""
+    path = Path(path)
+    state = _read(path)
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"checkpoint {path} has no 'model' entry; it was not written by bcnn.train.")
     return state
+
+
+def load_weights(path: str | Path) -> dict:
+    """Model weights for `train.init_from`: a bcnn checkpoint, or a bare state dict, as other codebases save
+    with torch.save(model.state_dict()); returned as a checkpoint dict, with only `model` for a bare one."""
+    path = Path(path)
+    state = _read(path)
+    if isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values()):
+        return {"model": state}
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path} is neither a bcnn checkpoint nor a state dict of tensors; use another file.")
+    return state
+
+
+def rng_states() -> dict:
+    """Every random generator a run draws from, as plain values a weights_only load accepts."""
+    return {
+        "python": _python_state_to_list(random.getstate()),
+        "numpy": _numpy_state_to_dict(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(_python_state_from_list(states["python"]))
+    np.random.set_state(_numpy_state_from_dict(states["numpy"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# random's and numpy's states are tuples holding a tuple / an array: store them as lists and tensors, which
+# torch.load(weights_only=True) reads back, rather than as pickled objects it would refuse.
+def _python_state_to_list(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_list(values) -> tuple:
+    version, internal, gauss = values
+    return version, tuple(internal), gauss
+
+
+def _numpy_state_to_dict(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_dict(values) -> tuple:
+    return (values["name"], values["keys"].numpy().astype(np.uint32), values["pos"], values["has_gauss"],
+            values["cached"])

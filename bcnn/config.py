@@ -67,13 +67,15 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 55
-    batch_size: int = 64
-    eval_batch_size: int = 64
+    batch_size: int = 64  # global: images per optimizer step, over all processes and accumulation steps
+    accum_steps: int = 1  # micro-batches per optimizer step: batch_size / (processes * accum_steps) at once
+    eval_batch_size: int = 64  # per process; does not change any result
     seed: int = 0
     init_from: str = ""  # checkpoint whose model weights start this run (stage 2 <- stage 1); "" = none
     run_dir: str = "runs/cub_vgg16_stage1"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 20  # batches between log lines
+    log_every: int = 20  # optimizer steps between log lines; 0 = one line per epoch
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch last.pt writes (long epochs); 0 = per epoch
 
 
 @dataclass
@@ -194,11 +196,14 @@ def validate(cfg: Config) -> None:
     """Values each of the right type can still be impossible together; say which and why."""
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
-    for key in ("data.crop", "data.resize", "train.epochs", "train.batch_size", "train.eval_batch_size"):
+    for key, least in (("data.crop", 1), ("data.resize", 1), ("train.epochs", 1), ("train.batch_size", 1),
+                       ("train.eval_batch_size", 1), ("train.accum_steps", 1), ("train.log_every", 0),
+                       ("train.checkpoint_every", 0), ("data.num_workers", 0), ("train.seed", 0),
+                       ("data.split_seed", 0)):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value < 1:
-            raise UserError(f"{key} must be at least 1, got {value}.")
+        if value < least:
+            raise UserError(f"{key} must be at least {least}, got {value}.")
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
     if cfg.optim.lr < 0 or cfg.optim.backbone_lr < 0 or cfg.optim.weight_decay < 0:

@@ -8,7 +8,8 @@ data.split_seed), `train` the rest, `test` the official test split, which traini
     python -m bcnn.data verify --root data/CUB_200_2011       # per-split counts and number of classes
 
     train_set = build_dataset(cfg.data, "train")
-    loader = build_loader(train_set, batch_size=64, train=True, num_workers=4, seed=0)
+    loader = build_loader(train_set, batch_size=64, train=True, num_workers=4, seed=0, rank=0, world_size=1)
+    loader.sampler.set_epoch(epoch, skip)  # before each training epoch; skip > 0 only when resuming mid-epoch
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from bcnn.config import DataConfig
 from bcnn.errors import UserError, exit_on_user_error
+from bcnn.sampling import ShardSampler, TrainSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,12 +44,18 @@ CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?d
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
 GET_CUB = "run `make data` or pass --data-root /path/to/CUB_200_2011 (the folder holding images.txt)"
 REEXTRACT = "re-extract CUB_200_2011.tgz (delete the folder and run `make data`) or fix the file"
+REPLACE_IMAGE = ("replace it with a readable image (for CUB, re-extract CUB_200_2011.tgz: delete the folder "
+                 "and run `make data`)")
 
 
 def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
     """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as RGB, optionally cropped to (x, y, w, h)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")  # decodes now, so a truncated file fails here and not mid-transform
+    except OSError as error:  # also missing, unreadable, truncated (ImageFile.LOAD_TRUNCATED_IMAGES stays off)
+        reason = "not an image" if isinstance(error, UnidentifiedImageError) else error.strerror or str(error)
+        raise UserError(f"cannot read image {path}: {reason.lower()}; {REPLACE_IMAGE}.") from None
     if box is None:
         return image
     x, y, w, h = box
@@ -110,11 +118,18 @@ class _ImageDataset(Dataset):
     def _box(self, index: int):
         return None
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """item: an index, or (index, augment_seed) from TrainSampler, which fixes the random augmentation."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         path, target = self.samples[index]
         image = load_rgb(path, self._box(index))
         if self.transform is not None:
-            image = self.transform(image)
+            # torchvision's transforms draw from torch's global CPU RNG: seed it for this sample only, then give
+            # the caller its state back. Not torch.manual_seed, which would also reseed (and lose) the CUDA RNG.
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.default_generator.manual_seed(seed)
+                image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
@@ -292,14 +307,21 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
-    """Train: shuffled by a generator seeded with `seed`, so order and worker augmentations repeat; eval: in order.
+def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> DataLoader:
+    """This rank's loader. Train: TrainSampler, eval: ShardSampler (in order, each image on exactly one rank).
 
-    With num_workers=0 augmentations draw from the global torch RNG: seed it (torch.manual_seed) as well.
+    For training call loader.sampler.set_epoch(epoch, skip) before each epoch: order and augmentations are then
+    a function of (seed, epoch, sample index) alone, the same for any world_size, num_workers or resume point,
+    and the dataset must accept the (index, augment_seed) items the sampler yields, as _ImageDataset does.
     """
+    if train:
+        sampler = TrainSampler(dataset, rank, world_size, seed)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=False, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       worker_init_fn=_seed_worker, generator=generator)
 

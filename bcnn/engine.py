@@ -1,81 +1,178 @@
-"""One epoch of training and one pass of evaluation; everything stage-specific lives in the config.
+"""One epoch of training and one pass of evaluation, on one process or many; the stage lives in the config.
 
 `train_one_epoch` steps whatever parameters the optimizer holds (the classifier in stage 1, everything in
-stage 2); `evaluate` reports top-1, top-5 and mean per-class accuracy over every image of a loader exactly once.
+stage 2), accumulating gradients over `accum_steps` micro-batches per optimizer step, and can start part way
+through an epoch (a resumed run). `evaluate` reports top-1, top-5 and mean per-class accuracy over every image
+of a split exactly once, whether the split is read by one process or sharded over several.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from bcnn.distributed import all_reduce_, world_size
+from bcnn.errors import UserError
+
 log = logging.getLogger("bcnn")
+NO_BAD_STEP = 2**62
 
 
-def train_one_epoch(model, loader, optimizer, device, epoch: int, log_every: int = 20) -> dict:
-    model.train()
-    # Running sums stay on the device: a .item() per step would stall the GPU pipeline every batch.
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
-    start = time.perf_counter()
-    for step, (images, targets) in enumerate(loader, start=1):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+class TrainingDiverged(UserError):
+    """The loss stopped being a finite number; the run stops and its last good checkpoint stays."""
 
-        batch = targets.numel()
-        total_loss += loss.detach() * batch
-        correct += (logits.detach().argmax(1) == targets).sum()
-        seen += batch
-        if log_every and (step % log_every == 0 or step == len(loader)):
-            log.info(
-                "epoch %d [%d/%d] loss %.4f top1 %.2f%% %.1f img/s",
-                epoch, step, len(loader), total_loss.item() / seen, 100 * correct.item() / seen,
-                seen / (time.perf_counter() - start),
+
+@dataclass
+class EpochMeter:
+    """Running sums of one epoch, kept on the device (a .item() per step would stall a GPU every batch)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: torch.Tensor
+    first_bad_step: torch.Tensor  # global step of the first non-finite loss, NO_BAD_STEP while there is none
+
+    @classmethod
+    def zeros(cls, device) -> EpochMeter:
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.long, device=device),
+                   torch.zeros((), dtype=torch.long, device=device),
+                   torch.full((), NO_BAD_STEP, dtype=torch.long, device=device))
+
+    @classmethod
+    def resumed(cls, totals: dict | None, device, is_main: bool) -> EpochMeter:
+        """Continue an epoch's sums from a mid-epoch checkpoint; they are global, so rank 0 alone holds them."""
+        meter = cls.zeros(device)
+        if totals and is_main:
+            meter.loss_sum += totals["loss_sum"]
+            meter.correct += totals["correct"]
+            meter.seen += totals["seen"]
+        return meter
+
+    def totals(self) -> dict:
+        """The sums over all ranks as plain numbers (a collective: every rank must call it at the same point)."""
+        packed = torch.stack([self.loss_sum, self.correct.double(), self.seen.double()])
+        loss_sum, correct, seen = all_reduce_(packed).tolist()
+        return {"loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
+
+    def raise_if_diverged(self, epoch: int, hint: str) -> None:
+        """A collective as well: all ranks stop together when any of them saw a non-finite loss."""
+        bad = all_reduce_(self.first_bad_step.clone(), op="min").item()
+        if bad != NO_BAD_STEP:
+            raise TrainingDiverged(
+                f"the training loss became NaN or infinite at step {bad} (epoch {epoch}); {hint}"
             )
-    return {"loss": total_loss.item() / seen, "top1": 100 * correct.item() / seen, "images": seen,
+
+
+def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
+    """The sizes a loader over num_samples yields (the last batch partial), the same on every rank."""
+    return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+
+
+def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps: int = 1, scaler=None,
+                    meter: EpochMeter | None = None, first_step: int = 0, after_step=None,
+                    log_every: int = 20, diverged_hint: str = "") -> dict:
+    """Train over the loader; one optimizer step per `accum_steps` micro-batches (the last step of an epoch
+    may have fewer). The loss of each micro-batch is weighted by its share of the step's images, so the
+    update equals that of one big batch; DDP's gradient all-reduce runs only on a step's last micro-batch.
+
+    first_step: optimizer steps of this epoch already done before a resume (the loader then starts after them).
+    after_step(step, meter): called after each optimizer step (step counts from the epoch start), e.g. to
+    write a mid-epoch checkpoint.
+    Returns the epoch's loss, top-1, images and seconds (over all ranks).
+    """
+    model.train()
+    meter = meter or EpochMeter.zeros(device)
+    sizes = micro_batch_sizes(len(loader.sampler), loader.batch_size)
+    steps = math.ceil(len(sizes) / accum_steps)
+    start, images_done = time.perf_counter(), 0
+    step, micro_batches = first_step, iter(loader)
+    for step_in_call in range(steps):
+        group = sizes[step_in_call * accum_steps:(step_in_call + 1) * accum_steps]
+        step_images = sum(group)
+        optimizer.zero_grad(set_to_none=True)
+        for position, size in enumerate(group):
+            images, targets = next(micro_batches)
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            last = position == len(group) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                logits = model(images)
+                loss = F.cross_entropy(logits, targets)
+                weighted = loss * (size / step_images)
+                (scaler.scale(weighted) if scaler is not None else weighted).backward()
+            meter.loss_sum += loss.detach().double() * size
+            meter.correct += (logits.detach().argmax(1) == targets).sum()
+            meter.seen += size
+            images_done += size * world_size()
+            bad = ~torch.isfinite(loss.detach())
+            meter.first_bad_step.copy_(torch.where(bad, torch.minimum(meter.first_bad_step,
+                                                                      meter.first_bad_step.new_tensor(step + 1)),
+                                                   meter.first_bad_step))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        if log_every and (step % log_every == 0 or step_in_call == steps - 1):
+            meter.raise_if_diverged(epoch, diverged_hint)
+            totals = meter.totals()
+            log.info("epoch %d [%d/%d] loss %.4f top1 %.2f%% %.1f img/s", epoch, step, first_step + steps,
+                     totals["loss_sum"] / max(totals["seen"], 1), 100 * totals["correct"] / max(totals["seen"], 1),
+                     images_done / (time.perf_counter() - start))
+        if after_step is not None:
+            after_step(step, meter)
+    meter.raise_if_diverged(epoch, diverged_hint)
+    totals = meter.totals()
+    seen = max(totals["seen"], 1)
+    return {"loss": totals["loss_sum"] / seen, "top1": 100 * totals["correct"] / seen, "images": totals["seen"],
             "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes: int, tta: str = "none") -> dict:
-    """Accuracy in percent. tta="flip" averages the logits of each image and its mirror."""
+    """Accuracy in percent. tta="flip" averages the logits of each image and its mirror.
+
+    Under DDP each rank reads its own shard (no padding: every image once) and the counts are summed over
+    ranks, so every rank returns the numbers one process would.
+    """
     model.eval()
-    total_loss, top1, top5, count = 0.0, 0, 0, 0
     k = min(5, num_classes)
-    correct_per_class = torch.zeros(num_classes, dtype=torch.long)
-    images_per_class = torch.zeros(num_classes, dtype=torch.long)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
+    top5_hits = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         logits = model(images)
         if tta == "flip":
             logits = (logits + model(torch.flip(images, dims=[3]))) / 2
-        total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
-        hits_k = logits.topk(k, dim=1).indices == targets[:, None]  # (B, k)
-        hit1 = hits_k[:, 0]
-        top1 += hit1.sum().item()
-        top5 += hits_k.any(dim=1).sum().item()
-        count += targets.numel()
-        targets, hit1 = targets.cpu(), hit1.cpu()
-        images_per_class += torch.bincount(targets, minlength=num_classes)
-        correct_per_class += torch.bincount(targets[hit1], minlength=num_classes)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        top_k = logits.topk(k, dim=1).indices  # (B, k)
+        top5_hits += (top_k == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(targets * num_classes + top_k[:, 0],
+                                    minlength=num_classes * num_classes).view(num_classes, num_classes)
+    all_reduce_(confusion)
+    all_reduce_(top5_hits)
+    all_reduce_(loss_sum)
+    images_per_class = confusion.sum(1).cpu()
+    count = int(images_per_class.sum())
     if count == 0:
         raise ValueError("evaluate() was given an empty loader")
+    correct_per_class = confusion.diagonal().cpu()
     present = images_per_class > 0  # classes absent from the split do not count in the mean
     per_class = correct_per_class[present].double() / images_per_class[present].double()
     return {
-        "top1": 100 * top1 / count,
-        "top5": 100 * top5 / count,  # top-k with k = min(5, classes)
+        "top1": 100 * int(correct_per_class.sum()) / count,
+        "top5": 100 * int(top5_hits) / count,  # top-k with k = min(5, classes)
         "mean_class_acc": 100 * per_class.mean().item(),
-        "loss": total_loss / count,
+        "loss": loss_sum.item() / count,
         "count": count,
     }

@@ -2,6 +2,7 @@
 
     python -m bcnn.eval --split test                       # stage 2's best.pt, right after `make stage2`
     python -m bcnn.eval --checkpoint runs/cub_vgg16_stage1/best.pt --split val --tta flip
+    torchrun --standalone --nproc_per_node=4 -m bcnn.eval --split test   # sharded: every image counted once
 
 The dataset, split and transforms come from the config stored in the checkpoint (the val split is the same
 seeded hold-out the run used); `--data-root` points at the data when it has moved. The model is rebuilt from
@@ -16,11 +17,11 @@ from pathlib import Path
 
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
+from bcnn import distributed
 from bcnn.data import build_dataset, build_loader
 from bcnn.engine import evaluate
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.model import build_model, load_model_weights
-from bcnn.train import resolve_device
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
 
@@ -41,6 +42,14 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    ctx = distributed.setup(args.device)
+    try:
+        return run(args, ctx)
+    finally:
+        distributed.teardown()
+
+
+def run(args, ctx: distributed.Context) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
     state = load_checkpoint(args.checkpoint)
@@ -48,7 +57,6 @@ def main(argv=None) -> dict:
     if args.data_root:
         cfg.data.root = args.data_root
     cfg.model.backbone_weights = "none"  # every weight comes from the checkpoint
-    device = resolve_device(args.device)
 
     dataset = build_dataset(cfg.data, args.split, train_transform=False)
     if list(dataset.classes) != state["classes"]:
@@ -58,16 +66,18 @@ def main(argv=None) -> dict:
         )
     loader = build_loader(dataset, args.batch_size or cfg.train.eval_batch_size, train=False,
                           num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
-                          seed=0)
+                          seed=0, rank=ctx.rank, world_size=ctx.world_size)
     model = build_model(cfg.model, num_classes=len(state["classes"]))
     load_model_weights(model, state["model"])
-    model.to(device)
+    model.to(ctx.device)
 
-    metrics = evaluate(model, loader, device, len(state["classes"]), tta=args.tta)
+    metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta)
     result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,
               "tta": args.tta, "data_root": cfg.data.root, **metrics}
     output = Path(args.output) if args.output else (
         Path(args.checkpoint).parent / f"eval_{args.split}{'_flip' if args.tta == 'flip' else ''}.json")
+    if not ctx.is_main:  # every rank holds the same numbers; one writes them
+        return result
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.split}: {metrics['count']} images, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "

@@ -29,6 +29,8 @@ _VGG16_POOL5_INDEX = 30
 _CUTS = {"relu5_3": _VGG16_POOL5_INDEX, "pool5": _VGG16_POOL5_INDEX + 1}
 # Wrappers that prefix every key of a saved state dict: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# The names most public B-CNN ports give the two parts (VGG16 `features`, Linear `fc`), and ours.
+_PORT_NAMES = (("features.", "backbone."), ("fc.", "head.fc."))
 _BACKBONE_FILE_FORMAT = (
     'a VGG16 state dict with "features.N.weight" keys (torchvision) or "N.weight" keys (features only)'
 )
@@ -201,9 +203,12 @@ def build_model(cfg: ModelConfig, num_classes: int) -> BilinearCNN:
 
 
 def load_model_weights(model: nn.Module, state_dict: dict) -> None:
-    """Load a BilinearCNN state dict strictly, after stripping DataParallel/DDP and torch.compile prefixes."""
+    """Load a BilinearCNN state dict strictly, after stripping DataParallel/DDP and torch.compile prefixes;
+    a state dict of a public B-CNN port (`features.N.*` + `fc.*`, as HaoMood/bilinear-cnn saves) is renamed."""
     prefix_pattern = "^(?:" + "|".join(re.escape(prefix) for prefix in _WRAPPER_PREFIXES) + ")+"
     state_dict = {re.sub(prefix_pattern, "", key): value for key, value in state_dict.items()}
+    if not any(key.startswith("backbone.") for key in state_dict):
+        state_dict = {_port_to_our_name(key): value for key, value in state_dict.items()}
     mismatch = _describe_mismatch(model, state_dict)
     if mismatch:
         raise UserError(
@@ -211,3 +216,10 @@ def load_model_weights(model: nn.Module, state_dict: dict) -> None:
             f"trained with the same classes and model config."
         )
     model.load_state_dict(state_dict)
+
+
+def _port_to_our_name(key: str) -> str:
+    for theirs, ours in _PORT_NAMES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key

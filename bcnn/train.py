@@ -1,13 +1,19 @@
-"""Train a bilinear CNN: one loop for both stages, the stage being data in the config.
+"""Train a bilinear CNN: one loop for both stages, the stage being data in the config; one process or many.
 
     python -m bcnn.train --config experiments/cub_vgg16_stage1.yaml [--data-root PATH] [--device cpu|cuda|auto]
-                         [--run-dir PATH] [--section.key=value ...]
+                         [--run-dir PATH] [--resume CHECKPOINT | --overwrite] [--section.key=value ...]
+    torchrun --standalone --nproc_per_node=4 -m bcnn.train --config ...      # DDP on 4 GPUs
 
 Stage 1 trains the classifier on a frozen ImageNet VGG16; stage 2 (experiments/cub_vgg16_stage2.yaml) starts
-from stage 1's best.pt (`train.init_from`) and fine-tunes everything. Model selection and the plateau schedule
-use the val split held out from train; the test split is never read here. The run directory receives
-config.yaml (the resolved config), train.log, metrics.jsonl (a line per epoch), TensorBoard events, last.pt
-(every epoch) and best.pt (best val top-1, or the last epoch when there is no val split).
+from stage 1's best.pt (`train.init_from`: weights only) and fine-tunes everything. Model selection and the
+plateau schedule use the val split held out from train; the test split is never read here.
+
+Running the same command again resumes from the run directory's last.pt (written every epoch, and every
+`train.checkpoint_every` steps), exactly where it stopped: the weights at the end equal those of a run that
+never stopped. `--resume PATH` resumes from another checkpoint; `--overwrite` starts the run again from scratch.
+
+The run directory receives config.yaml (the resolved config), train.log, metrics.jsonl (a line per epoch),
+TensorBoard events, last.pt and best.pt (best val top-1, or the last epoch when there is no val split).
 """
 
 from __future__ import annotations
@@ -22,17 +28,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from bcnn.checkpoint import load_checkpoint, save_checkpoint
+from bcnn import distributed
+from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, rng_states, save_checkpoint
 from bcnn.config import Config, config_to_dict, load_config
 from bcnn.data import build_dataset, build_loader
-from bcnn.engine import evaluate, train_one_epoch
+from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.model import build_model, load_model_weights
 
 log = logging.getLogger("bcnn")
+
+# Keys a resumed run may change: where things are and how they are run, never what is computed.
+RESUMABLE_CHANGES = {"data.root", "data.num_workers", "train.epochs", "train.device", "train.run_dir",
+                     "train.log_every", "train.checkpoint_every", "train.eval_batch_size", "train.init_from"}
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.log", "config.yaml", "events.out.tfevents.*",
+             "eval_*.json")
 
 
 def parse_args(argv):
@@ -44,25 +59,19 @@ def parse_args(argv):
     )
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/cub_vgg16_stage1.yaml")
     parser.add_argument("--data-root", help="dataset folder (CUB_200_2011, or train/ + test/ class folders)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (cuda when available); under torchrun "
+                        "each process takes GPU LOCAL_RANK")
     parser.add_argument("--run-dir", help="where checkpoints, logs and TensorBoard events go")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --run-dir")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="CHECKPOINT",
+                       help="continue from this last.pt (default: the run directory's last.pt when it exists)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the run directory's checkpoints, logs and events and start from scratch")
     args, overrides = parser.parse_known_args(argv)
     for flag, key in (("data_root", "data.root"), ("device", "train.device"), ("run_dir", "train.run_dir")):
         if getattr(args, flag) is not None:
             overrides.append(f"--{key}={getattr(args, flag)}")
     return args, overrides
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a device; use cpu, cuda, cuda:N or auto.") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -71,8 +80,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_logging(log_file: Path | None = None) -> None:
-    log.setLevel(logging.INFO)
+def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
+    """INFO to the console and log_file; `quiet` (ranks other than 0) keeps only warnings and errors."""
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -114,20 +124,42 @@ def tensorboard_command(logdir) -> str:
     return f"{local if local.exists() else 'tensorboard'} --logdir {logdir}"
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Never train over an earlier run's checkpoints by accident."""
-    if (run_dir / "last.pt").exists() and not overwrite:
-        raise UserError(
-            f"{run_dir} already holds a run (last.pt); pass another --run-dir, or --overwrite to replace it."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+def find_resume_checkpoint(args, run_dir: Path) -> Path | None:
+    if args.resume:
+        return Path(args.resume)
+    last = run_dir / "last.pt"
+    return last if last.exists() and not args.overwrite else None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """A fresh start: remove an earlier attempt's files, so no stale curve or checkpoint mixes with the new run."""
+    for pattern in RUN_FILES:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+
+
+def check_resumable(cfg: Config, state: dict, path: Path) -> None:
+    """Resuming under another recipe would silently train a run that neither config describes."""
+    saved, current = state.get("config") or {}, config_to_dict(cfg)
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value:
+                raise UserError(
+                    f"cannot resume from {path}: it was trained with {name}={saved.get(section, {}).get(key)!r}, "
+                    f"this command asks for {value!r}; use the same config, or start again with --overwrite "
+                    "or another --run-dir."
+                )
+    if "optimizer" not in state:
+        raise UserError(f"{path} holds weights only (a best.pt?); resume from a last.pt, or pass it as "
+                        "--train.init_from to start a new run from its weights.")
 
 
 def init_from_checkpoint(model, path: str, classes: list[str]) -> None:
-    """Weights only (stage 2 <- stage 1): the optimizer, schedule and epoch start fresh."""
-    state = load_checkpoint(path)
-    if state.get("classes") != classes:
+    """Weights only (stage 2 <- stage 1, or another codebase's state dict): optimizer, schedule and epoch start
+    fresh. A bare state dict names no classes; its classifier's shape still has to fit."""
+    state = load_weights(path)
+    if "classes" in state and state["classes"] != classes:
         raise UserError(
             f"init_from checkpoint {path} was trained on other classes than this dataset; "
             "point train.init_from at a checkpoint of the same dataset."
@@ -136,78 +168,167 @@ def init_from_checkpoint(model, path: str, classes: list[str]) -> None:
     log.info("initialised model weights from %s (epoch %s)", path, state.get("epoch"))
 
 
+def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler) -> None:
+    load_model_weights(model, state["model"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot resume from {path}: its optimizer or schedule state does not fit this run ({e}); "
+                        "start again with --overwrite or another --run-dir.") from None
+
+
+def read_metric_rows(path: Path, up_to_epoch: int) -> list[str]:
+    """metrics.jsonl lines of the epochs a checkpoint covers; later ones died with the process that wrote them."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= up_to_epoch]
+
+
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
-    device = resolve_device(cfg.train.device)
-    run_dir = Path(cfg.train.run_dir)
-    prepare_run_dir(run_dir, args.overwrite)
-    setup_logging(run_dir / "train.log")
-    config_dict = config_to_dict(cfg)  # stored with every checkpoint as plain values
-    with open(run_dir / "config.yaml", "w") as f:
-        yaml.safe_dump(config_dict, f, sort_keys=False)
-    seed_everything(cfg.train.seed)
-    log.info("run dir %s, device %s, config %s", run_dir, device, args.config)
+    ctx = distributed.setup(cfg.train.device)
+    try:
+        return train(cfg, ctx, args)
+    finally:
+        distributed.teardown()
 
+
+def train(cfg: Config, ctx: distributed.Context, args) -> dict:
+    micro_batch = distributed.per_rank_batch_size(cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps)
+    device, run_dir = ctx.device, Path(cfg.train.run_dir)
+    resume_path = find_resume_checkpoint(args, run_dir)
+    state = load_checkpoint(resume_path) if resume_path else None
+    if state is not None:
+        check_resumable(cfg, state, resume_path)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            clear_run_dir(run_dir)
+    setup_logging(run_dir / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
+    seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val") if cfg.data.val_fraction > 0 else None
     classes = list(train_set.classes)
-    log.info("data %s: %d train, %s val images, %d classes", cfg.data.root, len(train_set),
-             len(val_set) if val_set is not None else "no", len(classes))
-    train_loader = build_loader(train_set, cfg.train.batch_size, train=True,
-                                num_workers=cfg.data.num_workers, seed=cfg.train.seed)
-    val_loader = (build_loader(val_set, cfg.train.eval_batch_size, train=False,
-                               num_workers=cfg.data.num_workers, seed=cfg.train.seed)
+    if state is not None and state.get("classes") != classes:
+        raise UserError(f"cannot resume from {resume_path}: it was trained on other classes than this dataset; "
+                        "pass the --data-root it was trained on.")
+    if state is not None and state["epoch"] >= cfg.train.epochs and not state.get("step_in_epoch"):
+        log.info("%s already finished %d epochs; nothing to do (raise --train.epochs to train on, or pass "
+                 "--overwrite to start again)", run_dir, state["epoch"])
+        return state["metrics"]
+    config_dict = config_to_dict(cfg)  # stored with every checkpoint as plain values
+    if ctx.is_main:
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(config_dict, f, sort_keys=False)
+    log.info("run dir %s, config %s; torch %s, torchvision %s; %d process(es), device %s", run_dir, args.config,
+             torch.__version__, torchvision.__version__, ctx.world_size, device)
+    log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
+             "step(s) x %d", cfg.data.root, len(train_set), len(val_set) if val_set is not None else "no",
+             len(classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
+    loader_args = dict(num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=ctx.rank,
+                       world_size=ctx.world_size)
+    train_loader = build_loader(train_set, micro_batch, train=True, **loader_args)
+    val_loader = (build_loader(val_set, cfg.train.eval_batch_size, train=False, **loader_args)
                   if val_set is not None else None)
 
     model = build_model(cfg.model, num_classes=len(classes))
-    if cfg.train.init_from:
+    if cfg.train.init_from and state is None:
         init_from_checkpoint(model, cfg.train.init_from, classes)
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # mixed precision comes with the precision option
+    start_epoch, step_in_epoch, global_step, best_score, epoch_totals = 1, 0, 0, -math.inf, None
+    if state is not None:
+        restore_training_state(state, resume_path, model, optimizer, scheduler, scaler)
+        start_epoch, step_in_epoch = state["epoch"] + 1, state["step_in_epoch"]
+        global_step, best_score, epoch_totals = state["global_step"], state["best_score"], state["epoch_totals"]
+        restore_rng_states(state["rng"])
+        log.info("resumed from %s: epoch %d, step %d of it (global step %d)", resume_path, start_epoch,
+                 step_in_epoch, global_step)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: VGG16 %s bilinear, %d trainable parameters, backbone %s", cfg.model.cut, trainable,
              "frozen" if model.backbone_frozen else "trainable")
+    # DDP all-reduces the gradients of the trainable parameters; a frozen backbone takes no part.
+    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+                 if ctx.distributed else model)
 
-    writer = SummaryWriter(log_dir=str(run_dir))
-    best_score, row = -math.inf, {}
-    for epoch in range(1, cfg.train.epochs + 1):
+    writer, metrics_path = None, run_dir / "metrics.jsonl"
+    if ctx.is_main:
+        rows = read_metric_rows(metrics_path, start_epoch - 1)
+        metrics_path.write_text("".join(line + "\n" for line in rows))
+        # purge_step hides what a killed attempt logged after the checkpoint we resume from.
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=global_step + 1 if state is not None else None)
+    diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
+                     f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run_dir}")
+
+    def checkpoint(epoch_done: int, step: int, totals: dict | None, metrics: dict) -> dict:
+        return {"model": model.state_dict(), "config": config_dict, "classes": classes, "epoch": epoch_done,
+                "metrics": metrics, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(), "step_in_epoch": step, "global_step": global_step,
+                "best_score": best_score, "epoch_totals": totals, "rng": rng_states()}
+
+    row = state["metrics"] if state is not None else {}
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        train_loader.sampler.set_epoch(epoch, skip=step_in_epoch * cfg.train.batch_size)
+        steps_per_epoch = math.ceil(math.ceil(train_loader.sampler.num_samples / micro_batch)
+                                    / cfg.train.accum_steps)
+        epoch_start_step = global_step - step_in_epoch
         lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
-        train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, cfg.train.log_every)
+
+        def after_step(step: int, meter: EpochMeter) -> None:
+            nonlocal global_step
+            global_step = epoch_start_step + step
+            every = cfg.train.checkpoint_every
+            if every and global_step % every == 0 and step < steps_per_epoch:
+                meter.raise_if_diverged(epoch, diverged_hint)
+                totals = meter.totals()  # every rank takes part; rank 0 writes
+                if ctx.is_main:
+                    save_checkpoint(checkpoint(epoch - 1, step, totals, row), run_dir / "last.pt")
+
+        meter = EpochMeter.resumed(epoch_totals, device, ctx.is_main)
+        train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
+                                      accum_steps=cfg.train.accum_steps, scaler=scaler, meter=meter,
+                                      first_step=step_in_epoch, after_step=after_step,
+                                      log_every=cfg.train.log_every, diverged_hint=diverged_hint)
+        step_in_epoch, epoch_totals = 0, None
         val_stats = evaluate(model, val_loader, device, len(classes)) if val_loader is not None else None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_stats["top1"])
         elif scheduler is not None:
             scheduler.step()
 
-        row = {"epoch": epoch, **{f"lr_{name}": lr for name, lr in lrs.items()},
+        row = {"epoch": epoch, "global_step": global_step, **{f"lr_{name}": lr for name, lr in lrs.items()},
                **{f"train_{k}": v for k, v in train_stats.items()},
                **({f"val_{k}": v for k, v in val_stats.items()} if val_stats else {})}
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_mean_class_acc"):
-            if key in row:
-                writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
-        for name, lr in lrs.items():
-            writer.add_scalar(f"lr/{name}", lr, epoch)
-        writer.flush()
-
-        state = {"model": model.state_dict(), "config": config_dict, "classes": classes,
-                 "epoch": epoch, "metrics": row}
-        save_checkpoint({**state, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None},
-                        run_dir / "last.pt")
         # Selection on val only; with no val split the paper's fixed schedule keeps the last epoch.
         score = val_stats["top1"] if val_stats else epoch
-        if score > best_score:
-            best_score = score
-            save_checkpoint(state, run_dir / "best.pt")
+        improved = score > best_score
+        best_score = max(best_score, score)
+        if ctx.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_mean_class_acc"):
+                if key in row:
+                    writer.add_scalar(key.replace("_", "/", 1), row[key], global_step)
+            for name, lr in lrs.items():
+                writer.add_scalar(f"lr/{name}", lr, global_step)
+            writer.flush()
+            if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
+                save_checkpoint({"model": model.state_dict(), "config": config_dict, "classes": classes,
+                                 "epoch": epoch, "metrics": row}, run_dir / "best.pt")
+            save_checkpoint(checkpoint(epoch, 0, None, row), run_dir / "last.pt")
         log.info("epoch %d done: train loss %.4f top1 %.2f%%%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
                  train_stats["seconds"])
-    writer.close()
+    if writer is not None:
+        writer.close()
     log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run_dir,
              tensorboard_command(run_dir.parent))
     return row

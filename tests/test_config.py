@@ -53,6 +53,8 @@ def test_yaml_then_overrides(tmp_path):
         ("", ["--train.batch_size=many"], "train.batch_size .* must be of type int"),
         ("", ["--model.cut=pool4"], "model.cut .* must be one of"),
         ("", ["--optim.lr=-1"], "must not be negative"),
+        ("", ["--train.accum_steps=0"], "train.accum_steps must be at least 1"),
+        ("", ["--train.checkpoint_every=-5"], "train.checkpoint_every must be at least 0"),
         ("", ["--data.val_fraction=0", "--schedule.name=plateau"], "plateau watches val accuracy"),
         ("", ["--train.epochs"], "has no value"),
         ("", ["epochs=3"], "overrides look like --section.key=value"),

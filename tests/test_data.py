@@ -345,12 +345,25 @@ def test_download_refuses_unsafe_tarballs(mini_cub, tmp_path, member):
     assert not (root / "CUB_200_2011").exists()
 
 
-def test_loader_order_repeats_with_the_seed():
-    def order(seed, train=True):
-        loader = build_loader(list(range(30)), batch_size=8, train=train, num_workers=0, seed=seed)
+class Indices(torch.utils.data.Dataset):
+    """A dataset of 30 items that are their own index, taking the (index, augment_seed) pairs of TrainSampler."""
+
+    def __len__(self) -> int:
+        return 30
+
+    def __getitem__(self, item):
+        return item[0] if isinstance(item, tuple) else item
+
+
+def test_loader_order_repeats_with_the_seed_and_changes_with_the_epoch():
+    def order(seed, train=True, epoch=0):
+        loader = build_loader(Indices(), batch_size=8, train=train, num_workers=0, seed=seed)
+        if train:
+            loader.sampler.set_epoch(epoch)
         return torch.cat(list(loader)).tolist()
     assert order(0) == order(0) and sorted(order(0)) == list(range(30))
     assert order(0) != order(1)
+    assert order(0, epoch=1) != order(0) and sorted(order(0, epoch=1)) == list(range(30))
     assert order(0, train=False) == list(range(30))
 
 
@@ -363,3 +376,74 @@ def test_loader_augmentations_repeat_with_the_seed_in_workers(mini_cub):
     (images, labels), (again, again_labels) = first_batch(5), first_batch(5)
     assert torch.equal(images, again) and torch.equal(labels, again_labels)
     assert not torch.equal(images, first_batch(6)[0])
+
+
+def augmented(dataset, epoch=0, num_workers=0, rank=0, world_size=1) -> dict[int, torch.Tensor]:
+    """{sample index: augmented image} for one training epoch of one rank, as build_loader delivers them."""
+    loader = build_loader(dataset, batch_size=4, train=True, num_workers=num_workers, seed=3, rank=rank,
+                          world_size=world_size)
+    loader.sampler.set_epoch(epoch)
+    indices = [index for index, _ in loader.sampler]
+    return dict(zip(indices, torch.cat([images for images, _ in loader])))
+
+
+def same_images(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[index], b[index]) for index in a)
+
+
+def test_augmentations_depend_only_on_seed_epoch_and_sample(mini_cub):
+    dataset = build_dataset(DataConfig(root=str(mini_cub), resize=40, crop=24, val_fraction=0.0), "trainval")
+    one_process = augmented(dataset)
+    assert len(one_process) == len(dataset) == 30  # even, so two ranks need no padding
+    assert same_images(one_process, augmented(dataset, num_workers=2))
+    rank0, rank1 = augmented(dataset, rank=0, world_size=2), augmented(dataset, rank=1, world_size=2, num_workers=2)
+    assert not rank0.keys() & rank1.keys()
+    assert same_images(one_process, {**rank0, **rank1})
+    next_epoch = augmented(dataset, epoch=1)
+    assert sum(not torch.equal(one_process[i], next_epoch[i]) for i in one_process) > len(dataset) // 2
+
+
+def test_a_seeded_sample_leaves_the_global_rng_alone(mini_cub):
+    dataset = build_dataset(DataConfig(root=str(mini_cub), resize=40, crop=24, val_fraction=0.0), "trainval")
+    state = torch.get_rng_state()
+    image, _ = dataset[(0, 123)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(image, dataset[(0, 123)][0]) and not torch.equal(image, dataset[(0, 124)][0])
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGES = {  # how an image breaks after the dataset listed it: (damage the file, what the error must say)
+    "truncated jpeg": (truncate, r"image file is truncated"),
+    "not an image": (lambda path: path.write_text("<html>404 Not Found</html>"), r"not an image"),
+    "deleted": (lambda path: path.unlink(), r"no such file or directory"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_an_unreadable_image_is_one_sentence_naming_it(writable_cub, damage):
+    dataset = CUB200(writable_cub, "trainval")
+    path = dataset.samples[0][0]
+    spoil, reason = DAMAGES[damage]
+    spoil(Path(path))
+    with pytest.raises(UserError, match=reason) as error:
+        dataset[0]
+    message = str(error.value)
+    assert f"cannot read image {path}: " in message and "replace it" in message
+    assert "\n" not in message and message.endswith(".")
+
+
+def test_train_cli_reports_an_image_broken_in_a_worker_in_one_line(writable_cub, tmp_path):
+    path = CUB200(writable_cub, "trainval").samples[0][0]  # train or val: one epoch reads both
+    truncate(Path(path))
+    result = subprocess.run(
+        [sys.executable, "-m", "bcnn.train", "--config", "experiments/demo_stage1.yaml", f"--data-root={writable_cub}",
+         "--device=cpu", f"--run-dir={tmp_path / 'run'}", "--data.crop=32", "--data.resize=40", "--train.epochs=1",
+         "--data.num_workers=2"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert path in result.stderr and "image file is truncated" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

@@ -138,13 +138,3 @@ def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-
-
-def test_a_finished_run_is_not_overwritten(demo):
-    root, _ = demo
-    run_dir = root / "runs" / "stage1"
-    before = (run_dir / "best.pt").read_bytes()
-    result = run("bcnn.train", "--config", STAGE1, f"--run-dir={run_dir}",
-                 f"--data-root={root / 'mini_cub'}", "--device=cpu")
-    assert result.returncode == 2 and "--overwrite" in result.stderr
-    assert (run_dir / "best.pt").read_bytes() == before
