@@ -3,6 +3,8 @@
 #   make test                      the test suite (what CI runs)
 #   make data                      download + verify CUB-200-2011 into data/ (or verify your DATA=...)
 #   make stage1 / make stage2      the recipe; DATA=/path/to/CUB_200_2011 DEVICE=cuda ARGS="--optim.lr=0.5"
+#   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
+#                                  (re-running any of them resumes from the run directory's last.pt)
 #   make eval                      test-split accuracy of stage 2's best.pt
 
 PYTHON3 ?= python3
@@ -12,6 +14,10 @@ DATA_DIR ?= data
 DATA    ?= $(DATA_DIR)/CUB_200_2011
 DEVICE  ?= auto
 ARGS    ?=
+GPUS    ?=
+RESTARTS ?= 0
+# One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
+LAUNCH  = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
 
 .PHONY: venv demo test data stage1 stage2 eval tensorboard clean
 
@@ -37,13 +43,13 @@ else
 endif
 
 stage1: venv
-	$(PY) -m bcnn.train --config experiments/cub_vgg16_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.train --config experiments/cub_vgg16_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 stage2: venv
-	$(PY) -m bcnn.train --config experiments/cub_vgg16_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.train --config experiments/cub_vgg16_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 eval: venv
-	$(PY) -m bcnn.eval --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.eval --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs

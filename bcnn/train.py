@@ -235,7 +235,12 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     val_loader = (build_loader(val_set, cfg.train.eval_batch_size, train=False, **loader_args)
                   if val_set is not None else None)
 
+    # One download of the ImageNet weights per machine: the other ranks wait, then read torch's hub cache.
+    if ctx.local_rank != 0:
+        distributed.barrier()
     model = build_model(cfg.model, num_classes=len(classes))
+    if ctx.local_rank == 0:
+        distributed.barrier()
     if cfg.train.init_from and state is None:
         init_from_checkpoint(model, cfg.train.init_from, classes)
     model.to(device)
