@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bcnn.config import ModelConfig
 from bcnn.data import write_synthetic_cub
-from bcnn.distributed import per_rank_batch_size
+from bcnn.distributed import per_rank_batch_size, setup
 from bcnn.engine import train_one_epoch
 from bcnn.errors import UserError
 from bcnn.model import BilinearCNN, build_model
@@ -74,7 +74,10 @@ def test_two_processes_reach_the_weights_of_one(data, one_process, tmp_path):
     run_dir = tmp_path / "two"
     result = torchrun("-m", "bcnn.train", *common_args(data, run_dir))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "2 process(es) x 1 accumulation step(s) x 2" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "2 process(es) x 1 accumulation step(s) x 2" in log
+    # Rank 0 alone writes: one event file, each epoch logged once.
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1 and log.count("epoch 2 done") == 1
 
     reference, ddp = weights(one_process), weights(run_dir)
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in ddp)
@@ -129,6 +132,14 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(data, tmp_pat
     assert result.returncode != 0
     assert "error: train.batch_size 5 must be divisible by the number of processes (2)" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_one_process_without_torchrun_creates_no_process_group(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = setup("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device.type) == (0, 1, True, "cpu")
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("batch, processes, accum, expected",
