@@ -16,6 +16,7 @@ setup(
         "pyyaml>=6.0",
         "tensorboard>=2.14",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # confusion matrix and per-class accuracy figures
     ],
     extras_require={"dev": ["pytest>=7.0"]},
 )

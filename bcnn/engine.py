@@ -137,15 +137,16 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes: int, tta: str = "none") -> dict:
-    """Accuracy in percent. tta="flip" averages the logits of each image and its mirror.
+def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusion: bool = False) -> dict:
+    """Accuracy in percent. tta="flip" averages the logits of each image and its mirror. With confusion=True
+    the result also holds "confusion", a (classes, classes) LongTensor of counts [true class, predicted class].
 
     Under DDP each rank reads its own shard (no padding: every image once) and the counts are summed over
     ranks, so every rank returns the numbers one process would.
     """
     model.eval()
     k = min(5, num_classes)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, targets in loader:
@@ -157,22 +158,26 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none") -> dict
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         top_k = logits.topk(k, dim=1).indices  # (B, k)
         top5_hits += (top_k == targets[:, None]).any(dim=1).sum()
-        confusion += torch.bincount(targets * num_classes + top_k[:, 0],
+        counts += torch.bincount(targets * num_classes + top_k[:, 0],
                                     minlength=num_classes * num_classes).view(num_classes, num_classes)
-    all_reduce_(confusion)
+    all_reduce_(counts)
     all_reduce_(top5_hits)
     all_reduce_(loss_sum)
-    images_per_class = confusion.sum(1).cpu()
+    counts = counts.cpu()
+    images_per_class = counts.sum(1)
     count = int(images_per_class.sum())
     if count == 0:
         raise ValueError("evaluate() was given an empty loader")
-    correct_per_class = confusion.diagonal().cpu()
+    correct_per_class = counts.diagonal()
     present = images_per_class > 0  # classes absent from the split do not count in the mean
     per_class = correct_per_class[present].double() / images_per_class[present].double()
-    return {
+    result = {
         "top1": 100 * int(correct_per_class.sum()) / count,
         "top5": 100 * int(top5_hits) / count,  # top-k with k = min(5, classes)
         "mean_class_acc": 100 * per_class.mean().item(),
         "loss": loss_sum.item() / count,
         "count": count,
     }
+    if confusion:
+        result["confusion"] = counts
+    return result
