@@ -44,10 +44,12 @@ def _read(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise UserError(f"checkpoint {path} holds objects other than tensors and plain values"
-                        f"{f' ({found.group(1)})' if found else ''}, refused for safety: unpickling them could run "
-                        "code; use a checkpoint written by bcnn.train.") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))  # weights_only names the class it would have had to import
+        if not found:
+            raise UserError(f"checkpoint {path} cannot be read (not a PyTorch checkpoint); use another file.") from None
+        raise UserError(f"checkpoint {path} holds objects other than tensors and plain values ({found.group(1)}), "
+                        "refused for safety: unpickling them could run code; use a checkpoint written by "
+                        "bcnn.train.") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {_first_line(e)}); "
                         "use another file.") from None

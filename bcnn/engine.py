@@ -9,7 +9,6 @@ of a split exactly once, whether the split is read by one process or sharded ove
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,10 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bcnn.distributed import all_reduce_, world_size
+from bcnn.distributed import all_reduce_
 from bcnn.errors import UserError
 
-log = logging.getLogger("bcnn")
 NO_BAD_STEP = 2**62
 
 
@@ -75,7 +73,7 @@ def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 
 def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps: int = 1, scaler=None,
-                    meter: EpochMeter | None = None, first_step: int = 0, after_step=None,
+                    meter: EpochMeter | None = None, first_step: int = 0, after_step=None, on_report=None,
                     log_every: int = 20, diverged_hint: str = "") -> dict:
     """Train over the loader; one optimizer step per `accum_steps` micro-batches (the last step of an epoch
     may have fewer). The loss of each micro-batch is weighted by its share of the step's images, so the
@@ -84,13 +82,16 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
     first_step: optimizer steps of this epoch already done before a resume (the loader then starts after them).
     after_step(step, meter): called after each optimizer step (step counts from the epoch start), e.g. to
     write a mid-epoch checkpoint.
+    on_report(step, stats): every `log_every` steps and at the end, with the loss, top-1 and images/s over
+    all ranks since the previous report, and the lr of each parameter group.
     Returns the epoch's loss, top-1, images and seconds (over all ranks).
     """
     model.train()
     meter = meter or EpochMeter.zeros(device)
     sizes = micro_batch_sizes(len(loader.sampler), loader.batch_size)
     steps = math.ceil(len(sizes) / accum_steps)
-    start, images_done = time.perf_counter(), 0
+    start, at_start = time.perf_counter(), meter.totals()  # a resumed epoch starts with its earlier sums
+    window = {"time": start, **at_start}  # what the previous report had seen
     step, micro_batches = first_step, iter(loader)
     for step_in_call in range(steps):
         group = sizes[step_in_call * accum_steps:(step_in_call + 1) * accum_steps]
@@ -110,7 +111,6 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             meter.loss_sum += loss.detach().double() * size
             meter.correct += (logits.detach().argmax(1) == targets).sum()
             meter.seen += size
-            images_done += size * world_size()
             bad = ~torch.isfinite(loss.detach())
             meter.first_bad_step.copy_(torch.where(bad, torch.minimum(meter.first_bad_step,
                                                                       meter.first_bad_step.new_tensor(step + 1)),
@@ -123,17 +123,23 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
         step += 1
         if log_every and (step % log_every == 0 or step_in_call == steps - 1):
             meter.raise_if_diverged(epoch, diverged_hint)
-            totals = meter.totals()
-            log.info("epoch %d [%d/%d] loss %.4f top1 %.2f%% %.1f img/s", epoch, step, first_step + steps,
-                     totals["loss_sum"] / max(totals["seen"], 1), 100 * totals["correct"] / max(totals["seen"], 1),
-                     images_done / (time.perf_counter() - start))
+            now, totals = time.perf_counter(), meter.totals()
+            seen = max(totals["seen"] - window["seen"], 1)
+            stats = {"loss": (totals["loss_sum"] - window["loss_sum"]) / seen,
+                     "top1": 100 * (totals["correct"] - window["correct"]) / seen,
+                     "images_per_sec": seen / max(now - window["time"], 1e-9),
+                     "lr": {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}}
+            window = {"time": now, **totals}
+            if on_report is not None:
+                on_report(step, stats)
         if after_step is not None:
             after_step(step, meter)
     meter.raise_if_diverged(epoch, diverged_hint)
     totals = meter.totals()
     seen = max(totals["seen"], 1)
+    seconds = time.perf_counter() - start
     return {"loss": totals["loss_sum"] / seen, "top1": 100 * totals["correct"] / seen, "images": totals["seen"],
-            "seconds": time.perf_counter() - start}
+            "seconds": seconds, "images_per_sec": (totals["seen"] - at_start["seen"]) / seconds}
 
 
 @torch.no_grad()

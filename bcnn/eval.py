@@ -1,8 +1,14 @@
-"""Evaluate a checkpoint: top-1, top-5 and mean per-class accuracy on one split, printed and saved as JSON.
+"""Evaluate a checkpoint: top-1, top-5 and mean per-class accuracy on one split, printed and saved as JSON,
+with the per-class accuracies (CSV), the confusion matrix and per-class accuracy figures (PNG) beside it.
 
     python -m bcnn.eval --split test                       # stage 2's best.pt, right after `make stage2`
     python -m bcnn.eval --checkpoint runs/cub_vgg16_stage1/best.pt --split val --tta flip
+    python -m bcnn.eval --split test --no-figures          # numbers only: JSON and CSV, no PNGs
     torchrun --standalone --nproc_per_node=4 -m bcnn.eval --split test   # sharded: every image counted once
+
+For eval_test.json the other files are eval_test_per_class.csv, eval_test_confusion.png and
+eval_test_per_class.png (named after --output's stem when it is given). The JSON also lists the most confused
+pairs of classes, and the five largest are printed.
 
 The dataset, split and transforms come from the config stored in the checkpoint (the val split is the same
 seeded hold-out the run used); `--data-root` points at the data when it has moved. The model is rebuilt from
@@ -12,6 +18,7 @@ the checkpoint alone: no ImageNet weights are needed.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -21,9 +28,12 @@ from bcnn import distributed
 from bcnn.data import build_dataset, build_loader
 from bcnn.engine import evaluate
 from bcnn.errors import UserError, exit_on_user_error
+from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
+                          save_figure)
 from bcnn.model import build_model, load_model_weights
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
+MOST_CONFUSED_SAVED, MOST_CONFUSED_PRINTED = 10, 5
 
 
 def parse_args(argv):
@@ -36,7 +46,10 @@ def parse_args(argv):
     parser.add_argument("--data-root", help="dataset folder, when it differs from the one the run used")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--num-workers", type=int, help="default: the run's data.num_workers")
-    parser.add_argument("--output", help="JSON file to write; default: eval_<split>[_flip].json beside the checkpoint")
+    parser.add_argument("--output", help="JSON file to write; default: eval_<split>[_flip].json beside the checkpoint; "
+                        "the CSV and PNGs are named after its stem")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="skip the confusion and per-class PNGs (slow to draw for 200 classes); JSON and CSV only")
     return parser.parse_args(argv)
 
 
@@ -71,19 +84,63 @@ def run(args, ctx: distributed.Context) -> dict:
     load_model_weights(model, state["model"])
     model.to(ctx.device)
 
-    metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta)
+    metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta, confusion=True)
+    confusion = metrics.pop("confusion")  # (C, C) counts [true, predicted], the same on every rank
+    most_confused = most_confused_pairs(confusion, state["classes"], k=MOST_CONFUSED_SAVED)
     result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,
-              "tta": args.tta, "data_root": cfg.data.root, **metrics}
+              "tta": args.tta, "data_root": cfg.data.root, **metrics, "most_confused": most_confused}
     output = Path(args.output) if args.output else (
         Path(args.checkpoint).parent / f"eval_{args.split}{'_flip' if args.tta == 'flip' else ''}.json")
     if not ctx.is_main:  # every rank holds the same numbers; one writes them
         return result
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
+    rows = per_class_rows(confusion, state["classes"])
+    written = [output, write_per_class_csv(rows, sibling(output, "per_class.csv"))]
     print(f"{args.split}: {metrics['count']} images, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
           f"mean per-class {metrics['mean_class_acc']:.2f}% (tta {args.tta}; {args.checkpoint})")
-    print(f"wrote {output}")
+    print_most_confused(most_confused[:MOST_CONFUSED_PRINTED], {row["class"]: row["images"] for row in rows})
+    if not args.no_figures:  # last: drawing 200 classes takes seconds, the numbers are already out
+        written += write_figures(confusion, state["classes"], output, figure_subtitle(args, metrics))
+    for path in written:
+        print(f"wrote {path}")
     return result
+
+
+def print_most_confused(pairs: list[dict], images_of: dict) -> None:
+    for pair in pairs:
+        print(f"most confused: {pair['true']} -> {pair['predicted']} "
+              f"({pair['count']} of {images_of[pair['true']]} images, {100 * pair['share']:.1f}%)")
+    if not pairs:
+        print("most confused: none, every image was classified correctly")
+
+
+def sibling(output: Path, suffix: str) -> Path:
+    """eval_test.json -> eval_test_<suffix>: the files of one evaluation sort together."""
+    return output.with_name(f"{output.stem}_{suffix}")
+
+
+def figure_subtitle(args, metrics: dict) -> str:
+    return (f"{args.split} split, {metrics['count']} images, tta {args.tta}: top-1 {metrics['top1']:.2f}%, "
+            f"mean per-class {metrics['mean_class_acc']:.2f}%\n{args.checkpoint}")
+
+
+def write_per_class_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["index", "class", "images", "correct", "accuracy"])
+        writer.writeheader()
+        for row in rows:  # a class without images keeps an empty accuracy cell
+            writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else f"{row['accuracy']:.2f}"})
+    return path
+
+
+def write_figures(confusion, class_names: list[str], output: Path, title: str) -> list[Path]:
+    confusion_path, per_class_path = sibling(output, "confusion.png"), sibling(output, "per_class.png")
+    save_figure(confusion_figure(confusion, class_names, f"confusion, row-normalised\n{title}"), confusion_path)
+    figure = per_class_accuracy_figure(confusion.diagonal(), confusion.sum(1), class_names,
+                                       f"per-class accuracy\n{title}")
+    save_figure(figure, per_class_path)
+    return [confusion_path, per_class_path]
 
 
 if __name__ == "__main__":

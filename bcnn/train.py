@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +32,6 @@ import torch
 import torchvision
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, rng_states, save_checkpoint
@@ -40,6 +40,8 @@ from bcnn.data import build_dataset, build_loader
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.model import build_model, load_model_weights
+from bcnn.progress import ConsoleFilter, EpochProgress
+from bcnn.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("bcnn")
 
@@ -87,7 +89,9 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
-    handlers = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(ConsoleFilter())  # progress lines stay off a terminal that shows a progress bar
+    handlers = [console]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
@@ -122,6 +126,27 @@ def tensorboard_command(logdir) -> str:
     """The command to look at the curves, with this environment's tensorboard when the venv is not activated."""
     local = Path(sys.executable).parent / "tensorboard"
     return f"{local if local.exists() else 'tensorboard'} --logdir {logdir}"
+
+
+def git_commit() -> str:
+    """The commit of the bcnn checkout this run uses, "+changes" when it has uncommitted ones; "unknown"
+    outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def log_environment(ctx: distributed.Context, config_path: str, config_dict: dict) -> None:
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "none"
+    log.info("bcnn %s; python %s, torch %s, torchvision %s; %d process(es), device %s (GPU %s)", git_commit(),
+             sys.version.split()[0], torch.__version__, torchvision.__version__, ctx.world_size, ctx.device, gpu)
+    log.info("config %s, resolved:\n%s", config_path, yaml.safe_dump(config_dict, sort_keys=False).rstrip())
 
 
 def find_resume_checkpoint(args, run_dir: Path) -> Path | None:
@@ -224,8 +249,8 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     if ctx.is_main:
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(config_dict, f, sort_keys=False)
-    log.info("run dir %s, config %s; torch %s, torchvision %s; %d process(es), device %s", run_dir, args.config,
-             torch.__version__, torchvision.__version__, ctx.world_size, device)
+    log.info("run dir %s", run_dir)
+    log_environment(ctx, args.config, config_dict)
     log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
              "step(s) x %d", cfg.data.root, len(train_set), len(val_set) if val_set is not None else "no",
              len(classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
@@ -262,12 +287,13 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if ctx.distributed else model)
 
-    writer, metrics_path = None, run_dir / "metrics.jsonl"
+    board, metrics_path = None, run_dir / "metrics.jsonl"
     if ctx.is_main:
         rows = read_metric_rows(metrics_path, start_epoch - 1)
         metrics_path.write_text("".join(line + "\n" for line in rows))
-        # purge_step hides what a killed attempt logged after the checkpoint we resume from.
-        writer = SummaryWriter(log_dir=str(run_dir), purge_step=global_step + 1 if state is not None else None)
+        board = TensorBoardLog(run_dir, purge_step=global_step + 1 if state is not None else None)
+        if state is None:
+            board.augmented_images(train_set, cfg.train.seed)
     diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
                      f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run_dir}")
 
@@ -285,10 +311,19 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
                                     / cfg.train.accum_steps)
         epoch_start_step = global_step - step_in_epoch
         lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        progress = EpochProgress(epoch, steps_per_epoch, step_in_epoch, enabled=ctx.is_main)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def report(step: int, stats: dict) -> None:
+            progress.report(step, stats)
+            if board is not None:
+                board.step(epoch_start_step + step, stats)
 
         def after_step(step: int, meter: EpochMeter) -> None:
             nonlocal global_step
             global_step = epoch_start_step + step
+            progress.advance()
             every = cfg.train.checkpoint_every
             if every and global_step % every == 0 and step < steps_per_epoch:
                 meter.raise_if_diverged(epoch, diverged_hint)
@@ -299,10 +334,13 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
         meter = EpochMeter.resumed(epoch_totals, device, ctx.is_main)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
                                       accum_steps=cfg.train.accum_steps, scaler=scaler, meter=meter,
-                                      first_step=step_in_epoch, after_step=after_step,
+                                      first_step=step_in_epoch, after_step=after_step, on_report=report,
                                       log_every=cfg.train.log_every, diverged_hint=diverged_hint)
+        progress.close()
         step_in_epoch, epoch_totals = 0, None
-        val_stats = evaluate(model, val_loader, device, len(classes)) if val_loader is not None else None
+        val_stats = (evaluate(model, val_loader, device, len(classes), confusion=True)
+                     if val_loader is not None else None)
+        val_confusion = val_stats.pop("confusion") if val_stats else None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_stats["top1"])
         elif scheduler is not None:
@@ -318,12 +356,9 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
         if ctx.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_mean_class_acc"):
-                if key in row:
-                    writer.add_scalar(key.replace("_", "/", 1), row[key], global_step)
-            for name, lr in lrs.items():
-                writer.add_scalar(f"lr/{name}", lr, global_step)
-            writer.flush()
+            board.epoch(global_step, row, lrs, device)
+            if improved and val_confusion is not None:
+                board.evaluation_figures("val", val_confusion, classes, global_step)
             if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
                 save_checkpoint({"model": model.state_dict(), "config": config_dict, "classes": classes,
                                  "epoch": epoch, "metrics": row}, run_dir / "best.pt")
@@ -332,8 +367,12 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
                  train_stats["top1"],
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
                  train_stats["seconds"])
-    if writer is not None:
-        writer.close()
+    if board is not None:
+        final = {"final_train_loss": row["train_loss"], "final_train_top1": row["train_top1"]}
+        if "val_top1" in row:
+            final.update(best_val_top1=best_score, final_val_top1=row["val_top1"])
+        board.hyperparameters(config_dict, ctx.world_size, final)
+        board.close()
     log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run_dir,
              tensorboard_command(run_dir.parent))
     return row

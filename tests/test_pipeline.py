@@ -30,6 +30,14 @@ def split_counts(cub_root: Path) -> dict:
     return {"train": flags.count("1"), "test": flags.count("0")}
 
 
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def best_step(run_dir):
+    return torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["metrics"]["global_step"]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -56,11 +64,24 @@ def test_demo_run_directories_hold_what_the_readme_promises(demo):
         run_dir = root / "runs" / stage
         for name in ("config.yaml", "train.log", "metrics.jsonl", "best.pt", "last.pt"):
             assert (run_dir / name).is_file(), f"{stage}/{name} missing"
-        events = EventAccumulator(str(run_dir))
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
         events.Reload()
-        for tag in ("train/loss", "train/top1", "val/top1", "val/top5", "lr/classifier"):
+        tags = events.Tags()
+        for tag in ("train/loss", "train/top1", "val/top1", "val/top5", "val/mean_class_acc", "val/loss",
+                    "lr/classifier", "perf/images_per_sec", "perf/epoch_seconds"):
             assert len(events.Scalars(tag)) == 8, f"{stage}: TensorBoard tag {tag} missing or short"
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert len(events.Scalars("train/loss_step")) > 8, "per-step points, several per epoch"
+        assert "perf/gpu_memory_gb" not in tags["scalars"], "no GPU here: no GPU memory curve"
+        assert len(events.Images("train/augmented_images")) == 1
+        grid = events.Images("train/augmented_images")[0]
+        assert grid.width > 64 * 4 and grid.height > 64, "a grid of several 64 px images"
+        figures = events.Images("val/confusion_matrix")
+        assert figures and len(figures) == len(events.Images("val/per_class_accuracy"))
+        assert figures[-1].step == best_step(run_dir)
+        hparams = events.PluginTagToContent("hparams")
+        assert "_hparams_/experiment" in hparams and "_hparams_/session_start_info" in hparams
+        assert events.Scalars("hparam/best_val_top1")[0].value == max(row["val_top1"] for row in rows_of(run_dir))
+        rows = rows_of(run_dir)
         assert [row["epoch"] for row in rows] == list(range(1, 9))
         best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
         assert best["epoch"] == max(rows, key=lambda row: row["val_top1"])["epoch"]

@@ -1,0 +1,179 @@
+"""Figures and tables of a classifier's results: confusion matrix, per-class accuracy, augmented images.
+
+    fig = confusion_figure(confusion, class_names, "test, stage 2")   # confusion: (C, C) counts [true, predicted]
+    save_figure(fig, "runs/cub_vgg16_stage2/eval_test_confusion.png")
+    writer.add_image("val/confusion", figure_to_array(fig), epoch, dataformats="HWC")
+    writer.add_images("train/augmented", denormalize(images[:16]), step)
+    most_confused_pairs(confusion, class_names, k=5)   # [{"true", "predicted", "count", "share"}, ...]
+
+Figures are built on matplotlib's Figure with an Agg canvas, not pyplot: no display is needed, pyplot's
+global figure list and the user's chosen backend stay untouched, and nothing leaks if a figure is dropped.
+Every class name is a tick label, so sizes grow with the number of classes (200 for CUB).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+
+from bcnn.data import IMAGENET_MEAN, IMAGENET_STD
+
+SCREEN_DPI = 100  # figure_to_array's resolution: 200 classes at 0.12 inch -> 12 px per label
+SAVE_DPI = 150  # PNG files: 18 px per label, so 5pt names stay legible when zoomed
+INCHES_PER_CLASS = 0.12
+MIN_PLOT_INCHES = 6.0
+TITLE_FONTSIZE = 10
+
+
+def _numpy(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+def _label_fontsize(inches_per_label: float) -> float:
+    # 60% of the row pitch keeps neighbouring names apart: 5.2pt at 0.12 inch (200 classes), capped at 10pt.
+    return float(np.clip(0.6 * 72 * inches_per_label, 4.0, 10.0))
+
+
+def _widest_text_inches(texts: list[str], fontsize: float) -> float:
+    """Measured with the Agg renderer, so the margins fit the longest class name exactly."""
+    renderer = FigureCanvasAgg(Figure(dpi=72)).get_renderer()
+    font = FontProperties(size=fontsize)
+    widths = [renderer.get_text_width_height_descent(text, font, ismath=False)[0] for text in texts]
+    return max(widths, default=0.0) / 72
+
+
+def _title_inches(title: str) -> float:
+    return 0.2 + 0.2 * (title.count("\n") + 1)  # a 10pt line with its spacing is about 0.17 inch
+
+
+def _tick_labels(class_names: list[str]) -> list[str]:
+    return [name.replace("$", r"\$") for name in class_names]  # a lone $ would start matplotlib's mathtext
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=SCREEN_DPI)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def confusion_figure(confusion, class_names: list[str], title: str) -> Figure:
+    """Heatmap of the row-normalised confusion matrix: row i is where true class i's images went (the diagonal
+    is the per-class recall); a class without images is an all-zero row. Colours follow the square root of
+    the share, so a confusion of 1 image in 30 still shows beside a diagonal near 1."""
+    counts = _numpy(confusion).astype(np.float64)  # (C, C) [true, predicted]
+    num_classes = len(class_names)
+    if counts.shape != (num_classes, num_classes):
+        raise ValueError(f"confusion has shape {counts.shape}, expected ({num_classes}, {num_classes})")
+    images = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, images, out=np.zeros_like(counts), where=images > 0)
+
+    plot_inches = max(MIN_PLOT_INCHES, INCHES_PER_CLASS * num_classes)
+    fontsize = _label_fontsize(plot_inches / max(num_classes, 1))
+    labels_inches = _widest_text_inches(class_names, fontsize) + 0.1
+    left, bottom, top, colorbar = labels_inches + 0.45, labels_inches + 0.45, _title_inches(title), 1.0
+    width, height = left + plot_inches + colorbar, bottom + plot_inches + top
+    fig = _new_figure(width, height)
+    ax = fig.add_axes((left / width, bottom / height, plot_inches / width, plot_inches / height))
+    cax = fig.add_axes(((left + plot_inches + 0.15) / width, bottom / height, 0.2 / width, plot_inches / height))
+
+    image = ax.imshow(shares, cmap="Blues", norm=PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+    ticks = np.arange(num_classes)
+    ax.set_xticks(ticks, _tick_labels(class_names), rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, _tick_labels(class_names), fontsize=fontsize)
+    ax.tick_params(length=2, pad=1)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=TITLE_FONTSIZE)
+    fig.colorbar(image, cax=cax, label="share of the true class's images")
+    if num_classes <= 20:  # few classes: the numbers themselves fit in the cells
+        for (row, column), share in np.ndenumerate(shares):
+            if counts[row, column]:
+                ax.text(column, row, f"{share:.2f}", ha="center", va="center", fontsize=fontsize,
+                        color="white" if share > 0.5 else "black")
+    return fig
+
+
+def per_class_accuracy_figure(correct, total, class_names: list[str], title: str) -> Figure:
+    """Horizontal bars of each class's accuracy, worst at the top, with the mean per-class accuracy as a
+    dashed line; classes without images are left out (they have no accuracy)."""
+    correct, total = _numpy(correct).astype(np.float64), _numpy(total).astype(np.float64)
+    present = np.flatnonzero(total > 0)
+    accuracy = 100 * correct[present] / total[present]
+    order = sorted(range(len(present)), key=lambda i: (accuracy[i], class_names[present[i]]))
+    names = [class_names[present[i]] for i in order]
+    values = accuracy[order]
+
+    plot_height = max(3.0, INCHES_PER_CLASS * len(names))
+    fontsize = _label_fontsize(plot_height / max(len(names), 1))
+    left, bottom, plot_width = _widest_text_inches(names, fontsize) + 0.55, 0.6, 6.0
+    top = _title_inches(title) + 0.3  # the x scale is repeated above the bars
+    width, height = left + plot_width + 0.3, bottom + plot_height + top
+    fig = _new_figure(width, height)
+    ax = fig.add_axes((left / width, bottom / height, plot_width / width, plot_height / height))
+
+    rows = np.arange(len(names))
+    ax.barh(rows, values, height=0.8, color="tab:blue")
+    ax.set_yticks(rows, _tick_labels(names), fontsize=fontsize)
+    ax.set_ylim(max(len(names), 1) - 0.5, -0.5)  # row 0, the worst class, at the top
+    ax.set_xlim(0, 100)
+    ax.tick_params(axis="y", length=2, pad=1)
+    ax.tick_params(axis="x", top=True, labeltop=True)  # a tall figure needs its scale at both ends
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("accuracy (%)")
+    if len(names):
+        mean = float(values.mean())
+        ax.axvline(mean, color="tab:red", linestyle="--", linewidth=1)
+        # Top right of the line: the rows there are the worst classes, whose bars end left of the mean.
+        ax.annotate(f"mean per-class {mean:.1f}%", xy=(mean, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", va="top", color="tab:red", fontsize=8)
+    ax.set_title(title, fontsize=TITLE_FONTSIZE, pad=22)
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, for TensorBoard's add_image(..., dataformats="HWC")."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig: Figure, path, dpi: int = SAVE_DPI) -> None:
+    fig.savefig(path, dpi=dpi, format="png")
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Undo Normalize(IMAGENET_MEAN, IMAGENET_STD): (B, 3, H, W) or (3, H, W) -> the same in [0, 1]."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (images * std + mean).clamp(0.0, 1.0)
+
+
+def most_confused_pairs(confusion, class_names: list[str], k: int = 10) -> list[dict]:
+    """The k largest off-diagonal cells as {true, predicted, count, share}: share is count over the true class's
+    images. Ordered by count, then share, then names, so equal counts come out the same way every run."""
+    counts = _numpy(confusion).astype(np.int64)
+    images = counts.sum(axis=1)
+    pairs = [
+        {"true": class_names[true], "predicted": class_names[predicted], "count": int(counts[true, predicted]),
+         "share": float(counts[true, predicted] / images[true])}
+        for true, predicted in zip(*np.nonzero(counts))
+        if true != predicted
+    ]
+    pairs.sort(key=lambda pair: (-pair["count"], -pair["share"], pair["true"], pair["predicted"]))
+    return pairs[:k]
+
+
+def per_class_rows(confusion, class_names: list[str]) -> list[dict]:
+    """One row per class: index (the model's label), class, images, correct, accuracy in percent (None for a
+    class without images)."""
+    counts = _numpy(confusion).astype(np.int64)
+    rows = []
+    for index, name in enumerate(class_names):
+        images, correct = int(counts[index].sum()), int(counts[index, index])
+        rows.append({"index": index, "class": name, "images": images, "correct": correct,
+                     "accuracy": 100 * correct / images if images else None})
+    return rows

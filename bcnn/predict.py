@@ -1,0 +1,151 @@
+"""Predict the classes of images with a trained checkpoint: the top-k class names and their probabilities.
+
+    python -m bcnn.predict bird.jpg                                   # stage 2's best.pt, top 5
+    python -m bcnn.predict photos/ more/gull.png --topk 3             # a folder means its images, sorted
+    python -m bcnn.predict photos/ --checkpoint runs/cub_vgg16_stage1/best.pt --json > predictions.json
+
+Everything comes from the checkpoint: the model, the class names and the eval transform of the run's config
+(resize, centre crop, normalise; no bounding-box crop). No dataset and no ImageNet weights are needed. An input
+that cannot be read (missing, not an image, a folder without images) gets an `error: PATH: ...` line on stderr
+and an "error" entry in --json; the other images are still predicted and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from bcnn import distributed
+from bcnn.checkpoint import load_checkpoint
+from bcnn.config import config_from_dict
+from bcnn.data import REPLACE_IMAGE, build_transforms, load_rgb
+from bcnn.errors import UserError, exit_on_user_error
+from bcnn.eval import DEFAULT_CHECKPOINT
+from bcnn.model import build_model, load_model_weights
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bcnn.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files, or folders whose image files (not subfolders) are all predicted")
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    parser.add_argument("--topk", type=int, default=5, help="classes per image, at most all; default: 5")
+    parser.add_argument("--json", action="store_true", help="print one JSON list on stdout and nothing else")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default: 16")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    """One dict per input, in order: {"image", "predictions": [{"class", "index", "probability"}, ...]}, best
+    first, or {"image", "error"} for an input that could not be predicted."""
+    args = parse_args(argv)
+    if args.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {args.topk}.")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    ctx = distributed.setup(args.device)
+    try:
+        return run(args, ctx.device)
+    finally:
+        distributed.teardown()
+
+
+def run(args, device: torch.device) -> list[dict]:
+    state = load_checkpoint(args.checkpoint)
+    if not isinstance(state.get("classes"), list) or "config" not in state:
+        raise UserError(f"checkpoint {args.checkpoint} has no class names or config; use a checkpoint written by "
+                        "bcnn.train.")
+    classes = state["classes"]
+    cfg = config_from_dict(state["config"])
+    cfg.model.backbone_weights = "none"  # every weight comes from the checkpoint
+    model = build_model(cfg.model, num_classes=len(classes))
+    load_model_weights(model, state["model"])
+    model.to(device).eval()
+    transform = build_transforms(cfg.data, train=False)
+
+    results = []
+    for result in predict(expand_inputs(args.images), model, transform, classes, device,
+                          topk=min(args.topk, len(classes)), batch_size=args.batch_size):
+        results.append(result)
+        if "error" in result:
+            print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(result["image"])
+            for prediction in result["predictions"]:
+                print(f"{100 * prediction['probability']:7.2f}%  {prediction['class']}")
+    if not any("predictions" in result for result in results):
+        raise UserError("no input could be read as an image; pass image files or folders holding them.")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return results
+
+
+def expand_inputs(arguments: Iterable[str]) -> Iterator[tuple[str, str | None]]:
+    """(path, None) for each image to predict, (path, what is wrong) for an input that cannot be predicted.
+
+    A file is tried whatever its extension; a folder contributes its files with an image extension, sorted.
+    """
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            images = sorted(entry for entry in path.iterdir()
+                            if entry.is_file() and entry.suffix.lower() in IMG_EXTENSIONS)
+            if not images:
+                yield argument, f"no image files ({', '.join(IMG_EXTENSIONS)}) in this folder; pass another folder"
+            yield from ((str(image), None) for image in images)
+        elif path.exists():
+            yield argument, None
+        else:
+            yield argument, "no such file or folder; check the path"
+
+
+def predict(inputs: Iterable[tuple[str, str | None]], model: torch.nn.Module, transform, classes: list[str],
+            device: torch.device, topk: int, batch_size: int) -> Iterator[dict]:
+    """One result per input, in input order, as soon as the batch holding it has run."""
+    waiting, batch = [], []  # results not yet yielded; (result, image tensor) pairs not yet through the model
+    for path, problem in inputs:
+        result = {"image": path}
+        if problem is None:
+            try:
+                batch.append((result, transform(load_rgb(path))))
+            except UserError as error:
+                problem = _what_is_wrong(error, path)
+        if problem is not None:
+            result["error"] = problem
+        waiting.append(result)
+        if len(batch) == batch_size:
+            _add_predictions(batch, model, classes, device, topk)
+            yield from waiting
+            waiting, batch = [], []
+    if batch:
+        _add_predictions(batch, model, classes, device, topk)
+    yield from waiting
+
+
+def _add_predictions(batch: list[tuple[dict, torch.Tensor]], model, classes, device, topk: int) -> None:
+    images = torch.stack([image for _, image in batch]).to(device)  # (B, 3, crop, crop)
+    with torch.no_grad():
+        probabilities = model(images).float().softmax(dim=1)  # (B, classes)
+    top = probabilities.topk(topk, dim=1)
+    for (result, _), values, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
+        result["predictions"] = [{"class": classes[index], "index": index, "probability": value}
+                                 for value, index in zip(values, indices)]
+
+
+def _what_is_wrong(error: UserError, path: str) -> str:
+    """load_rgb's sentence names the file, which our line already does, and tells a CUB user to re-extract the
+    dataset; keep what is wrong and say what to do here."""
+    reason = str(error).removeprefix(f"cannot read image {path}: ").removesuffix(f"; {REPLACE_IMAGE}.")
+    return f"{reason}; pass a readable image file"
+
+
+if __name__ == "__main__":
+    results = exit_on_user_error(main)()
+    raise SystemExit(1 if any("error" in result for result in results) else 0)

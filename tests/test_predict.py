@@ -1,0 +1,186 @@
+"""`python -m bcnn.predict`: a checkpoint alone (its dataset deleted) turns images into class probabilities.
+
+The probabilities are checked against softmax(model(x)) computed here, with the eval transform written out by
+hand, for a model whose weights the test itself saved.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from bcnn import predict as predict_cli
+from bcnn.checkpoint import save_checkpoint
+from bcnn.config import config_to_dict, load_config
+from bcnn.data import write_synthetic_cub
+from bcnn.errors import UserError
+from bcnn.model import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+PHOTOS = ("Gull.JPG", "albatross.jpg", "tern.png")  # one of class k each, sorted as a folder listing sorts them
+PERCENT_LINE = re.compile(r"^ +(\d+\.\d\d)%  (.+)$")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint as bcnn.train writes it, the model it holds, and a folder of photos; no dataset is left."""
+    root = tmp_path_factory.mktemp("predict")
+    cub = write_synthetic_cub(root / "cub", classes=3, per_class=6, seed=0)
+    cfg = load_config(REPO / "experiments" / "demo_stage1.yaml",
+                      ["--data.crop=32", "--data.resize=40", f"--data.root={cub}"])
+    photos = root / "photos"
+    (photos / "nested").mkdir(parents=True)
+    images = cub / "images"
+    shutil.copy(images / "001.Synthetic_Class_1" / "Synthetic_Class_1_0001.jpg", photos / "Gull.JPG")  # grayscale
+    shutil.copy(images / "002.Synthetic_Class_2" / "Synthetic_Class_2_0002.jpg", photos / "albatross.jpg")  # CMYK
+    Image.open(images / "003.Synthetic_Class_3" / "Synthetic_Class_3_0001.jpg").save(photos / "tern.png")
+    shutil.copy(photos / "tern.png", photos / "nested" / "deep.png")  # a folder is not searched recursively
+    (photos / "notes.txt").write_text("not an image, and without an image extension: skipped in a folder")
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(CLASSES)).eval()
+    # A random head scores every image about alike. Make row k the (centred) bilinear features of photo k, so
+    # photo k is class k and the probabilities are spread: their order, and any mix-up of classes, then shows.
+    with torch.no_grad():
+        features = torch.cat([model.head.features(model.backbone(eval_transform(path)[None]))
+                              for path in (photos / name for name in PHOTOS)])
+        model.head.fc.weight.copy_(40 * (features - features.mean(dim=0)))
+    checkpoint = root / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "classes": CLASSES, "epoch": 1,
+                     "metrics": {}}, checkpoint)
+    shutil.rmtree(cub)  # prediction must not need the dataset the checkpoint names
+    assert not Path(cfg.data.root).exists()
+    return {"checkpoint": str(checkpoint), "model": model, "photos": photos}
+
+
+def eval_transform(path) -> torch.Tensor:
+    """The config's eval transform written out: resize 40, centre crop 32, ImageNet normalisation; (3, 32, 32)."""
+    transform = T.Compose([T.Resize(40), T.CenterCrop(32), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with Image.open(path) as image:
+        return transform(image.convert("RGB"))
+
+
+def reference_probabilities(model, path) -> torch.Tensor:
+    with torch.no_grad():
+        return model(eval_transform(path)[None]).softmax(dim=1)[0]
+
+
+def photo_paths(trained) -> list[str]:
+    return [str(trained["photos"] / name) for name in PHOTOS]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bcnn.predict", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_probabilities_are_the_softmax_of_the_model_on_the_eval_transform(trained, capsys):
+    # batch size 2 over 3 images: one full batch and one partial
+    results = predict_cli.main([*photo_paths(trained), "--checkpoint", trained["checkpoint"], "--topk", "3",
+                                "--json", "--batch-size", "2", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out) == results
+    assert [result["image"] for result in results] == photo_paths(trained)
+    for result in results:
+        reference = reference_probabilities(trained["model"], result["image"])
+        expected_order = reference.argsort(descending=True).tolist()
+        predictions = result["predictions"]
+        assert [p["index"] for p in predictions] == expected_order
+        assert [p["class"] for p in predictions] == [CLASSES[i] for i in expected_order]
+        assert [p["probability"] for p in predictions] == pytest.approx(reference[expected_order].tolist(), abs=1e-5)
+        assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+    assert [result["predictions"][0]["class"] for result in results] == CLASSES  # photo k is class k
+
+
+def test_human_output_lists_the_topk_classes_in_percent(trained, capsys):
+    image = photo_paths(trained)[1]
+    reference = reference_probabilities(trained["model"], image)
+    for topk, shown in (("2", 2), ("10", len(CLASSES))):  # --topk is capped at the number of classes
+        predict_cli.main([image, "--checkpoint", trained["checkpoint"], "--topk", topk, "--device", "cpu"])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == image and len(lines) == 1 + shown
+        parsed = [PERCENT_LINE.match(line).groups() for line in lines[1:]]
+        percents = [float(percent) for percent, _ in parsed]
+        expected = reference.sort(descending=True)
+        assert [name for _, name in parsed] == [CLASSES[i] for i in expected.indices[:shown]]
+        assert percents == pytest.approx((100 * expected.values[:shown]).tolist(), abs=0.006)
+        assert percents == sorted(percents, reverse=True)
+        assert sum(percents) <= 100.02
+    assert sum(percents) == pytest.approx(100, abs=0.02)
+
+
+def test_a_folder_means_its_image_files_sorted_not_recursive(trained, capsys):
+    results = predict_cli.main([str(trained["photos"]), "--checkpoint", trained["checkpoint"], "--json"])
+    assert [result["image"] for result in results] == photo_paths(trained)  # no notes.txt, no nested/deep.png
+    assert capsys.readouterr().err == ""
+
+
+def test_each_bad_input_gets_an_error_line_and_entry_and_the_rest_is_predicted(trained, tmp_path, capsys):
+    missing, text_file = str(tmp_path / "missing.jpg"), tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes((trained["photos"] / "albatross.jpg").read_bytes()[:300])  # a truncated JPEG
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    good = photo_paths(trained)[2]
+    inputs = [missing, str(text_file), good, str(corrupt), str(empty)]
+
+    results = predict_cli.main([*inputs, "--checkpoint", trained["checkpoint"], "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == results
+    assert [result["image"] for result in results] == inputs
+    assert [("error" in result, "predictions" in result) for result in results] == (
+        [(True, False)] * 2 + [(False, True)] + [(True, False)] * 2)
+    errors = captured.err.splitlines()
+    assert len(errors) == 4
+    for line, bad in zip(errors, [missing, text_file, corrupt, empty]):
+        assert line.startswith(f"error: {bad}: ")
+    assert "no such file" in errors[0] and "not an image" in errors[1] and "truncated" in errors[2]
+    assert "no image files" in errors[3]
+
+
+def test_cli_exit_status_is_1_when_an_input_failed_and_good_images_are_printed(trained, tmp_path):
+    missing, text_file = str(tmp_path / "missing.jpg"), tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    good = photo_paths(trained)[0]
+    result = run_cli(missing, str(text_file), good, "--checkpoint", trained["checkpoint"])
+    assert result.returncode == 1, result.stderr
+    errors = result.stderr.splitlines()
+    assert len(errors) == 2 and errors[0].startswith(f"error: {missing}: ")
+    assert errors[1].startswith(f"error: {text_file}: ")
+    lines = result.stdout.splitlines()
+    assert lines[0] == good and len(lines) == 1 + len(CLASSES)  # default --topk 5, capped at 3 classes
+    assert all(PERCENT_LINE.match(line) for line in lines[1:])
+
+
+def test_cli_json_prints_only_json_and_exits_0_when_all_succeed(trained):
+    result = run_cli(str(trained["photos"]), "--checkpoint", trained["checkpoint"], "--json", "--topk", "1")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)
+    assert [entry["image"] for entry in predictions] == photo_paths(trained)
+    assert all(len(entry["predictions"]) == 1 for entry in predictions)
+
+
+def test_cli_topk_0_is_a_user_error_in_one_line(trained):
+    result = run_cli(photo_paths(trained)[0], "--checkpoint", trained["checkpoint"], "--topk", "0")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: --topk must be at least 1, got 0."]
+    assert result.stdout == ""
+
+
+def test_no_readable_input_or_a_bad_checkpoint_is_a_user_error(trained, tmp_path, capsys):
+    with pytest.raises(UserError, match="no input could be read"):
+        predict_cli.main([str(tmp_path / "missing.jpg"), "--checkpoint", trained["checkpoint"], "--json"])
+    assert capsys.readouterr().out == ""
+    truncated = tmp_path / "best.pt"
+    truncated.write_bytes(Path(trained["checkpoint"]).read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot be read"):
+        predict_cli.main([photo_paths(trained)[0], "--checkpoint", str(truncated)])
