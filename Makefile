@@ -19,7 +19,7 @@ RESTARTS ?= 0
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
 LAUNCH  = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
 
-.PHONY: venv demo test data stage1 stage2 eval tensorboard clean
+.PHONY: venv demo test data stage1 stage2 eval tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -53,6 +53,18 @@ eval: venv
 
 tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs
+
+# The README's TensorBoard pictures: a demo run, TensorBoard, and headless Chromium (apt install chromium).
+CHROMIUM ?= chromium
+SHOT = $(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
+	--disable-component-update --disable-sync --hide-scrollbars --virtual-time-budget=15000
+screenshots: demo
+	$(VENV)/bin/tensorboard --logdir demo/runs --port 6123 > demo/tensorboard.log 2>&1 & pid=$$!; sleep 10; \
+	$(SHOT) --user-data-dir=demo/chromium1 --window-size=1600,1300 --screenshot=docs/tensorboard_demo_scalars.png \
+		"http://localhost:6123/?darkMode=false#scalars&tagFilter=%5E(train%7Cval)%2F"; \
+	$(SHOT) --user-data-dir=demo/chromium2 --window-size=1600,900 --screenshot=docs/tensorboard_demo_images.png \
+		"http://localhost:6123/?darkMode=false#images&tagFilter=augmented"; \
+	kill $$pid
 
 clean:
 	rm -rf demo

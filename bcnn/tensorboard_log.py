@@ -67,7 +67,7 @@ class TensorBoardLog:
             self.writer.add_image(tag, figure_to_array(figure), global_step, dataformats="HWC")
         self.writer.flush()
 
-    def hyperparameters(self, config: dict, world_size: int, metrics: dict) -> None:
+    def hyperparameters(self, config: dict, world_size: int, metrics: dict, global_step: int) -> None:
         """The HPARAMS tab: this run's config beside its final metrics, so runs compare in one table."""
         flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()
                 if isinstance(value, (int, float, str, bool))}
@@ -77,7 +77,7 @@ class TensorBoardLog:
         for summary in (experiment, start, end):
             self.writer._get_file_writer().add_summary(summary)  # as add_hparams does, minus its extra run folder
         for tag, value in metric_tags.items():
-            self.writer.add_scalar(tag, value)
+            self.writer.add_scalar(tag, value, global_step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -371,7 +371,7 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
         final = {"final_train_loss": row["train_loss"], "final_train_top1": row["train_top1"]}
         if "val_top1" in row:
             final.update(best_val_top1=best_score, final_val_top1=row["val_top1"])
-        board.hyperparameters(config_dict, ctx.world_size, final)
+        board.hyperparameters(config_dict, ctx.world_size, final, global_step)
         board.close()
     log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run_dir,
              tensorboard_command(run_dir.parent))
