@@ -74,6 +74,9 @@ class TrainConfig:
     init_from: str = ""  # checkpoint whose model weights start this run (stage 2 <- stage 1); "" = none
     run_dir: str = "runs/cub_vgg16_stage1"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # backbone autocast: auto (bf16 where supported, fp16 on older GPUs) | bf16 | fp16 | fp32
+    channels_last: bool = True  # NHWC backbone and inputs: the layout fast convolutions want
+    compile: bool = False  # torch.compile the backbone (minutes of compiling, then faster steps)
     log_every: int = 20  # optimizer steps between log lines; 0 = one line per epoch
     checkpoint_every: int = 0  # optimizer steps between mid-epoch last.pt writes (long epochs); 0 = per epoch
 
@@ -92,6 +95,7 @@ CHOICES = {
     ("model", "cut"): ("relu5_3", "pool5"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
+    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
 }
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bcnn.distributed import all_reduce_
+from bcnn.precision import autocast
 from bcnn.errors import UserError
 
 NO_BAD_STEP = 2**62
@@ -67,6 +68,13 @@ class EpochMeter:
             )
 
 
+def to_device(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    """Only 4-d image batches take the channels_last layout (cached feature vectors are 2-d)."""
+    if channels_last and images.dim() == 4:
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True)
+
+
 def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     """The sizes a loader over num_samples yields (the last batch partial), the same on every rank."""
     return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
@@ -74,11 +82,13 @@ def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps: int = 1, scaler=None,
                     meter: EpochMeter | None = None, first_step: int = 0, after_step=None, on_report=None,
-                    log_every: int = 20, diverged_hint: str = "") -> dict:
+                    log_every: int = 20, diverged_hint: str = "", precision: str = "fp32",
+                    channels_last: bool = False) -> dict:
     """Train over the loader; one optimizer step per `accum_steps` micro-batches (the last step of an epoch
     may have fewer). The loss of each micro-batch is weighted by its share of the step's images, so the
     update equals that of one big batch; DDP's gradient all-reduce runs only on a step's last micro-batch.
 
+    precision: the backbone's autocast (bcnn.precision); the head and the loss stay float32.
     first_step: optimizer steps of this epoch already done before a resume (the loader then starts after them).
     after_step(step, meter): called after each optimizer step (step counts from the epoch start), e.g. to
     write a mid-epoch checkpoint.
@@ -99,13 +109,14 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
         optimizer.zero_grad(set_to_none=True)
         for position, size in enumerate(group):
             images, targets = next(micro_batches)
-            images = images.to(device, non_blocking=True)
+            images = to_device(images, device, channels_last)
             targets = targets.to(device, non_blocking=True)
             last = position == len(group) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                logits = model(images)
-                loss = F.cross_entropy(logits, targets)
+                with autocast(precision, device):
+                    logits = model(images)
+                loss = F.cross_entropy(logits.float(), targets)
                 weighted = loss * (size / step_images)
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
             meter.loss_sum += loss.detach().double() * size
@@ -143,7 +154,8 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusion: bool = False) -> dict:
+def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusion: bool = False,
+             precision: str = "fp32", channels_last: bool = False) -> dict:
     """Accuracy in percent. tta="flip" averages the logits of each image and its mirror. With confusion=True
     the result also holds "confusion", a (classes, classes) LongTensor of counts [true class, predicted class].
 
@@ -156,11 +168,12 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        if tta == "flip":
-            logits = (logits + model(torch.flip(images, dims=[3]))) / 2
+        with autocast(precision, device):
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
         top_k = logits.topk(k, dim=1).indices  # (B, k)
         top5_hits += (top_k == targets[:, None]).any(dim=1).sum()

@@ -22,15 +22,18 @@ import csv
 import json
 from pathlib import Path
 
+import torch
+
+from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
-from bcnn import distributed
 from bcnn.data import build_dataset, build_loader
 from bcnn.engine import evaluate
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
                           save_figure)
 from bcnn.model import build_model, load_model_weights
+from bcnn.precision import resolve_precision
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
 MOST_CONFUSED_SAVED, MOST_CONFUSED_PRINTED = 10, 5
@@ -40,6 +43,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bcnn.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
     parser.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                        help="backbone autocast; default fp32, the reference numbers (bf16 is faster on GPUs)")
     parser.add_argument("--tta", default="none", choices=["none", "flip"],
                         help="flip: average the logits of each image and its mirror")
     parser.add_argument("--batch-size", type=int, help="default: the run's train.eval_batch_size")
@@ -82,9 +87,11 @@ def run(args, ctx: distributed.Context) -> dict:
                           seed=0, rank=ctx.rank, world_size=ctx.world_size)
     model = build_model(cfg.model, num_classes=len(state["classes"]))
     load_model_weights(model, state["model"])
-    model.to(ctx.device)
+    model.to(ctx.device, memory_format=torch.channels_last)
 
-    metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta, confusion=True)
+    precision = resolve_precision(args.precision, ctx.device)
+    metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta, confusion=True,
+                       precision=precision, channels_last=True)
     confusion = metrics.pop("confusion")  # (C, C) counts [true, predicted], the same on every rank
     most_confused = most_confused_pairs(confusion, state["classes"], k=MOST_CONFUSED_SAVED)
     result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,

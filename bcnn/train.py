@@ -40,6 +40,7 @@ from bcnn.data import build_dataset, build_loader
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.model import build_model, load_model_weights
+from bcnn.precision import configure_device, grad_scaler, resolve_precision
 from bcnn.progress import ConsoleFilter, EpochProgress
 from bcnn.tensorboard_log import TensorBoardLog
 
@@ -225,6 +226,8 @@ def main(argv=None) -> dict:
 def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     micro_batch = distributed.per_rank_batch_size(cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps)
     device, run_dir = ctx.device, Path(cfg.train.run_dir)
+    precision = resolve_precision(cfg.train.precision, device)
+    configure_device(device)
     resume_path = find_resume_checkpoint(args, run_dir)
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
@@ -268,10 +271,10 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
         distributed.barrier()
     if cfg.train.init_from and state is None:
         init_from_checkpoint(model, cfg.train.init_from, classes)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # mixed precision comes with the precision option
+    scaler = grad_scaler(precision, device)
     start_epoch, step_in_epoch, global_step, best_score, epoch_totals = 1, 0, 0, -math.inf, None
     if state is not None:
         restore_training_state(state, resume_path, model, optimizer, scheduler, scaler)
@@ -281,8 +284,11 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
         log.info("resumed from %s: epoch %d, step %d of it (global step %d)", resume_path, start_epoch,
                  step_in_epoch, global_step)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model: VGG16 %s bilinear, %d trainable parameters, backbone %s", cfg.model.cut, trainable,
-             "frozen" if model.backbone_frozen else "trainable")
+    log.info("model: VGG16 %s bilinear, %d trainable parameters, backbone %s; precision %s (head float32), "
+             "%s", cfg.model.cut, trainable, "frozen" if model.backbone_frozen else "trainable", precision,
+             "channels_last" if cfg.train.channels_last else "NCHW")
+    if cfg.train.compile:
+        model.backbone.compile()  # in place: the state dict keeps its keys (no _orig_mod. prefix)
     # DDP all-reduces the gradients of the trainable parameters; a frozen backbone takes no part.
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                  if ctx.distributed else model)
@@ -335,11 +341,12 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
                                       accum_steps=cfg.train.accum_steps, scaler=scaler, meter=meter,
                                       first_step=step_in_epoch, after_step=after_step, on_report=report,
-                                      log_every=cfg.train.log_every, diverged_hint=diverged_hint)
+                                      log_every=cfg.train.log_every, diverged_hint=diverged_hint,
+                                      precision=precision, channels_last=cfg.train.channels_last)
         progress.close()
         step_in_epoch, epoch_totals = 0, None
-        val_stats = (evaluate(model, val_loader, device, len(classes), confusion=True)
-                     if val_loader is not None else None)
+        val_stats = (evaluate(model, val_loader, device, len(classes), confusion=True, precision=precision,
+                              channels_last=cfg.train.channels_last) if val_loader is not None else None)
         val_confusion = val_stats.pop("confusion") if val_stats else None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_stats["top1"])

@@ -34,7 +34,8 @@ def common_args(data, run_dir):
     return ["--config", str(REPO / "experiments" / "demo_stage1.yaml"), f"--data-root={data}", "--device=cpu",
             f"--run-dir={run_dir}", "--data.crop=32", "--data.resize=40", "--data.val_fraction=0.34",
             "--train.epochs=2", "--train.batch_size=4", "--train.log_every=0", "--train.checkpoint_every=2",
-            "--model.freeze_backbone=false", "--optim.lr=0.1", "--optim.backbone_lr=0.01"]
+            "--model.freeze_backbone=false", "--optim.lr=0.1", "--optim.backbone_lr=0.01",
+            "--train.precision=fp32"]  # float32: the tolerance below is for summation order, not bf16 rounding
 
 
 def launch(*command, env=None):
