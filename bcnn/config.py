@@ -35,7 +35,7 @@ class DataConfig:
     rrc_min_scale: float = 0.25
     rotation: float = 0.0  # degrees; 0 = off
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
-    num_workers: int = 4
+    num_workers: int = -1  # loader worker processes per training process; -1 = from the machine's cores
 
 
 @dataclass
@@ -202,7 +202,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
     for key, least in (("data.crop", 1), ("data.resize", 1), ("train.epochs", 1), ("train.batch_size", 1),
                        ("train.eval_batch_size", 1), ("train.accum_steps", 1), ("train.log_every", 0),
-                       ("train.checkpoint_every", 0), ("data.num_workers", 0), ("train.seed", 0),
+                       ("train.checkpoint_every", 0), ("data.num_workers", -1), ("train.seed", 0),
                        ("data.split_seed", 0)):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -307,6 +307,15 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def default_num_workers() -> int:
+    """Loader workers per training process: the cores this process may use, shared with the other processes
+    torchrun started on this machine, minus one for the training loop itself; at most 8, past which the
+    workers' memory grows faster than their use (`python -m bcnn.bench` shows whether the loader keeps up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, cores // processes_here - 1))
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int, rank: int = 0,
                  world_size: int = 1) -> DataLoader:
     """This rank's loader. Train: TrainSampler, eval: ShardSampler (in order, each image on exactly one rank).
@@ -314,7 +323,11 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     For training call loader.sampler.set_epoch(epoch, skip) before each epoch: order and augmentations are then
     a function of (seed, epoch, sample index) alone, the same for any world_size, num_workers or resume point,
     and the dataset must accept the (index, augment_seed) items the sampler yields, as _ImageDataset does.
+    num_workers=-1 picks default_num_workers(); workers persist across epochs and each keeps 4 batches ready;
+    batches land in pinned memory when there is a GPU, so the copy to it overlaps the step.
     """
+    if num_workers < 0:
+        num_workers = default_num_workers()
     if train:
         sampler = TrainSampler(dataset, rank, world_size, seed)
     else:
@@ -323,7 +336,8 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      worker_init_fn=_seed_worker, generator=generator)
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_seed_worker,
+                      generator=generator)
 
 
 def _describe(root, data_format: str = "cub", val_fraction: float = 0.0, split_seed: int = 0) -> str:
