@@ -447,3 +447,11 @@ def test_train_cli_reports_an_image_broken_in_a_worker_in_one_line(writable_cub,
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert path in result.stderr and "image file is truncated" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("cores, processes, expected", [(16, 4, 3), (64, 1, 8), (1, 1, 0), (16, 8, 1)])
+def test_default_loader_workers_share_the_cores_between_processes(monkeypatch, cores, processes, expected):
+    from bcnn import data
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    assert data.default_num_workers() == expected
