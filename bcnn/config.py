@@ -77,6 +77,8 @@ class TrainConfig:
     precision: str = "auto"  # backbone autocast: auto (bf16 where supported, fp16 on older GPUs) | bf16 | fp16 | fp32
     channels_last: bool = True  # NHWC backbone and inputs: the layout fast convolutions want
     compile: bool = False  # torch.compile the backbone (minutes of compiling, then faster steps)
+    cache_features: bool = False  # frozen backbone only: bilinear features of each train image and its mirror
+    cache_dir: str = "cache/features"  # computed once, reused by every run with the same backbone, size, data
     log_every: int = 20  # optimizer steps between log lines; 0 = one line per epoch
     checkpoint_every: int = 0  # optimizer steps between mid-epoch last.pt writes (long epochs); 0 = per epoch
 
@@ -217,6 +219,9 @@ def validate(cfg: Config) -> None:
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "
             "use schedule.name=step, cosine or none, or set data.val_fraction > 0."
         )
+    if cfg.train.cache_features and not cfg.model.freeze_backbone:
+        raise UserError("train.cache_features needs model.freeze_backbone=true (a training backbone changes the "
+                        "features); turn one of them off.")
     if not cfg.model.freeze_backbone and cfg.optim.backbone_lr == 0:
         raise UserError("model.freeze_backbone is false but optim.backbone_lr is 0; set optim.backbone_lr > 0.")
 

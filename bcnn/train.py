@@ -38,6 +38,7 @@ from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, r
 from bcnn.config import Config, config_to_dict, load_config
 from bcnn.data import build_dataset, build_loader
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
+from bcnn.feature_cache import build_feature_cache
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.model import build_model, load_model_weights
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
@@ -48,6 +49,7 @@ log = logging.getLogger("bcnn")
 
 # Keys a resumed run may change: where things are and how they are run, never what is computed.
 RESUMABLE_CHANGES = {"data.root", "data.num_workers", "train.epochs", "train.device", "train.run_dir",
+                     "train.cache_dir",
                      "train.log_every", "train.checkpoint_every", "train.eval_batch_size", "train.init_from"}
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.log", "config.yaml", "events.out.tfevents.*",
              "eval_*.json")
@@ -206,6 +208,28 @@ def restore_training_state(state: dict, path: Path, model, optimizer, scheduler,
                         "start again with --overwrite or another --run-dir.") from None
 
 
+def cached_feature_loaders(cfg: Config, model, train_set, val_set, micro_batch: int, precision: str,
+                           ctx: distributed.Context, loader_args: dict):
+    """Stage 1 as the original authors ran it: the frozen backbone's normalised bilinear features of every train
+    image and its mirror (no random crop), and of the val images, computed once into cfg.train.cache_dir and
+    reused by every later run with the same backbone, image size and data. An epoch then visits each image
+    twice (both views) and costs a pass of the classifier alone."""
+    views_of = {"train": ("center", "flip"), "val": ("center",)}
+    loaders = []
+    for split, dataset, batch, shuffle in (("train", train_set, micro_batch, True),
+                                           ("val", val_set, cfg.train.eval_batch_size, False)):
+        if dataset is None:
+            loaders.append(None)
+            continue
+        eval_view = build_dataset(cfg.data, split, train_transform=False)
+        cache = build_feature_cache(model, eval_view, views_of[split], cfg.train.cache_dir, ctx.device, precision,
+                                    batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers,
+                                    rank=ctx.rank, world_size=ctx.world_size)
+        # Rows are memory-mapped: reading them in the main process beats shipping 0.5 MB vectors from workers.
+        loaders.append(build_loader(cache, batch, train=shuffle, num_workers=0, **loader_args))
+    return tuple(loaders)
+
+
 def read_metric_rows(path: Path, up_to_epoch: int) -> list[str]:
     """metrics.jsonl lines of the epochs a checkpoint covers; later ones died with the process that wrote them."""
     if not path.exists():
@@ -257,12 +281,6 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
              "step(s) x %d", cfg.data.root, len(train_set), len(val_set) if val_set is not None else "no",
              len(classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
-    loader_args = dict(num_workers=cfg.data.num_workers, seed=cfg.train.seed, rank=ctx.rank,
-                       world_size=ctx.world_size)
-    train_loader = build_loader(train_set, micro_batch, train=True, **loader_args)
-    val_loader = (build_loader(val_set, cfg.train.eval_batch_size, train=False, **loader_args)
-                  if val_set is not None else None)
-
     # One download of the ImageNet weights per machine: the other ranks wait, then read torch's hub cache.
     if ctx.local_rank != 0:
         distributed.barrier()
@@ -288,17 +306,30 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
              "%s", cfg.model.cut, trainable, "frozen" if model.backbone_frozen else "trainable", precision,
              "channels_last" if cfg.train.channels_last else "NCHW")
     if cfg.train.compile:
-        model.backbone.compile()  # in place: the state dict keeps its keys (no _orig_mod. prefix)
+        model.backbone.compile()  # in place: the state dict keys stay as they are (no _orig_mod. prefix)
+
+    loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    if cfg.train.cache_features:
+        # The classifier alone trains, on stored features: in float32, and the loader reads 2-d vectors.
+        train_loader, val_loader = cached_feature_loaders(cfg, model, train_set, val_set, micro_batch, precision,
+                                                          ctx, loader_args)
+        step_model, step_precision, step_channels_last = model.head.fc, "fp32", False
+    else:
+        train_loader = build_loader(train_set, micro_batch, train=True, num_workers=cfg.data.num_workers,
+                                    **loader_args)
+        val_loader = (build_loader(val_set, cfg.train.eval_batch_size, train=False,
+                                   num_workers=cfg.data.num_workers, **loader_args) if val_set is not None else None)
+        step_model, step_precision, step_channels_last = model, precision, cfg.train.channels_last
     # DDP all-reduces the gradients of the trainable parameters; a frozen backbone takes no part.
-    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-                 if ctx.distributed else model)
+    ddp_model = (DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+                 if ctx.distributed else step_model)
 
     board, metrics_path = None, run_dir / "metrics.jsonl"
     if ctx.is_main:
         rows = read_metric_rows(metrics_path, start_epoch - 1)
         metrics_path.write_text("".join(line + "\n" for line in rows))
         board = TensorBoardLog(run_dir, purge_step=global_step + 1 if state is not None else None)
-        if state is None:
+        if state is None and not cfg.train.cache_features:
             board.augmented_images(train_set, cfg.train.seed)
     diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
                      f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run_dir}")
@@ -342,11 +373,12 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
                                       accum_steps=cfg.train.accum_steps, scaler=scaler, meter=meter,
                                       first_step=step_in_epoch, after_step=after_step, on_report=report,
                                       log_every=cfg.train.log_every, diverged_hint=diverged_hint,
-                                      precision=precision, channels_last=cfg.train.channels_last)
+                                      precision=step_precision, channels_last=step_channels_last)
         progress.close()
         step_in_epoch, epoch_totals = 0, None
-        val_stats = (evaluate(model, val_loader, device, len(classes), confusion=True, precision=precision,
-                              channels_last=cfg.train.channels_last) if val_loader is not None else None)
+        val_stats = (evaluate(step_model, val_loader, device, len(classes), confusion=True,
+                              precision=step_precision, channels_last=step_channels_last)
+                     if val_loader is not None else None)
         val_confusion = val_stats.pop("confusion") if val_stats else None
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_stats["top1"])
