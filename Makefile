@@ -6,6 +6,7 @@
 #   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
 #                                  (re-running any of them resumes from the run directory's last.pt)
 #   make eval                      test-split accuracy of stage 2's best.pt
+#   make bench ARGS="..."          speed and memory of the training step against its limits (python -m bcnn.bench -h)
 
 PYTHON3 ?= python3
 VENV    ?= .venv
@@ -19,7 +20,7 @@ RESTARTS ?= 0
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
 LAUNCH  = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
 
-.PHONY: venv demo test data stage1 stage2 eval tensorboard screenshots clean
+.PHONY: venv demo test data stage1 stage2 eval bench tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -50,6 +51,9 @@ stage2: venv
 
 eval: venv
 	$(LAUNCH) -m bcnn.eval --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
+
+bench: venv
+	$(PY) -m bcnn.bench $(ARGS)
 
 tensorboard: venv
 	$(VENV)/bin/tensorboard --logdir runs

@@ -1,0 +1,715 @@
+"""How fast the B-CNN trains on this machine, against what it cannot beat: prints figures, asserts nothing.
+
+    python -m bcnn.bench                                  # CPU: 224 px, batch 8; CUDA: 448 px, batch 64
+    python -m bcnn.bench --device cuda --precision fp16 --steps 50
+    python -m bcnn.bench --json                           # the same figures as JSON, nothing else on stdout
+    make bench ARGS="--batch-size 16"
+
+Random weights (nothing is downloaded), random device-resident input batches for the steps, and a generated
+mini-CUB in a temporary folder for the loader and the epochs. The cases:
+
+    bare                    VGG16 features to relu5_3, forward + backward of the output's sum: the limit
+    stage2_step             train_one_epoch's step, everything trainable (forward under autocast, the head in
+                            float32, cross-entropy, backward, SGD with momentum, zero_grad), channels_last
+    stage1_step             the same with the backbone frozen (only the classifier trains)
+    eval                    forward only, model.eval() under torch.no_grad, as evaluate() runs it
+    stage2_step_fp32_nchw   stage2_step in float32 with the NCHW layout: what precision + layout buy
+    loader                  build_loader alone over the mini-CUB, train transform, --num-workers workers
+    cache_build             bcnn.feature_cache: the one-off computation of the stage-1 feature cache
+    live_stage1_epoch       one stage-1 epoch over the mini-CUB's train images (the loader included)
+    cached_stage1_epoch     one epoch of training model.head.fc from that cache (center + flip views), as
+                            train.py runs it with train.cache_features=true
+
+A step's time is the median over --steps steps after --warmup steps (CUDA synchronised before every clock
+read); images/s = batch / median. The loader and the epochs are timed whole (see the notes it prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from bcnn import distributed
+from bcnn.config import Config, DataConfig
+from bcnn.data import build_dataset, build_loader, default_num_workers, write_synthetic_cub
+from bcnn.engine import TrainingDiverged, train_one_epoch
+from bcnn.errors import UserError, exit_on_user_error
+from bcnn.model import BilinearCNN, vgg16_features
+from bcnn.precision import autocast, configure_device, cpu_supports_bf16, grad_scaler, resolve_precision
+from bcnn.train import build_optimizer
+
+CASES = ("bare", "stage2_step", "stage1_step", "eval", "stage2_step_fp32_nchw", "loader", "cache_build",
+         "live_stage1_epoch", "cached_stage1_epoch")
+CACHE_CASES = ("cache_build", "live_stage1_epoch", "cached_stage1_epoch")
+CACHE_VIEWS = ("center", "flip")  # what stage 1 caches per training image (bcnn.feature_cache)
+NOT_MEASURED = "not measured (bcnn.feature_cache missing)"
+# (ratio, comparison, target, what it says); the ratios are defined in compute_ratios.
+TARGETS = (
+    ("stage2_step_time_vs_bare", "<=", 1.15, "stage2_step time / bare time"),
+    ("speedup_vs_fp32_nchw", ">=", 2.5, "stage2_step speedup over fp32 + NCHW"),
+    ("loader_vs_stage2_step", ">", 1.0, "loader images/s / stage2_step images/s"),
+    ("cached_vs_live_epoch", ">=", 20.0, "live / cached stage-1 epoch time"),
+)
+DISTURBED = 0.1  # other processes' share of the CPUs above which a case's figures are flagged
+LOADER_BATCHES = 4  # batches of generated train images (the epoch cases'); the loader's epoch reads at least this
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    image_size: int
+    batch_size: int
+    precision: str  # resolved: bf16 | fp16 | fp32
+    steps: int
+    warmup: int
+    classes: int
+    num_workers: int
+
+    def command(self) -> str:
+        return (f"python -m bcnn.bench --device {self.device.type} --image-size {self.image_size} "
+                f"--batch-size {self.batch_size} --precision {self.precision} --steps {self.steps} "
+                f"--warmup {self.warmup} --classes {self.classes} --num-workers {self.num_workers}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bcnn.bench", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available (default: auto)")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default: 448 on CUDA, 224 on CPU)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="the backbone's autocast, as train.precision (default: auto)")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default: 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--classes", type=int, default=200, help="classifier outputs (default: 200, CUB's)")
+    parser.add_argument("--num-workers", type=int,
+                        help="loader worker processes (default: data.num_workers's default for this machine)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON and nothing else")
+    return parser.parse_args(argv)
+
+
+def resolve_settings(args) -> Settings:
+    device = distributed.setup(args.device).device
+    cuda = device.type == "cuda"
+    settings = Settings(
+        device=device,
+        image_size=args.image_size or (448 if cuda else 224),
+        batch_size=args.batch_size or (64 if cuda else 8),
+        precision=resolve_precision(args.precision, device),
+        steps=args.steps if args.steps is not None else (20 if cuda else 3),
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        classes=args.classes,
+        num_workers=args.num_workers if args.num_workers is not None else default_workers(),
+    )
+    for name, least in (("image_size", 32), ("batch_size", 1), ("steps", 1), ("warmup", 0), ("classes", 2),
+                        ("num_workers", 0)):
+        if getattr(settings, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(settings, name)}.")
+    return settings
+
+
+def default_workers() -> int:
+    """data.num_workers's default, resolved the way build_loader resolves it (-1: from this machine's cores)."""
+    workers = DataConfig().num_workers
+    return default_num_workers() if workers < 0 else workers
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, so a case's RSS growth is its own and not a reuse of an earlier's."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: set VmHWM (the peak RSS) back to the current RSS; False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return ("CUDA: torch.cuda.max_memory_allocated per case, after reset_peak_memory_stats (weights, "
+                "gradients, optimizer state, activations; not the CUDA context or the allocator's cache)")
+    return ("CPU: peak RSS growth of this process per case: VmHWM minus the RSS before the case built its "
+            "model (freed memory handed back with malloc_trim first; the peak reset through /proc/self/clear_refs "
+            "once the model is built, so the full VGG16 that torchvision creates and the bench cuts does not "
+            "count); weights, gradients, optimizer state and activations; loader workers are other processes "
+            "and not counted")
+
+
+class CpuShare:
+    """How much of the machine's CPU time other processes took while a case ran: on a shared machine their
+    load slows the figures down, and this says by how much they can be trusted. Linux (/proc/stat) only."""
+
+    def __init__(self):
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        # user nice system idle iowait irq softirq steal (seconds * CLK_TCK); steal: taken by the hypervisor
+        ticks = [int(value) for value in lines[0].split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+        own = os.times()  # this process and its reaped children (loader workers, once shut down)
+        return busy, own.user + own.system + own.children_user + own.children_system, time.perf_counter(), cpus
+
+    def others(self) -> float | None:
+        """Share (0..1) of all CPUs' time that other processes used since this object was made."""
+        gc.collect()  # shuts down loaders' worker processes still referenced by cycles, so their time is ours
+        end = self._snapshot()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (later - earlier for earlier, later in zip(self.start[:3], end[:3]))
+        cpus = end[3]
+        return min(max((busy - own) / (wall * cpus), 0.0), 1.0) if wall > 0 and cpus else None
+
+
+class MemoryProbe:
+    """Peak memory of one case: begin() before it builds anything, ready() once built, peak_mib() at the end."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_kib = None
+        self.reset_ok = False
+
+    def begin(self) -> MemoryProbe:
+        _release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.start_kib = _proc_status_kib("VmRSS")
+        return self
+
+    def ready(self) -> None:
+        if self.device.type != "cuda":
+            _release_freed_memory()
+            self.reset_ok = _reset_peak_rss()
+
+    def peak_mib(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak_kib = _proc_status_kib("VmHWM")
+        if not self.reset_ok or peak_kib is None or self.start_kib is None:
+            return None
+        return max(peak_kib - self.start_kib, 0) / 1024
+
+
+def _record(case: str, precision: str, layout: str, step_times: list[float], images_per_step: int,
+            probe: MemoryProbe, what: str) -> dict:
+    """A case timed step by step: the median step, and images/s = images per step / that median."""
+    median = statistics.median(step_times)
+    return {"case": case, "precision": precision, "layout": layout, "images_per_sec": images_per_step / median,
+            "ms_per_step": 1000 * median, "peak_memory_mib": probe.peak_mib(), "images_per_step": images_per_step,
+            "timed_steps": len(step_times), "what": what}
+
+
+def _epoch_record(case: str, precision: str, layout: str, seconds: float, images: int, steps: int,
+                  probe: MemoryProbe, what: str) -> dict:
+    """A case timed whole (an epoch, a cache build): images/s over all of it, ms per optimizer step or batch."""
+    return {"case": case, "precision": precision, "layout": layout, "images_per_sec": images / seconds,
+            "ms_per_step": 1000 * seconds / steps, "peak_memory_mib": probe.peak_mib(), "epoch_seconds": seconds,
+            "images_per_epoch": images, "steps_per_epoch": steps, "what": what}
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of step() after `warmup` untimed ones."""
+    times = []
+    for index in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def random_batch(settings: Settings, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    size = settings.image_size
+    images = torch.randn(settings.batch_size, 3, size, size, generator=generator)
+    targets = torch.randint(0, settings.classes, (settings.batch_size,), generator=generator)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return images.to(settings.device, memory_format=layout), targets.to(settings.device)
+
+
+def _layout_name(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "NCHW"
+
+
+def stage_config(freeze_backbone: bool) -> Config:
+    """The recipe's optimizer for a stage (SGD, momentum 0.9, its weight decay); the backbone lr is the demo's
+    1e-3, which a random VGG16 survives for a few steps (the values do not change the speed)."""
+    cfg = Config()
+    cfg.model.backbone_weights, cfg.model.freeze_backbone = "none", freeze_backbone
+    if not freeze_backbone:
+        cfg.optim.lr, cfg.optim.backbone_lr, cfg.optim.weight_decay = 1e-2, 1e-3, 1e-5
+    return cfg
+
+
+def new_model(settings: Settings, backbone: nn.Sequential, freeze_backbone: bool, channels_last: bool):
+    """A BilinearCNN on a copy of one VGG16 built once: build_model would build (and randomly initialise) the
+    whole torchvision VGG16 again for every case, seconds each, to the same effect."""
+    model = BilinearCNN(settings.classes, copy.deepcopy(backbone))
+    if freeze_backbone:
+        model.freeze_backbone()
+    return model.to(settings.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
+def measure_bare(settings: Settings, backbone: nn.Sequential) -> dict:
+    device, precision = settings.device, settings.precision
+    probe = MemoryProbe(device).begin()
+    features = copy.deepcopy(backbone).to(device, memory_format=torch.channels_last)
+    images, _ = random_batch(settings, channels_last=True)
+    probe.ready()
+
+    def step():
+        features.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            output = features(images)
+        output.float().sum().backward()
+
+    times = time_steps(step, device, settings.warmup, settings.steps)
+    return _record("bare", precision, "channels_last", times, settings.batch_size, probe,
+                   "VGG16 features to relu5_3: forward + backward")
+
+
+class _SameBatch:
+    """Stands in for a DataLoader in train_one_epoch: one device-resident batch, `count` times, so that the step
+    is timed without the data pipeline; the clock is read as the first batch is handed out."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, count: int, stamp):
+        self.images, self.targets, self.count, self.stamp = images, targets, count, stamp
+        self.batch_size = len(images)
+        self.sampler = range(self.batch_size * count)  # train_one_epoch plans its steps from len(sampler)
+
+    def __iter__(self):
+        for index in range(self.count):
+            if index == 0:
+                self.stamp()
+            yield self.images, self.targets
+
+
+def measure_train_step(settings: Settings, backbone: nn.Sequential, case: str, freeze_backbone: bool,
+                       precision: str, channels_last: bool, what: str) -> dict:
+    """Steps of bcnn.engine.train_one_epoch itself, timed between its after_step calls."""
+    device = settings.device
+    probe = MemoryProbe(device).begin()
+    model = new_model(settings, backbone, freeze_backbone, channels_last)
+    optimizer = build_optimizer(stage_config(freeze_backbone), model)
+    images, targets = random_batch(settings, channels_last)
+    probe.ready()
+    stamps = []
+
+    def stamp(*_):
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    batches = _SameBatch(images, targets, settings.warmup + settings.steps, stamp)
+    with contextlib.suppress(TrainingDiverged):  # random weights may diverge; the times stand all the same
+        train_one_epoch(model, batches, optimizer, device, epoch=1, scaler=grad_scaler(precision, device),
+                        after_step=stamp, log_every=0, precision=precision, channels_last=channels_last)
+    times = [end - start for start, end in zip(stamps, stamps[1:])][settings.warmup:]
+    # configure_device lets float32 matmuls and convolutions use TF32 on GPUs, as train.precision=fp32 does.
+    shown = "fp32/tf32" if precision == "fp32" and device.type == "cuda" else precision
+    return _record(case, shown, _layout_name(channels_last), times, settings.batch_size, probe, what)
+
+
+def measure_eval(settings: Settings, backbone: nn.Sequential) -> dict:
+    device, precision = settings.device, settings.precision
+    probe = MemoryProbe(device).begin()
+    model = new_model(settings, backbone, freeze_backbone=True, channels_last=True).eval()
+    images, _ = random_batch(settings, channels_last=True)
+    probe.ready()
+
+    @torch.no_grad()
+    def step():
+        with autocast(precision, device):
+            model(images)
+
+    times = time_steps(step, device, settings.warmup, settings.steps)
+    return _record("eval", precision, "channels_last", times, settings.batch_size, probe,
+                   "forward only, torch.no_grad")
+
+
+def mini_cub_config(settings: Settings, root: Path) -> DataConfig:
+    """The recipe's transform at this size: Resize(1.15 x size) -> flip -> RandomCrop(size) for training."""
+    return DataConfig(format="cub", root=str(root), val_fraction=0.0, resize=int(settings.image_size * 1.15),
+                      crop=settings.image_size, num_workers=settings.num_workers)
+
+
+def write_mini_cub(settings: Settings, folder: Path) -> Path:
+    """LOADER_BATCHES batches of train images (and as many test images, unread), a bit larger than the input."""
+    classes = 4
+    per_class_train = math.ceil(LOADER_BATCHES * settings.batch_size / classes)
+    # write_synthetic_cub puts half of each class in the train split (at least 2, at most all but one).
+    return write_synthetic_cub(folder / "CUB_200_2011", classes=classes, per_class=2 * max(per_class_train, 2),
+                               seed=0, image_size=int(settings.image_size * 1.3))
+
+
+def _time_epochs(loader, run_epoch, device: torch.device, warmup: int, timed: int) -> list[float]:
+    """Seconds of `timed` whole epochs, run_epoch(loader, epoch), after `warmup` ones (the workers, persistent,
+    start in the first)."""
+    times = []
+    for epoch in range(1, warmup + timed + 1):
+        loader.sampler.set_epoch(epoch)
+        _sync(device)
+        start = time.perf_counter()
+        run_epoch(loader, epoch)
+        _sync(device)
+        if epoch > warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+class _Repeated(Dataset):
+    """A dataset's items over and over, `length` in all: a loader epoch long enough to keep every worker busy,
+    without generating more images. Items are indices or TrainSampler's (index, augment_seed) pairs."""
+
+    def __init__(self, dataset: Dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        index %= len(self.dataset)
+        return self.dataset[index if seed is None else (index, seed)]
+
+
+def measure_loader(settings: Settings, data_root: Path) -> dict:
+    probe = MemoryProbe(settings.device).begin()
+    train_set = build_dataset(mini_cub_config(settings, data_root), "train")
+    # Two batches per worker at least: an epoch of fewer batches than workers would leave some of them idle.
+    batches = max(LOADER_BATCHES, 2 * settings.num_workers)
+    epoch_set = _Repeated(train_set, batches * settings.batch_size)
+    loader = build_loader(epoch_set, settings.batch_size, train=True, num_workers=settings.num_workers, seed=0)
+    probe.ready()
+
+    def read_epoch(loader, _epoch):
+        for images, _targets in loader:
+            images.to(settings.device, non_blocking=True)
+
+    times = _time_epochs(loader, read_epoch, settings.device, settings.warmup, settings.steps)
+    return _epoch_record("loader", "-", "-", statistics.median(times), len(epoch_set), len(loader), probe,
+                         f"build_loader, train transform, {settings.num_workers} workers, median of "
+                         f"{len(times)} epochs of {len(epoch_set)} images")
+
+
+def feature_cache_module():
+    """bcnn.feature_cache, or None where it is missing."""
+    try:
+        module = importlib.import_module("bcnn.feature_cache")
+    except ImportError:
+        return None
+    return module if hasattr(module, "build_feature_cache") else None
+
+
+def measure_feature_cache(settings: Settings, backbone: nn.Sequential, data_root: Path, work_dir: Path) -> dict:
+    """cache_build, live_stage1_epoch and cached_stage1_epoch on the mini-CUB's train split; {} without
+    bcnn.feature_cache."""
+    module = feature_cache_module()
+    if module is None:
+        return {}
+    device, precision, batch = settings.device, settings.precision, settings.batch_size
+    cfg = mini_cub_config(settings, data_root)
+    warmup = min(settings.warmup, 1)
+    cases = {}
+
+    share, probe = CpuShare(), MemoryProbe(device).begin()
+    model = new_model(settings, backbone, freeze_backbone=True, channels_last=True)
+    train_set = build_dataset(cfg, "train")
+    loader = build_loader(train_set, batch, train=True, num_workers=settings.num_workers, seed=0)
+    optimizer = build_optimizer(stage_config(freeze_backbone=True), model)
+    scaler = grad_scaler(precision, device)
+    probe.ready()
+
+    def live_epoch(loader, epoch):
+        with contextlib.suppress(TrainingDiverged):
+            train_one_epoch(model, loader, optimizer, device, epoch, scaler=scaler, log_every=0,
+                            precision=precision, channels_last=True)
+
+    times = _time_epochs(loader, live_epoch, device, warmup, 1)
+    cases["live_stage1_epoch"] = _epoch_record(
+        "live_stage1_epoch", precision, "channels_last", times[0], len(train_set), len(loader), probe,
+        "frozen backbone, the train images through the loader")
+    del loader  # shuts the workers down, so that their CPU time counts as this process's
+    cases["live_stage1_epoch"]["others_cpu_share"] = share.others()
+
+    share, probe = CpuShare(), MemoryProbe(device).begin()
+    eval_set = build_dataset(cfg, "train", train_transform=False)
+    probe.ready()
+    _sync(device)
+    start = time.perf_counter()
+    cache = module.build_feature_cache(model, eval_set, CACHE_VIEWS, work_dir / "feature_cache", device,
+                                       precision=precision, batch_size=batch, num_workers=settings.num_workers)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    cases["cache_build"] = _epoch_record(
+        "cache_build", precision, "channels_last", seconds, len(eval_set), math.ceil(len(eval_set) / batch), probe,
+        f"one-off: the train images x {'+'.join(CACHE_VIEWS)}, eval transform")
+    cases["cache_build"]["others_cpu_share"] = share.others()
+
+    # As train.py runs a cached stage 1: the Linear classifier alone steps, in float32, on 2-d vectors that the
+    # main process reads from the memory-mapped cache (no workers).
+    share, probe = CpuShare(), MemoryProbe(device).begin()
+    loader = build_loader(cache, batch, train=True, num_workers=0, seed=0)
+    optimizer = build_optimizer(stage_config(freeze_backbone=True), model)
+    probe.ready()
+
+    def cached_epoch(loader, epoch):
+        with contextlib.suppress(TrainingDiverged):
+            train_one_epoch(model.head.fc, loader, optimizer, device, epoch, scaler=grad_scaler("fp32", device),
+                            log_every=0, precision="fp32", channels_last=False)
+
+    times = _time_epochs(loader, cached_epoch, device, warmup, 1)
+    cases["cached_stage1_epoch"] = _epoch_record(
+        "cached_stage1_epoch", "fp32", "-", times[0], len(cache), len(loader), probe,
+        f"model.head.fc from the cache: one vector per image view ({'+'.join(CACHE_VIEWS)}), no workers")
+    del loader
+    cases["cached_stage1_epoch"]["others_cpu_share"] = share.others()
+    return cases
+
+
+def compute_ratios(cases: dict) -> dict:
+    """Each ratio from the images/s (or epoch seconds) of the cases it compares; None where one is missing."""
+    def ips(name):
+        return cases.get(name, {}).get("images_per_sec")
+
+    def ratio(numerator, denominator):
+        return numerator / denominator if numerator is not None and denominator else None
+
+    def epoch_seconds(name):
+        return cases.get(name, {}).get("epoch_seconds")
+
+    return {
+        # Step time over bare's = bare images/s over the case's (the batch is the same).
+        "stage2_step_time_vs_bare": ratio(ips("bare"), ips("stage2_step")),
+        "stage1_step_time_vs_bare": ratio(ips("bare"), ips("stage1_step")),
+        "eval_time_vs_bare": ratio(ips("bare"), ips("eval")),
+        "speedup_vs_fp32_nchw": ratio(ips("stage2_step"), ips("stage2_step_fp32_nchw")),
+        "loader_vs_stage2_step": ratio(ips("loader"), ips("stage2_step")),
+        "loader_vs_stage1_step": ratio(ips("loader"), ips("stage1_step")),
+        "cached_vs_live_epoch": ratio(epoch_seconds("live_stage1_epoch"), epoch_seconds("cached_stage1_epoch")),
+    }
+
+
+def check_targets(ratios: dict) -> list[dict]:
+    checks = []
+    for name, comparison, target, label in TARGETS:
+        value = ratios.get(name)
+        passed = None if value is None else (value <= target if comparison == "<=" else
+                                             value >= target if comparison == ">=" else value > target)
+        checks.append({"ratio": name, "label": label, "comparison": comparison, "target": target, "value": value,
+                       "status": "n/a" if passed is None else "PASS" if passed else "MISS"})
+    return checks
+
+
+def run(settings: Settings) -> dict:
+    configure_device(settings.device)
+    backbone = vgg16_features("relu5_3", "none")
+    whole_run, cases = CpuShare(), {}
+
+    def measure(function, *args):
+        share = CpuShare()
+        record = function(*args)
+        record["others_cpu_share"] = share.others()
+        cases[record["case"]] = record
+
+    measure(measure_bare, settings, backbone)
+    for case, freeze, precision, channels_last, what in (
+            ("stage2_step", False, settings.precision, True, "everything trains: train_one_epoch's step"),
+            ("stage1_step", True, settings.precision, True, "frozen backbone, the classifier trains"),
+            ("stage2_step_fp32_nchw", False, "fp32", False, "stage2_step in float32, NCHW")):
+        measure(measure_train_step, settings, backbone, case, freeze, precision, channels_last, what)
+        if case == "stage1_step":
+            measure(measure_eval, settings, backbone)
+    with tempfile.TemporaryDirectory(prefix="bcnn-bench-") as work_dir:
+        data_root = write_mini_cub(settings, Path(work_dir))
+        measure(measure_loader, settings, data_root)
+        cases.update(measure_feature_cache(settings, backbone, data_root, Path(work_dir)))
+    others = whole_run.others()
+    cases = {name: cases[name] for name in CASES if name in cases}
+    ratios = compute_ratios(cases)
+    return {
+        "command": settings.command(),
+        "device": {"type": settings.device.type, "name": device_name(settings.device),
+                   "native_bf16": (torch.cuda.is_bf16_supported() if settings.device.type == "cuda"
+                                   else cpu_supports_bf16())},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "image_size": settings.image_size,
+        "batch_size": settings.batch_size,
+        "precision": settings.precision,
+        "steps": settings.steps,
+        "warmup": settings.warmup,
+        "classes": settings.classes,
+        "num_workers": settings.num_workers,
+        "memory_method": memory_method(settings.device),
+        "others_cpu_share": others,
+        "feature_cache": "measured" if "cached_stage1_epoch" in cases else NOT_MEASURED,
+        "cases": cases,
+        "ratios": ratios,
+        "targets": check_targets(ratios),
+    }
+
+
+def _ratio_text(name: str, ratios: dict) -> str:
+    text = {
+        "stage2_step": ("stage2_step_time_vs_bare", "{:.2f}x bare's time"),
+        "stage1_step": ("stage1_step_time_vs_bare", "{:.2f}x bare's time"),
+        "eval": ("eval_time_vs_bare", "{:.2f}x bare's time"),
+        "stage2_step_fp32_nchw": ("speedup_vs_fp32_nchw", "stage2_step {:.2f}x faster"),
+        "loader": ("loader_vs_stage2_step", "{:.2f}x stage2_step's images/s"),
+        "cached_stage1_epoch": ("cached_vs_live_epoch", "live epoch / this: {:.2f}x"),
+    }.get(name)
+    if name == "bare":
+        return "the reference"
+    if text is None or ratios.get(text[0]) is None:
+        return ""
+    return text[1].format(ratios[text[0]])
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
+
+
+def _digits_apart(value: float | None, target: float) -> int:
+    """Decimals enough that a value just short of its target (2.4996 vs 2.5) is not shown as the target."""
+    digits = 2
+    while value is not None and value != target and round(value, digits) == target and digits < 6:
+        digits += 1
+    return digits
+
+
+def _number(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def format_report(result: dict) -> str:
+    """The human-readable form of run()'s result: header, table, notes, targets and the command."""
+    device = result["device"]
+    threads = f"{result['threads']} threads" + (f", native bf16 {'yes' if device['native_bf16'] else 'no'}"
+                                                if device["type"] == "cpu" else "")
+    lines = [
+        f"bcnn.bench on {device['name']} ({device['type']}, {threads}); torch {result['torch']}",
+        f"image {result['image_size']} px, batch {result['batch_size']}, precision {result['precision']}, "
+        f"{result['classes']} classes; median of {result['steps']} steps after {result['warmup']} warm-up; "
+        f"loader workers {result['num_workers']}",
+        f"other processes used {_percent(result['others_cpu_share'])} of the CPUs during the run "
+        f"(the figures are this machine's own only when that is near 0)",
+        "",
+    ]
+    header = ("case", "precision", "layout", "images/s", "ms/step", "peak MiB", "ratio")
+    rows = [(name, case["precision"], case["layout"], _number(case["images_per_sec"], 1),
+             _number(case["ms_per_step"], 1), _number(case["peak_memory_mib"], 0),
+             _ratio_text(name, result["ratios"])) for name, case in result["cases"].items()]
+    if result["feature_cache"] != "measured":
+        rows += [(name, "-", "-", "-", "-", "-", NOT_MEASURED) for name in CACHE_CASES]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    right = {3, 4, 5}
+    for row in [header, *rows]:
+        lines.append("  ".join(str(cell).rjust(widths[i]) if i in right else str(cell).ljust(widths[i])
+                               for i, cell in enumerate(row)).rstrip())
+    disturbed = [f"{name} ({_percent(case['others_cpu_share'])})" for name, case in result["cases"].items()
+                 if (case.get("others_cpu_share") or 0) > DISTURBED]
+    if disturbed:
+        lines += ["", f"warning: other processes took over {DISTURBED:.0%} of the CPUs during {', '.join(disturbed)}; "
+                      "run again on a quiet machine before trusting those rows"]
+    lines += [
+        "",
+        "notes:",
+        "  steps: random device-resident batches (no loader); ms/step is the median step, images/s = batch / it",
+        "  loader: whole epochs of the generated images (workers running), ms/step = epoch / batches",
+        "  epochs: one epoch each (after at most one warm-up epoch), ms/step = epoch / optimizer steps; "
+        "cache_build is the one-off cost before the cached epochs",
+        f"  peak memory: {result['memory_method']}",
+        "",
+        "targets:",
+    ]
+    width = max(len(check["label"]) for check in result["targets"])
+    for check in result["targets"]:
+        value = (NOT_MEASURED if check["value"] is None and check["ratio"] == "cached_vs_live_epoch"
+                 else _number(check["value"], _digits_apart(check["value"], check["target"])))
+        lines.append(f"  {check['label'].ljust(width)}  {check['comparison']:>2} {check['target']:<5}  "
+                     f"{value:>6}  {check['status']}")
+    lines += ["", f"reproduce: {result['command']}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    settings = resolve_settings(args)
+    # With --json, stdout carries the JSON alone: anything else printed on the way goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = run(settings)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return result
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)()
