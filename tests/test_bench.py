@@ -12,7 +12,7 @@ from bcnn import bench
 from bcnn.errors import UserError
 
 TOY = ["--device", "cpu", "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-       "--classes", "5"]
+       "--classes", "5", "--cache-image-size", "32", "--cache-batch-size", "4"]
 
 
 def run_bench(args: list[str]) -> str:
