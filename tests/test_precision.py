@@ -63,3 +63,23 @@ def test_auto_precision_follows_the_device():
 def test_only_fp16_scales_the_loss():
     assert not grad_scaler("bf16", CPU).is_enabled() and not grad_scaler("fp32", CPU).is_enabled()
     assert grad_scaler("bf16", CPU).state_dict() == {}
+
+
+def test_compiling_the_backbone_trains_the_same_model_with_plain_checkpoint_keys(tmp_path):
+    from pathlib import Path
+
+    from bcnn import train as train_cli
+    from bcnn.data import write_synthetic_cub
+
+    data = write_synthetic_cub(tmp_path / "cub", classes=3, per_class=6, seed=0)
+    stage1 = str(Path(__file__).resolve().parent.parent / "experiments" / "demo_stage1.yaml")
+    weights = {}
+    for compiled in ("false", "true"):
+        run_dir = tmp_path / f"compile_{compiled}"
+        train_cli.main(["--config", stage1, f"--data-root={data}", "--device=cpu", f"--run-dir={run_dir}",
+                        "--data.crop=32", "--data.resize=40", "--train.epochs=1", "--train.precision=fp32",
+                        f"--train.compile={compiled}"])
+        weights[compiled] = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert set(weights["true"]) == set(weights["false"]), "no _orig_mod. in the keys"
+    for key, value in weights["false"].items():
+        assert torch.allclose(weights["true"][key], value, rtol=1e-4, atol=1e-6), key
