@@ -122,9 +122,9 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             meter.loss_sum += loss.detach().double() * size
             meter.correct += (logits.detach().argmax(1) == targets).sum()
             meter.seen += size
+            # Recorded on the device (no sync); steps only grow, so a clamp keeps the first bad one.
             bad = ~torch.isfinite(loss.detach())
-            meter.first_bad_step.copy_(torch.where(bad, torch.minimum(meter.first_bad_step,
-                                                                      meter.first_bad_step.new_tensor(step + 1)),
+            meter.first_bad_step.copy_(torch.where(bad, meter.first_bad_step.clamp(max=step + 1),
                                                    meter.first_bad_step))
         if scaler is not None:
             scaler.step(optimizer)

@@ -210,7 +210,7 @@ def restore_training_state(state: dict, path: Path, model, optimizer, scheduler,
                         "start again with --overwrite or another --run-dir.") from None
 
 
-def cached_feature_loaders(cfg: Config, model, train_set, val_set, micro_batch: int, precision: str,
+def cached_feature_loaders(cfg: Config, model, with_val: bool, micro_batch: int, precision: str,
                            ctx: distributed.Context, loader_args: dict):
     """Stage 1 as the original authors ran it: the frozen backbone's normalised bilinear features of every train
     image and its mirror (no random crop), and of the val images, computed once into cfg.train.cache_dir and
@@ -218,9 +218,8 @@ def cached_feature_loaders(cfg: Config, model, train_set, val_set, micro_batch: 
     twice (both views) and costs a pass of the classifier alone."""
     views_of = {"train": ("center", "flip"), "val": ("center",)}
     loaders = []
-    for split, dataset, batch, shuffle in (("train", train_set, micro_batch, True),
-                                           ("val", val_set, cfg.train.eval_batch_size, False)):
-        if dataset is None:
+    for split, batch, shuffle in (("train", micro_batch, True), ("val", cfg.train.eval_batch_size, False)):
+        if split == "val" and not with_val:
             loaders.append(None)
             continue
         eval_view = build_dataset(cfg.data, split, train_transform=False)
@@ -313,8 +312,8 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
     if cfg.train.cache_features:
         # The classifier alone trains, on stored features: in float32, and the loader reads 2-d vectors.
-        train_loader, val_loader = cached_feature_loaders(cfg, model, train_set, val_set, micro_batch, precision,
-                                                          ctx, loader_args)
+        train_loader, val_loader = cached_feature_loaders(cfg, model, val_set is not None, micro_batch,
+                                                          precision, ctx, loader_args)
         step_model, step_precision, step_channels_last = model.head.fc, "fp32", False
     else:
         train_loader = build_loader(train_set, micro_batch, train=True, num_workers=cfg.data.num_workers,

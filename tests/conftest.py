@@ -1,11 +1,13 @@
 """Shared fixtures: generated mini-CUBs in the exact CUB_200_2011 layout (bcnn.data.write_synthetic_cub)."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from bcnn.data import write_synthetic_cub
+from helpers.runs import launch, small_run_args
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +20,19 @@ def mini_cub(tmp_path_factory) -> Path:
 def writable_cub(mini_cub, tmp_path) -> Path:
     """A private copy of mini_cub that a test may corrupt."""
     return Path(shutil.copytree(mini_cub, tmp_path / "CUB_200_2011"))
+
+
+@pytest.fixture(scope="session")
+def cub_3x13(tmp_path_factory) -> Path:
+    """3 classes x 13 images: 18 train+val, 21 test (odd, so two ranks get shards of different sizes)."""
+    return write_synthetic_cub(tmp_path_factory.mktemp("cub_3x13") / "cub", classes=3, per_class=13, seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference_run(cub_3x13, tmp_path_factory) -> Path:
+    """helpers.runs.small_run_args run once, uninterrupted, in one process without torchrun: the reference
+    of the DDP and resume tests. Read it, never change it."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

@@ -1,7 +1,6 @@
 """Stage 1 from cached features, end to end: computed once, reused by the next run, and the classifier it
 trains gives the live model's accuracy on val."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ def test_cached_stage1_is_computed_once_and_matches_the_live_model(data, tmp_pat
     assert "feature cache: computing" in (tmp_path / "a" / "train.log").read_text()
     # 12 train images x (image, mirror) per epoch
     assert first["train_images"] == 24
-    second = train_cli.main(args_for(data, tmp_path / "b", cache_dir))
+    train_cli.main(args_for(data, tmp_path / "b", cache_dir))
     log = (tmp_path / "b" / "train.log").read_text()
     assert "feature cache: reusing" in log and "feature cache: computing" not in log
     a = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=True)["model"]

@@ -6,8 +6,6 @@ a random VGG16 trained end to end (backbone and classifier) on 32 px images for 
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,31 +15,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bcnn.config import ModelConfig
-from bcnn.data import write_synthetic_cub
 from bcnn.distributed import per_rank_batch_size, setup
 from bcnn.engine import train_one_epoch
 from bcnn.errors import UserError
 from bcnn.model import BilinearCNN, build_model
+from helpers.runs import launch, small_run_args
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 KILL_HELPER = str(REPO / "tests" / "helpers" / "kill_after_save.py")
 TOLERANCE = 1e-6  # float32 sums in another order (2 ranks' gradients averaged vs one batch)
-
-
-def common_args(data, run_dir):
-    # 12 train images (a multiple of 2 ranks and of the batch), 6 val: 3 steps per epoch.
-    return ["--config", str(REPO / "experiments" / "demo_stage1.yaml"), f"--data-root={data}", "--device=cpu",
-            f"--run-dir={run_dir}", "--data.crop=32", "--data.resize=40", "--data.val_fraction=0.34",
-            "--train.epochs=2", "--train.batch_size=4", "--train.log_every=0", "--train.checkpoint_every=2",
-            "--model.freeze_backbone=false", "--optim.lr=0.1", "--optim.backbone_lr=0.01",
-            "--train.precision=fp32"]  # float32: the tolerance below is for summation order, not bf16 rounding
-
-
-def launch(*command, env=None):
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-    return result
 
 
 def torchrun(*args, processes=2, env=None, restarts=0):
@@ -57,30 +40,16 @@ def max_difference(a, b):
     return max((a[key] - b[key]).abs().max().item() for key in a)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    # 3 classes x 13 images: 18 train+val, 21 test (odd, so two ranks get shards of different sizes).
-    return write_synthetic_cub(tmp_path_factory.mktemp("ddp") / "cub", classes=3, per_class=13, seed=0)
-
-
-@pytest.fixture(scope="module")
-def one_process(data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    result = launch(sys.executable, "-m", "bcnn.train", *common_args(data, run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
-def test_two_processes_reach_the_weights_of_one(data, one_process, tmp_path):
+def test_two_processes_reach_the_weights_of_one(cub_3x13, reference_run, tmp_path):
     run_dir = tmp_path / "two"
-    result = torchrun("-m", "bcnn.train", *common_args(data, run_dir))
+    result = torchrun("-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "2 process(es) x 1 accumulation step(s) x 2" in log
     # Rank 0 alone writes: one event file, each epoch logged once.
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1 and log.count("epoch 2 done") == 1
 
-    reference, ddp = weights(one_process), weights(run_dir)
+    reference, ddp = weights(reference_run), weights(run_dir)
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in ddp)
     assert max_difference(reference, ddp) < TOLERANCE
     # ...and that closeness means something: training moved every tensor 1000x more than the runs differ.
@@ -91,15 +60,15 @@ def test_two_processes_reach_the_weights_of_one(data, one_process, tmp_path):
         assert (reference[key] - ddp[key]).abs().max().item() < moved / 1000, key
 
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            for run in (one_process, run_dir)]
+            for run in (reference_run, run_dir)]
     for one, two in zip(*rows):
         assert one["train_images"] == two["train_images"] == 12 and one["val_count"] == two["val_count"] == 6
         assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-5)
         assert one["val_top1"] == two["val_top1"] and one["train_top1"] == two["train_top1"]
 
 
-def test_two_process_eval_counts_each_test_image_once(data, one_process, tmp_path):
-    checkpoint = str(one_process / "best.pt")
+def test_two_process_eval_counts_each_test_image_once(cub_3x13, reference_run, tmp_path):
+    checkpoint = str(reference_run / "best.pt")
     single, sharded = tmp_path / "one.json", tmp_path / "two.json"
     result = launch(sys.executable, "-m", "bcnn.eval", "--checkpoint", checkpoint, "--device=cpu",
                     "--batch-size=4", f"--output={single}")
@@ -108,7 +77,8 @@ def test_two_process_eval_counts_each_test_image_once(data, one_process, tmp_pat
                       f"--output={sharded}")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = json.loads(single.read_text()), json.loads(sharded.read_text())
-    test_images = sum(line.split()[1] == "0" for line in (data / "train_test_split.txt").read_text().splitlines())
+    split_lines = (cub_3x13 / "train_test_split.txt").read_text().splitlines()
+    test_images = sum(line.split()[1] == "0" for line in split_lines)
     assert test_images % 2 == 1
     assert one["count"] == two["count"] == test_images
     for key in ("top1", "top5", "mean_class_acc"):
@@ -116,20 +86,21 @@ def test_two_process_eval_counts_each_test_image_once(data, one_process, tmp_pat
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
 
 
-def test_a_crashed_rank_is_restarted_by_torchrun_and_resumes(data, one_process, tmp_path):
+def test_a_crashed_rank_is_restarted_by_torchrun_and_resumes(cub_3x13, reference_run, tmp_path):
     run_dir = tmp_path / "restarted"
     # Rank 0 SIGKILLs itself right after its 2nd last.pt (the end of epoch 1); torchrun restarts both ranks.
-    result = torchrun(KILL_HELPER, *common_args(data, run_dir), restarts=1, env={"KILL_AFTER_SAVES": "2"})
+    result = torchrun(KILL_HELPER, *small_run_args(cub_3x13, run_dir), restarts=1,
+                      env={"KILL_AFTER_SAVES": "2"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log and "epoch 2, step 0" in log
-    assert max_difference(weights(one_process), weights(run_dir)) < TOLERANCE
+    assert max_difference(weights(reference_run), weights(run_dir)) < TOLERANCE
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
 
 
-def test_a_batch_that_does_not_split_over_the_processes_is_refused(data, tmp_path):
-    result = torchrun("-m", "bcnn.train", *common_args(data, tmp_path / "run"), "--train.batch_size=5")
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(cub_3x13, tmp_path):
+    result = torchrun("-m", "bcnn.train", *small_run_args(cub_3x13, tmp_path / "run"), "--train.batch_size=5")
     assert result.returncode != 0
     assert "error: train.batch_size 5 must be divisible by the number of processes (2)" in result.stderr
     assert "[rank0]: Traceback" not in result.stderr and not (tmp_path / "run" / "last.pt").exists()

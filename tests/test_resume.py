@@ -3,11 +3,9 @@ run changes nothing; a resume under another recipe, a checkpoint that does not f
 clear error that leaves the checkpoints as they were."""
 
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,23 +18,9 @@ from bcnn import train as train_cli
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import TrainingDiverged
 from bcnn.errors import UserError
+from helpers.runs import REPO, launch, small_run_args
 
-REPO = Path(__file__).resolve().parent.parent
 KILL_HELPER = str(REPO / "tests" / "helpers" / "kill_after_save.py")
-STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
-
-
-def args_for(data, run_dir, *extra):
-    # Stage 2 style (everything trains), 12 train images in steps of 4: 3 steps per epoch, a last.pt every 2.
-    return ["--config", STAGE1, f"--data-root={data}", "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32",
-            "--data.resize=40", "--data.val_fraction=0.34", "--train.epochs=2", "--train.batch_size=4",
-            "--train.log_every=0", "--train.checkpoint_every=2", "--model.freeze_backbone=false",
-            "--optim.lr=0.1", "--optim.backbone_lr=0.01", "--data.num_workers=1", *extra]
-
-
-def run(*command, env=None):
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def load(path):
@@ -49,54 +33,42 @@ def rows_without_timing(run_dir):
             for row in rows]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_synthetic_cub(tmp_path_factory.mktemp("resume") / "cub", classes=3, per_class=13, seed=0)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = run(sys.executable, "-m", "bcnn.train", *args_for(data, run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
 @pytest.mark.parametrize("kill_after, where", [
     ("last.pt", "mid-epoch, right after its first checkpoint (step 2 of 3)"),
     ("best.pt", "at the end of epoch 1, after its metrics and curves were written but before its last.pt"),
 ])
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(data, uninterrupted, tmp_path, kill_after,
-                                                                     where):
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(cub_3x13, reference_run, tmp_path,
+                                                                     kill_after, where):
     run_dir = tmp_path / "run"
-    killed = run(sys.executable, KILL_HELPER, *args_for(data, run_dir), env={"KILL_AFTER_FILE": kill_after})
+    killed = launch(sys.executable, KILL_HELPER, *small_run_args(cub_3x13, run_dir),
+                    env={"KILL_AFTER_FILE": kill_after})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     stopped_at = load(run_dir / "last.pt")
     assert (stopped_at["epoch"], stopped_at["step_in_epoch"]) == (0, 2), where
 
-    again = run(sys.executable, "-m", "bcnn.train", *args_for(data, run_dir))  # the very same command
+    again = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))  # the very same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "epoch 1, step 2" in again.stdout
 
-    expected, resumed = load(uninterrupted / "last.pt"), load(run_dir / "last.pt")
+    expected, resumed = load(reference_run / "last.pt"), load(run_dir / "last.pt")
     assert all(torch.equal(expected["model"][key], resumed["model"][key]) for key in expected["model"])
     assert torch.equal(expected["optimizer"]["state"][0]["momentum_buffer"],
                        resumed["optimizer"]["state"][0]["momentum_buffer"])
-    # The partial epoch's sums were carried over: the metrics are those of the uninterrupted run.
-    assert rows_without_timing(run_dir) == rows_without_timing(uninterrupted)
+    # The partial epoch's sums were carried over: the metrics are those of the reference_run run.
+    assert rows_without_timing(run_dir) == rows_without_timing(reference_run)
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [event.step for event in events.Scalars("val/top1")] == [3, 6], "the killed attempt's points are purged"
 
 
-def test_resume_names_a_checkpoint_explicitly(data, uninterrupted, tmp_path):
+def test_resume_names_a_checkpoint_explicitly(cub_3x13, reference_run, tmp_path):
     killed_dir = tmp_path / "killed"
-    run(sys.executable, KILL_HELPER, *args_for(data, killed_dir), env={"KILL_AFTER_SAVES": "3"})
+    launch(sys.executable, KILL_HELPER, *small_run_args(cub_3x13, killed_dir), env={"KILL_AFTER_SAVES": "3"})
     assert load(killed_dir / "last.pt")["global_step"] == 4
-    result = run(sys.executable, "-m", "bcnn.train", *args_for(data, tmp_path / "elsewhere"),
+    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, tmp_path / "elsewhere"),
                  f"--resume={killed_dir / 'last.pt'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    expected, resumed = load(uninterrupted / "last.pt")["model"], load(tmp_path / "elsewhere" / "last.pt")["model"]
+    expected, resumed = load(reference_run / "last.pt")["model"], load(tmp_path / "elsewhere" / "last.pt")["model"]
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
@@ -104,30 +76,30 @@ def copy_run(run_dir, tmp_path):
     return Path(shutil.copytree(run_dir, tmp_path / "copy"))
 
 
-def test_rerunning_a_finished_run_changes_nothing_and_more_epochs_extend_it(data, uninterrupted, tmp_path):
-    run_dir = copy_run(uninterrupted, tmp_path)
+def test_rerunning_a_finished_run_changes_nothing_and_more_epochs_extend_it(cub_3x13, reference_run, tmp_path):
+    run_dir = copy_run(reference_run, tmp_path)
     before = {name: (run_dir / name).read_bytes() for name in ("best.pt", "last.pt", "metrics.jsonl")}
-    result = run(sys.executable, "-m", "bcnn.train", *args_for(data, run_dir))
+    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))
     assert result.returncode == 0 and "already finished 2 epochs" in result.stdout
     assert all((run_dir / name).read_bytes() == content for name, content in before.items())
 
-    train_cli.main(args_for(data, run_dir, "--train.epochs=3"))
+    train_cli.main(small_run_args(cub_3x13, run_dir, "--train.epochs=3"))
     assert [row["epoch"] for row in rows_without_timing(run_dir)] == [1, 2, 3]
     assert load(run_dir / "last.pt")["global_step"] == 9
 
 
-def test_overwrite_starts_again_from_scratch(data, uninterrupted, tmp_path):
-    run_dir = copy_run(uninterrupted, tmp_path)
-    train_cli.main(args_for(data, run_dir, "--train.epochs=1", "--overwrite"))
+def test_overwrite_starts_again_from_scratch(cub_3x13, reference_run, tmp_path):
+    run_dir = copy_run(reference_run, tmp_path)
+    train_cli.main(small_run_args(cub_3x13, run_dir, "--train.epochs=1", "--overwrite"))
     assert [row["epoch"] for row in rows_without_timing(run_dir)] == [1]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1, "the old run's curves are gone"
 
 
-def test_resuming_under_another_recipe_is_refused_and_changes_nothing(data, uninterrupted, tmp_path):
-    run_dir = copy_run(uninterrupted, tmp_path)
+def test_resuming_under_another_recipe_is_refused_and_changes_nothing(cub_3x13, reference_run, tmp_path):
+    run_dir = copy_run(reference_run, tmp_path)
     before = (run_dir / "last.pt").read_bytes()
     with pytest.raises(UserError, match=r"optim.lr=0.1, this command asks for 0.2.*--overwrite"):
-        train_cli.main(args_for(data, run_dir, "--optim.lr=0.2", "--train.epochs=3"))
+        train_cli.main(small_run_args(cub_3x13, run_dir, "--optim.lr=0.2", "--train.epochs=3"))
     assert (run_dir / "last.pt").read_bytes() == before
 
 
@@ -138,19 +110,21 @@ def test_resuming_under_another_recipe_is_refused_and_changes_nothing(data, unin
     ("truncated", "cannot be read"),
     ("pickled code", "refused for safety"),
 ])
-def test_a_checkpoint_that_cannot_be_resumed_is_one_clear_error(data, uninterrupted, tmp_path, problem, message):
+def test_a_checkpoint_that_cannot_be_resumed_is_one_clear_error(cub_3x13, reference_run, tmp_path, problem,
+                                                                message):
     path = tmp_path / "checkpoint.pt"
     if problem == "best":
-        path = uninterrupted / "best.pt"
+        path = reference_run / "best.pt"
     elif problem == "other classes":
-        state = load(uninterrupted / "last.pt")
+        state = load(reference_run / "last.pt")
         state["classes"] = ["a", "b", "c"]
         torch.save(state, path)
     elif problem == "truncated":
-        path.write_bytes((uninterrupted / "last.pt").read_bytes()[:5000])
+        path.write_bytes((reference_run / "last.pt").read_bytes()[:5000])
     elif problem == "pickled code":
         torch.save({"model": {}, "payload": UserError("runs code when unpickled")}, path)
-    result = run(sys.executable, "-m", "bcnn.train", *args_for(data, tmp_path / "run"), f"--resume={path}")
+    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, tmp_path / "run"),
+                    f"--resume={path}")
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -165,13 +139,13 @@ def other_codebase_state_dict(state):
     return renamed
 
 
-def test_init_from_a_dataparallel_state_dict_of_another_codebase(data, uninterrupted, tmp_path):
-    trained = load(uninterrupted / "last.pt")["model"]
+def test_init_from_a_dataparallel_state_dict_of_another_codebase(cub_3x13, reference_run, tmp_path):
+    trained = load(reference_run / "last.pt")["model"]
     foreign = tmp_path / "bcnn_dataparallel.pth"
     torch.save(other_codebase_state_dict(trained), foreign)
     run_dir = tmp_path / "run"
     # lr 0 and a frozen backbone: the run's weights are exactly what it was initialised with.
-    train_cli.main(args_for(data, run_dir, f"--train.init_from={foreign}", "--train.epochs=1",
+    train_cli.main(small_run_args(cub_3x13, run_dir, f"--train.init_from={foreign}", "--train.epochs=1",
                             "--model.freeze_backbone=true", "--optim.lr=0", "--optim.backbone_lr=0"))
     assert "initialised model weights from" in (run_dir / "train.log").read_text()
     loaded = load(run_dir / "last.pt")["model"]
@@ -179,10 +153,10 @@ def test_init_from_a_dataparallel_state_dict_of_another_codebase(data, uninterru
 
     other = write_synthetic_cub(tmp_path / "four", classes=4, per_class=13, seed=0)
     with pytest.raises(UserError, match="do not fit this model .*head.fc.weight"):
-        train_cli.main(args_for(other, tmp_path / "run4", f"--train.init_from={foreign}"))
+        train_cli.main(small_run_args(other, tmp_path / "run4", f"--train.init_from={foreign}"))
 
 
-def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cub_3x13, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     real_loss, calls = engine.F.cross_entropy, []
 
@@ -196,16 +170,16 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data,
 
     monkeypatch.setattr(engine.F, "cross_entropy", loss_that_turns_nan)
     with pytest.raises(TrainingDiverged, match=r"NaN or infinite at step 2 \(epoch 2\).*lower the learning rate"):
-        train_cli.main(args_for(data, run_dir, "--train.checkpoint_every=0", "--train.epochs=3"))
+        train_cli.main(small_run_args(cub_3x13, run_dir, "--train.checkpoint_every=0", "--train.epochs=3"))
     last = load(run_dir / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(value).all() for value in last["model"].values())
     assert [row["epoch"] for row in rows_without_timing(run_dir)] == [1]
 
 
-def test_a_learning_rate_that_blows_up_is_one_clear_error(data, tmp_path):
-    result = run(sys.executable, "-m", "bcnn.train", *args_for(data, tmp_path / "run", "--optim.lr=1e30",
-                                                               "--model.freeze_backbone=true", "--train.epochs=1",
-                                                               "--train.checkpoint_every=0"))
+def test_a_learning_rate_that_blows_up_is_one_clear_error(cub_3x13, tmp_path):
+    result = launch(sys.executable, "-m", "bcnn.train",
+                    *small_run_args(cub_3x13, tmp_path / "run", "--optim.lr=1e30", "--model.freeze_backbone=true",
+                                    "--train.epochs=1", "--train.checkpoint_every=0"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert re.match(r"error: the training loss became NaN or infinite at step \d+ \(epoch 1\)", result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1
