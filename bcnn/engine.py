@@ -174,11 +174,11 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
             logits = model(images).float()
             if tta == "flip":
                 logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         top_k = logits.topk(k, dim=1).indices  # (B, k)
         top5_hits += (top_k == targets[:, None]).any(dim=1).sum()
         counts += torch.bincount(targets * num_classes + top_k[:, 0],
-                                    minlength=num_classes * num_classes).view(num_classes, num_classes)
+                                 minlength=num_classes * num_classes).view(num_classes, num_classes)
     all_reduce_(counts)
     all_reduce_(top5_hits)
     all_reduce_(loss_sum)

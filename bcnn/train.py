@@ -49,8 +49,8 @@ log = logging.getLogger("bcnn")
 
 # Keys a resumed run may change: where things are and how they are run, never what is computed.
 RESUMABLE_CHANGES = {"data.root", "data.num_workers", "train.epochs", "train.device", "train.run_dir",
-                     "train.cache_dir",
-                     "train.log_every", "train.checkpoint_every", "train.eval_batch_size", "train.init_from"}
+                     "train.cache_dir", "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
+                     "train.init_from"}
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.log", "config.yaml", "events.out.tfevents.*",
              "eval_*.json")
 
