@@ -1,6 +1,7 @@
 # bcnn: every target installs what it needs first (a virtual environment in .venv, made once).
 #   make demo                      whole pipeline on a generated mini-CUB, CPU, minutes
-#   make test                      the test suite (what CI runs)
+#   make test                      the test suite (what CI runs); OMP_NUM_THREADS=N sets its CPU threads
+#   make test-gpu                  the GPU tests alone (CUDA); PY=python3 runs them with a Python that has torch
 #   make data                      download + verify CUB-200-2011 into data/ (or verify your DATA=...)
 #   make stage1 / make stage2      the recipe; DATA=/path/to/CUB_200_2011 DEVICE=cuda ARGS="--optim.lr=0.5"
 #   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
@@ -10,7 +11,10 @@
 
 PYTHON3 ?= python3
 VENV    ?= .venv
+# PY=python3 (any Python that already has torch and the packages in setup.py, e.g. a GPU cluster's module or a
+# container) runs every target with it as it is; by default a virtual environment is made in .venv.
 PY      := $(VENV)/bin/python
+VENV_DEP = $(if $(filter $(VENV)/bin/python,$(PY)),venv,)
 DATA_DIR ?= data
 DATA    ?= $(DATA_DIR)/CUB_200_2011
 DEVICE  ?= auto
@@ -18,9 +22,9 @@ ARGS    ?=
 GPUS    ?=
 RESTARTS ?= 0
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
-LAUNCH  = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
+LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
 
-.PHONY: venv demo test data stage1 stage2 eval bench tensorboard screenshots clean
+.PHONY: venv demo test test-gpu data stage1 stage2 eval bench tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -29,34 +33,37 @@ $(VENV)/.installed: setup.py constraints.txt
 
 venv: $(VENV)/.installed
 
-demo: venv
+demo: $(VENV_DEP)
 	$(PY) -m bcnn.demo --root demo
 
-test: venv
+test: $(VENV_DEP)
 	$(PY) -m pytest -q tests
 
+test-gpu: $(VENV_DEP)
+	$(PY) -m pytest -q -m gpu tests
+
 # The default DATA is downloaded; a DATA=... of your own is only verified.
-data: venv
+data: $(VENV_DEP)
 ifeq ($(DATA),$(DATA_DIR)/CUB_200_2011)
 	$(PY) -m bcnn.data download --root $(DATA_DIR)
 else
 	$(PY) -m bcnn.data verify --root $(DATA)
 endif
 
-stage1: venv
+stage1: $(VENV_DEP)
 	$(LAUNCH) -m bcnn.train --config experiments/cub_vgg16_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
-stage2: venv
+stage2: $(VENV_DEP)
 	$(LAUNCH) -m bcnn.train --config experiments/cub_vgg16_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
-eval: venv
+eval: $(VENV_DEP)
 	$(LAUNCH) -m bcnn.eval --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
-bench: venv
+bench: $(VENV_DEP)
 	$(PY) -m bcnn.bench $(ARGS)
 
-tensorboard: venv
-	$(VENV)/bin/tensorboard --logdir runs
+tensorboard: $(VENV_DEP)
+	$(PY) -m tensorboard.main --logdir runs
 
 # The README's TensorBoard pictures: a demo run, TensorBoard, and headless Chromium (apt install chromium).
 CHROMIUM ?= chromium

@@ -465,7 +465,8 @@ def measure_loader(settings: Settings, data_root: Path) -> dict:
     # Two batches per worker at least: an epoch of fewer batches than workers would leave some of them idle.
     batches = max(LOADER_BATCHES, 2 * settings.num_workers)
     epoch_set = _Repeated(train_set, batches * settings.batch_size)
-    loader = build_loader(epoch_set, settings.batch_size, train=True, num_workers=settings.num_workers, seed=0)
+    loader = build_loader(epoch_set, settings.batch_size, train=True, num_workers=settings.num_workers, seed=0,
+                          pin_memory=settings.device.type == "cuda")
     probe.ready()
 
     def read_epoch(loader, _epoch):
@@ -501,7 +502,8 @@ def measure_feature_cache(settings: Settings, backbone: nn.Sequential, data_root
     share, probe = CpuShare(), MemoryProbe(device).begin()
     model = new_model(settings, backbone, freeze_backbone=True, channels_last=True)
     train_set = build_dataset(cfg, "train")
-    loader = build_loader(train_set, batch, train=True, num_workers=settings.num_workers, seed=0)
+    loader = build_loader(train_set, batch, train=True, num_workers=settings.num_workers, seed=0,
+                          pin_memory=device.type == "cuda")
     optimizer = build_optimizer(stage_config(freeze_backbone=True), model)
     scaler = grad_scaler(precision, device)
     probe.ready()
@@ -535,7 +537,7 @@ def measure_feature_cache(settings: Settings, backbone: nn.Sequential, data_root
     # As train.py runs a cached stage 1: the Linear classifier alone steps, in float32, on 2-d vectors that the
     # main process reads from the memory-mapped cache (no workers).
     share, probe = CpuShare(), MemoryProbe(device).begin()
-    loader = build_loader(cache, batch, train=True, num_workers=0, seed=0)
+    loader = build_loader(cache, batch, train=True, num_workers=0, seed=0, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(stage_config(freeze_backbone=True), model)
     probe.ready()
 

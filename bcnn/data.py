@@ -317,14 +317,15 @@ def default_num_workers() -> int:
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
+                 world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """This rank's loader. Train: TrainSampler, eval: ShardSampler (in order, each image on exactly one rank).
 
     For training call loader.sampler.set_epoch(epoch, skip) before each epoch: order and augmentations are then
     a function of (seed, epoch, sample index) alone, the same for any world_size, num_workers or resume point,
     and the dataset must accept the (index, augment_seed) items the sampler yields, as _ImageDataset does.
-    num_workers=-1 picks default_num_workers(); workers persist across epochs and each keeps 4 batches ready;
-    batches land in pinned memory when there is a GPU, so the copy to it overlaps the step.
+    num_workers=-1 picks default_num_workers(); workers persist across epochs and each keeps 4 batches ready.
+    pin_memory: for batches bound for a GPU (the copy then overlaps the step); a CPU run on a GPU machine
+    leaves it off, since pinning starts CUDA in the process for nothing.
     """
     if num_workers < 0:
         num_workers = default_num_workers()
@@ -335,7 +336,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_seed_worker,
                       generator=generator)
 

@@ -4,8 +4,10 @@
     python -m bcnn.train ...                                         # 1 process, no process group at all
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts. A rank uses GPU LOCAL_RANK with
-NCCL, or the CPU with gloo (which is how the distributed tests run on a machine without GPUs). The helpers
-below are no-ops without a process group, so the training and evaluation code reads the same either way.
+NCCL, or the CPU with gloo (which is how the distributed tests run on a machine without GPUs). Whatever
+torchrun starts runs distributed, one process included (`torchrun --nproc_per_node=1` is the multi-GPU code
+path, NCCL and DDP, on a machine with one GPU). The helpers below are no-ops without a process group, so the
+training and evaluation code reads the same either way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Context:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Started by torchrun: a process group, DDP, sharded evaluation (with one process too)."""
+        return dist.is_initialized()
 
 
 def _env_int(name: str) -> int | None:
@@ -41,14 +44,19 @@ def _env_int(name: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def setup(device_name: str) -> Context:
-    """Start the process group when torchrun launched us with more than one process; pick this rank's device."""
+    """Start the process group when torchrun launched us (or WORLD_SIZE says there are several processes); pick
+    this rank's device."""
     world_size = _env_int("WORLD_SIZE") or 1
     rank, local_rank = _env_int("RANK") or 0, _env_int("LOCAL_RANK") or 0
     want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise UserError(f"device {device_name!r} was asked for but CUDA is not available; use --device cpu or auto.")
-    if world_size > 1:
+    if world_size > 1 or launched_by_torchrun():
         if want_cuda:
             if local_rank >= torch.cuda.device_count():
                 raise UserError(
@@ -78,6 +86,11 @@ def _init_process_group(backend: str) -> None:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"bcnn/attempt{attempt}/", store), rank=rank,
                             world_size=world_size)
+
+
+def backend() -> str:
+    """The process group's backend (nccl, gloo), or "none" for a single process without torchrun."""
+    return dist.get_backend() if dist.is_initialized() else "none"
 
 
 def teardown() -> None:

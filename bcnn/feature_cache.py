@@ -215,7 +215,7 @@ def _compute_rows(model, dataset, views, features: np.memmap, device, precision,
                   world_size) -> None:
     """Write the rows of this rank's shard of the images: every view of images rank, rank + W, ..."""
     loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, seed=0, rank=rank,
-                          world_size=world_size)
+                          world_size=world_size, pin_memory=torch.device(device).type == "cuda")
     shard, num_images = list(loader.sampler), len(dataset)
     report_every = max(1, len(shard) // 10)
     start, done, next_report = time.perf_counter(), 0, report_every

@@ -56,11 +56,25 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def configure_device(device: torch.device) -> None:
-    """TF32 matmuls and convolutions on GPUs that have them (Ampere and later), for what runs in float32: all
-    of train.precision=fp32, and the head's Gram matrix and classifier otherwise. TF32 keeps float32's range
-    with 10 mantissa bits, more than the bf16 feature map that enters the head carries."""
+def configure_device(device: torch.device, tf32: bool = True) -> None:
+    """On a GPU, let cuDNN pick the fastest convolution for the fixed input size, and run what is float32 in
+    TF32 (Ampere and later) or in IEEE float32.
+
+    Training takes TF32 for all of train.precision=fp32, and for the head's Gram matrix and classifier
+    otherwise: it keeps float32's range with 10 mantissa bits, more than the bf16 feature map that enters the
+    head carries. `bcnn.eval --precision fp32` takes IEEE float32, so that its numbers are float32's on any
+    device (cuDNN's own default would be TF32)."""
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest convolution
+        set_float32_precision("tf32" if tf32 else "ieee")
+        torch.backends.cudnn.benchmark = True
+
+
+def set_float32_precision(mode: str) -> None:
+    """"tf32" or "ieee" for float32 matmuls and cuDNN convolutions, through torch's newer per-backend flags where
+    they exist (mixing them with the older allow_tf32 flags is an error there)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"

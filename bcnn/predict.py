@@ -28,6 +28,7 @@ from bcnn.data import REPLACE_IMAGE, build_transforms, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
 from bcnn.model import build_model, load_model_weights
+from bcnn.precision import configure_device
 
 
 def parse_args(argv):
@@ -68,6 +69,7 @@ def run(args, device: torch.device) -> list[dict]:
     model = build_model(cfg.model, num_classes=len(classes))
     load_model_weights(model, state["model"])
     model.to(device).eval()
+    configure_device(device, tf32=False)  # IEEE float32 on a GPU too, as bcnn.eval's default: the same numbers
     transform = build_transforms(cfg.data, train=False)
 
     results = []

@@ -149,8 +149,9 @@ def git_commit() -> str:
 
 def log_environment(ctx: distributed.Context, config_path: str, config_dict: dict) -> None:
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "none"
-    log.info("bcnn %s; python %s, torch %s, torchvision %s; %d process(es), device %s (GPU %s)", git_commit(),
-             sys.version.split()[0], torch.__version__, torchvision.__version__, ctx.world_size, ctx.device, gpu)
+    log.info("bcnn %s; python %s, torch %s, torchvision %s; %d process(es) (process group: %s), device %s "
+             "(GPU %s); %d CPU threads", git_commit(), sys.version.split()[0], torch.__version__,
+             torchvision.__version__, ctx.world_size, distributed.backend(), ctx.device, gpu, torch.get_num_threads())
     log.info("config %s, resolved:\n%s", config_path, yaml.safe_dump(config_dict, sort_keys=False).rstrip())
 
 
@@ -309,7 +310,8 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     if cfg.train.compile:
         model.backbone.compile()  # in place: the state dict keys stay as they are (no _orig_mod. prefix)
 
-    loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
+                       pin_memory=device.type == "cuda")
     if cfg.train.cache_features:
         # The classifier alone trains, on stored features: in float32, and the loader reads 2-d vectors.
         train_loader, val_loader = cached_feature_loaders(cfg, model, val_set is not None, micro_batch,

@@ -1,13 +1,38 @@
-"""Shared fixtures: generated mini-CUBs in the exact CUB_200_2011 layout (bcnn.data.write_synthetic_cub)."""
+"""Shared fixtures: generated mini-CUBs in the exact CUB_200_2011 layout (bcnn.data.write_synthetic_cub); the
+suite's thread budget; the `gpu` marker (tests skipped without CUDA: `make test-gpu` runs them)."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from bcnn.data import write_synthetic_cub
-from helpers.runs import launch, small_run_args
+from helpers.runs import launch, small_run_args, suite_threads
+
+# One thread budget for the suite, whatever the machine's core count: this process uses it, and every
+# subprocess inherits it through OMP_NUM_THREADS (torchrun's ranks split it, helpers.runs.launch). torch.compile's
+# worker pool would otherwise start a process per core.
+SUITE_THREADS = suite_threads()
+os.environ["OMP_NUM_THREADS"] = str(SUITE_THREADS)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+torch.set_num_threads(SUITE_THREADS)
+
+from bcnn.data import write_synthetic_cub  # noqa: E402  (after the thread budget is set)
+
+
+def pytest_report_header(config):
+    return f"bcnn: {SUITE_THREADS} CPU thread(s) (OMP_NUM_THREADS), CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ import pytest
 from bcnn import bench
 from bcnn.errors import UserError
 
+# One loader worker whatever the machine (the default grows with its cores, and the loader case's batches with it).
 TOY = ["--device", "cpu", "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-       "--classes", "5", "--cache-image-size", "32", "--cache-batch-size", "4"]
+       "--classes", "5", "--cache-image-size", "32", "--cache-batch-size", "4", "--num-workers", "1"]
 
 
 def run_bench(args: list[str]) -> str:

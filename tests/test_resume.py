@@ -98,7 +98,7 @@ def test_overwrite_starts_again_from_scratch(cub_3x13, reference_run, tmp_path):
 def test_resuming_under_another_recipe_is_refused_and_changes_nothing(cub_3x13, reference_run, tmp_path):
     run_dir = copy_run(reference_run, tmp_path)
     before = (run_dir / "last.pt").read_bytes()
-    with pytest.raises(UserError, match=r"optim.lr=0.1, this command asks for 0.2.*--overwrite"):
+    with pytest.raises(UserError, match=r"optim.lr=0.01, this command asks for 0.2.*--overwrite"):
         train_cli.main(small_run_args(cub_3x13, run_dir, "--optim.lr=0.2", "--train.epochs=3"))
     assert (run_dir / "last.pt").read_bytes() == before
 

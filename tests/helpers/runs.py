@@ -1,4 +1,5 @@
-"""The small training run that the DDP and resume tests compare against: one command line, one launcher."""
+"""The small training run that the DDP and resume tests compare against, one launcher for every subprocess the
+suite starts, and the suite's CPU thread budget."""
 
 import os
 import subprocess
@@ -6,18 +7,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
+# Past 4 threads the suite's tiny convolutions (32-112 px, batches of 2-8) gain nothing and OpenMP's
+# start-up and barriers cost more than they save (see the README's test section for the figures).
+MAX_SUITE_THREADS = 4
+
+
+def suite_threads() -> int:
+    """CPU threads for the whole suite: OMP_NUM_THREADS when it is set (`OMP_NUM_THREADS=1 make test`), else this
+    machine's cores up to MAX_SUITE_THREADS. Every process the suite runs at a time shares them."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, MAX_SUITE_THREADS)
 
 
 def small_run_args(data, run_dir, *extra):
     """Stage 2 style (everything trains), 12 train images (a multiple of 2 ranks and of the batch) in steps of
-    4: 3 steps per epoch, 2 epochs, a last.pt every 2 steps. float32, so runs differ only by summation order."""
+    4: 3 steps per epoch, 2 epochs, a last.pt every 2 steps. float32, so runs differ only by summation order.
+    The demo's stage-2 learning rates: at the recipe's 10x larger ones a random VGG16 amplifies rounding
+    differences between runs (helpers.numerics.TRAINING_RTOL)."""
     return ["--config", STAGE1, f"--data-root={data}", "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32",
             "--data.resize=40", "--data.val_fraction=0.34", "--train.epochs=2", "--train.batch_size=4",
             "--train.log_every=0", "--train.checkpoint_every=2", "--model.freeze_backbone=false",
-            "--optim.lr=0.1", "--optim.backbone_lr=0.01", "--train.precision=fp32", "--data.num_workers=1", *extra]
+            "--optim.lr=0.01", "--optim.backbone_lr=0.001", "--train.precision=fp32", "--data.num_workers=1",
+            *extra]
 
 
-def launch(*command, env=None):
-    """A subprocess from the repository root that can import bcnn and tests/helpers."""
+def launch(*command, env=None, processes=1):
+    """A subprocess from the repository root that can import bcnn and tests/helpers. `processes`: how many
+    processes the command starts (torchrun's ranks); they split the suite's threads between them."""
+    threads = str(max(1, suite_threads() // processes))
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **(env or {})})
