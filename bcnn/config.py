@@ -12,6 +12,7 @@ errors, so a typo never silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -101,6 +102,40 @@ CHOICES = {
 }
 
 
+# The values each number may take, as intervals: "[" includes the end, "(" excludes it. A value passes by being
+# inside, not by failing a `value < low` test, because NaN fails every comparison (nan < 0 is False); the open
+# end at inf refuses inf.
+RANGES = {
+    "data.val_fraction": "[0, 1)",
+    "data.split_seed": "[0, inf)",
+    "data.resize": "[1, inf)",
+    "data.rrc_min_scale": "(0, 1]",
+    "data.rotation": "[0, inf)",
+    "data.color_jitter": "[0, inf)",
+    "data.num_workers": "[-1, inf)",
+    "model.sqrt_eps": "(0, inf)",  # at 0 the signed square root's gradient at 0 is NaN
+    "optim.lr": "[0, inf)",
+    "optim.backbone_lr": "[0, inf)",
+    "optim.momentum": "[0, 1)",  # at 1 and above the velocity never decays
+    "optim.weight_decay": "[0, inf)",
+    "schedule.factor": "(0, 1)",  # multiplies the lr: at 1 or above it never drops
+    "schedule.patience": "[0, inf)",
+    "schedule.step_size": "[1, inf)",
+    "schedule.min_lr": "[0, inf)",
+    "train.epochs": "[1, inf)",
+    "train.batch_size": "[1, inf)",
+    "train.accum_steps": "[1, inf)",
+    "train.eval_batch_size": "[1, inf)",
+    "train.seed": "[0, 4294967295]",  # numpy's global seed is 32-bit
+    "train.log_every": "[0, inf)",
+    "train.checkpoint_every": "[0, inf)",
+}
+
+# Each VGG16 max-pool halves the image, rounding down, and needs at least 2 pixels: data.crop must be at least
+# 2 ** (the pools before the cut) (measured with bcnn.model.vgg16_features in tests/test_config.py).
+MAX_POOLS_BEFORE_CUT = {"relu5_3": 4, "pool5": 5}
+
+
 def _coerce(value: Any, typ: type, where: str) -> Any:
     """Check a value against the field's declared type; strings are parsed (command line, and YAML
     numbers like 1e-5 that PyYAML reads as strings)."""
@@ -163,7 +198,10 @@ def apply_dict(cfg: Config, values: dict, source: str) -> Config:
 
 
 def parse_overrides(args: Iterable[str]) -> list[tuple[str, str]]:
-    """`--section.key=value` or `--section.key value` -> [(section.key, value)]."""
+    """`--section.key=value` or `--section.key value` -> [(section.key, value)].
+
+    A value never starts with `--`: an override missing its value must not take the next option as one.
+    """
     args = list(args)
     pairs, i = [], 0
     while i < len(args):
@@ -172,14 +210,82 @@ def parse_overrides(args: Iterable[str]) -> list[tuple[str, str]]:
             raise UserError(f"cannot read argument {arg!r}; overrides look like --section.key=value.")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, value = arg[2:], args[i + 1]
             i += 1
         else:
-            raise UserError(f"override {arg!r} has no value; write it as {arg}=VALUE.")
+            raise UserError(f"override {arg} has no value; write it as {arg}=VALUE.")
         pairs.append((key, value))
         i += 1
     return pairs
+
+
+class _ConfigFileError(yaml.MarkedYAMLError):
+    """What _ConfigLoader refuses; its problem is the message's sentence."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load, with a sentence for what it would raise as a bare ValueError (a date-like 2024-13-45)
+    and a refusal of what it would silently accept: a key given twice."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as e:
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise _ConfigFileError(
+                problem=f"YAML reads {node.value!r} as a {kind} but cannot make one ({e}); quote it if it is a string",
+                problem_mark=node.start_mark,
+            ) from None
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise _ConfigFileError(
+                        problem=f"{key_node.value!r} is given twice (also on line {seen[key_node.value] + 1}), and "
+                        "YAML would silently keep the last; keep one",
+                        problem_mark=key_node.start_mark,
+                    )
+                seen[key_node.value] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+    def construct_undefined(self, node):
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _ConfigFileError(
+            problem=f"the tag {tag} is not allowed, config files hold plain values only (numbers, strings, "
+            "true/false); write the value itself",
+            problem_mark=node.start_mark,
+        )
+
+
+_ConfigLoader.add_constructor(None, _ConfigLoader.construct_undefined)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's values; a file YAML cannot read is one sentence naming the file and the place."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} on line {line}); "
+                        "save it as UTF-8, or pass the YAML file you meant.") from None
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        if isinstance(e, _ConfigFileError):
+            problem = e.problem
+        elif text[mark.index:mark.index + 1] == "\t":
+            problem = "a tab, which YAML does not allow there (it indents with spaces only); use spaces"
+        else:
+            problem = f"this is not valid YAML ({e.problem}); fix the syntax there"
+        raise UserError(f"config file {path}, line {mark.line + 1}, column {mark.column + 1}: {problem}.") from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise UserError(f"config file {path} holds the control character U+{e.character:04X} on line {line}, which "
+                        "YAML does not allow; pass a YAML text file.") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -189,31 +295,40 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass one of the files in experiments/.")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        apply_dict(cfg, values, str(path))
+        apply_dict(cfg, _read_yaml(path) or {}, str(path))
     for key, value in parse_overrides(overrides):
         _set(cfg, key, value, "command line")
     validate(cfg)
     return cfg
 
 
+def _check_range(key: str, value: float, interval: str) -> None:
+    low_text, high_text = interval[1:-1].split(", ")
+    low, high = float(low_text), float(high_text)
+    above = low <= value if interval[0] == "[" else low < value
+    below = value <= high if interval[-1] == "]" else value < high
+    if above and below:
+        return
+    if high == math.inf:
+        allowed = f"at least {low_text}" if interval[0] == "[" else f"greater than {low_text}"
+        if isinstance(value, float):
+            allowed = f"finite and {allowed}"
+    else:
+        allowed = f"in {interval}"
+    raise UserError(f"{key} must be {allowed}, got {value}.")
+
+
 def validate(cfg: Config) -> None:
-    """Values each of the right type can still be impossible together; say which and why."""
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
-    for key, least in (("data.crop", 1), ("data.resize", 1), ("train.epochs", 1), ("train.batch_size", 1),
-                       ("train.eval_batch_size", 1), ("train.accum_steps", 1), ("train.log_every", 0),
-                       ("train.checkpoint_every", 0), ("data.num_workers", -1), ("train.seed", 0),
-                       ("data.split_seed", 0)):
+    """Values each of the right type can still be out of range or impossible together; say which and why."""
+    for key, interval in RANGES.items():
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value < least:
-            raise UserError(f"{key} must be at least {least}, got {value}.")
+        _check_range(key, getattr(getattr(cfg, section), name), interval)
+    pools = MAX_POOLS_BEFORE_CUT[cfg.model.cut]
+    if cfg.data.crop < 2**pools:
+        raise UserError(f"data.crop must be at least {2**pools} for model.cut={cfg.model.cut} (each of the {pools} "
+                        f"VGG16 max-pools before it halves the image), got {cfg.data.crop}.")
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
-    if cfg.optim.lr < 0 or cfg.optim.backbone_lr < 0 or cfg.optim.weight_decay < 0:
-        raise UserError("learning rates and weight decay must not be negative; fix optim.* in the config.")
     if cfg.schedule.name == "plateau" and cfg.data.val_fraction == 0:
         raise UserError(
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "
