@@ -24,6 +24,7 @@ import re
 import tarfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +49,51 @@ REPLACE_IMAGE = ("replace it with a readable image (for CUB, re-extract CUB_200_
                  "and run `make data`)")
 
 
+def _unreadable(path: str, reason: str) -> UserError:
+    # bcnn.predict cuts this sentence back to `reason`: keep its shape.
+    return UserError(f"cannot read image {path}: {reason}; {REPLACE_IMAGE}.")
+
+
+def _to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB; convert("RGB") alone clips 16-bit values at 255 (nearly all white) and 0-1 floats to black."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):
+        # 16-bit grayscale: I;16 (PNG, TIFF), or I in older Pillow's PNG and in PGM, whose maxvals Pillow
+        # stretches to 65535. A 12-bit TIFF opens as I;16 too, with 0-4095: its BitsPerSample says so. (Pillow
+        # itself opens 16-bit colour as 8-bit RGB or RGBA.)
+        bits = image.tag_v2.get(258, (16,))[0] if image.format == "TIFF" else 16
+        top = 2**bits - 1
+        pixels = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((pixels * 255 + top // 2) // top).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        # 32-bit integers and floats come without a range (0-1? 0-255? 0-65535?): any guess is wrong for some.
+        kind = "integer" if image.mode == "I" else "floating-point"
+        raise _unreadable(path, f"it has 32-bit {kind} pixels (PIL mode {image.mode}), which have no fixed range "
+                                "to map to 8-bit colour (save it as an 8-bit image)")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
-    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as RGB, optionally cropped to (x, y, w, h)."""
+    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as 8-bit RGB, optionally cropped to (x, y, w, h).
+
+    16-bit images are scaled by their range; 32-bit integer and float images are refused, as are images over
+    Pillow's decompression-bomb limit, twice Image.MAX_IMAGE_PIXELS.
+    """
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")  # decodes now, so a truncated file fails here and not mid-transform
-    except OSError as error:  # also missing, unreadable, truncated (ImageFile.LOAD_TRUNCATED_IMAGES stays off)
-        reason = "not an image" if isinstance(error, UnidentifiedImageError) else error.strerror or str(error)
-        raise UserError(f"cannot read image {path}: {reason.lower()}; {REPLACE_IMAGE}.") from None
+        with warnings.catch_warnings():
+            # Between 1x and 2x the limit Pillow opens the image and warns: a large photo, not an attack, and a
+            # warning per image in every loader worker would bury the log.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = _to_rgb(image, path)  # decodes now, so a truncated file fails here and not mid-transform
+    except Image.DecompressionBombError as error:  # raised by Image.open, before anything is decoded
+        pixels = int(re.search(r"\d+", str(error))[0])  # Pillow's message starts "Image size (N pixels)"
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise _unreadable(path, f"it has {pixels / 1e6:.1f} megapixels, over the {limit / 1e6:.1f}-megapixel limit "
+                                "Pillow sets against decompression bombs (downscale it)") from None
+    except (OSError, ValueError) as error:  # also missing, unreadable, truncated (LOAD_TRUNCATED_IMAGES stays off)
+        # Pillow raises ValueError for some malformed files, e.g. a PGM whose maxval or pixel is out of range.
+        reason = "not an image" if isinstance(error, UnidentifiedImageError) else getattr(error, "strerror", None)
+        raise _unreadable(path, (reason or str(error)).lower()) from None
     if box is None:
         return image
     x, y, w, h = box
@@ -102,9 +140,22 @@ def select_split(split: str, trainval: list, test: list, val_fraction: float, sp
 class _ImageDataset(Dataset):
     """What CUB200 and FolderDataset share: ImageFolder-style attributes and RGB loading."""
 
+    ADD_TRAINING_IMAGES = ""  # what to do about a class without training images, in the layout's own terms
+
     def __init__(self, root, split, classes, records, transform, target_transform):
         if not records:
             raise UserError(f"the {split} split of {root} has no images; check the dataset or data.val_fraction.")
+        if split in ("train", "trainval"):
+            # The model would still get an output for such a class and never learn it. The val hold-out keeps at
+            # least one image of every class in train, so only the official split can cause this.
+            labels = {record[1] for record in records}
+            untrained = [name for label, name in enumerate(classes) if label not in labels]
+            if untrained:
+                names = ", ".join(repr(name) for name in untrained[:3])
+                names += f" and {len(untrained) - 3} more" if len(untrained) > 3 else ""
+                which = f"class {names}" if len(untrained) == 1 else f"{len(untrained)} classes ({names})"
+                raise UserError(f"the {split} split of {root} has no images of {which}, which the model could "
+                                f"never learn; {self.ADD_TRAINING_IMAGES}.")
         self.root, self.split = str(root), split
         self.classes = classes
         self.class_to_idx = {name: label for label, name in enumerate(classes)}
@@ -155,18 +206,23 @@ def _read_table(root: Path, name: str) -> dict:
     path, table = root / name, {}
     if not path.is_file():
         raise UserError(f"{path} is missing, so {root} is not a complete CUB_200_2011 folder; {GET_CUB}.")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                key, *parts = line.split()
-                key, value = int(key), CUB_TABLES[name](parts)
-            except (ValueError, KeyError):
-                raise UserError(f"line {number} of {path} is malformed ({line.strip()!r}); {REEXTRACT}.") from None
-            if key in table:
-                raise UserError(f"id {key} appears twice in {path} (line {number}); {REEXTRACT}.")
-            table[key] = value
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        number = data.count(b"\n", 0, error.start) + 1
+        raise UserError(f"line {number} of {path} is not UTF-8 text; {REEXTRACT}, saving it as UTF-8.") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            key, *parts = line.split()
+            key, value = int(key), CUB_TABLES[name](parts)
+        except (ValueError, KeyError):
+            raise UserError(f"line {number} of {path} is malformed ({line.strip()!r}); {REEXTRACT}.") from None
+        if key in table:
+            raise UserError(f"id {key} appears twice in {path} (line {number}); {REEXTRACT}.")
+        table[key] = value
     return table
 
 
@@ -224,6 +280,8 @@ def read_cub(root: Path) -> tuple[list[str], list, list]:
 class CUB200(_ImageDataset):
     """CUB-200-2011 read from its text files; labels are class_id - 1; `bboxes` are (x, y, w, h) per sample."""
 
+    ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
+
     def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
                  transform=None, target_transform=None):
         root = Path(root).absolute()
@@ -252,6 +310,8 @@ def _list_images(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 class FolderDataset(_ImageDataset):
     """Class-per-folder data: root/train/<class>/*.jpg and root/test/<class>/*.jpg; val is held out of train/."""
+
+    ADD_TRAINING_IMAGES = "put images in each such class's train/<class>/ folder, or remove it from train/ and test/"
 
     def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, transform=None, target_transform=None):
         root = Path(root).absolute()
@@ -399,6 +459,16 @@ def _safe_extract(tarball: Path, root: Path) -> None:
         tar.extractall(base, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way (FileExistsError, NotADirectoryError), no permission, ...
+        in_the_way = isinstance(error, (FileExistsError, NotADirectoryError))
+        reason = "a file is in the way" if in_the_way else (error.strerror or str(error)).lower()
+        raise UserError(f"cannot make the folder {folder}: {reason}; pass --root a folder path (it is made if "
+                        "missing).") from None
+
+
 def download_cub(root: str, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
     """Fetch, md5-check, safely extract and verify CUB-200-2011 into root/CUB_200_2011; no-op once it verifies."""
     root = Path(root)
@@ -409,7 +479,7 @@ def download_cub(root: str, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
             return dataset_dir
         except UserError as error:
             print(f"{dataset_dir} is incomplete ({error}); extracting again")
-    root.mkdir(parents=True, exist_ok=True)
+    _make_folder(root)  # a --root that cannot be a folder fails now, not after a 1.1 GB download
     if not tarball.is_file():
         _fetch(url, tarball)
     if _md5(tarball) != md5:
@@ -449,6 +519,7 @@ def write_synthetic_cub(root, classes: int = 5, per_class: int = 12, seed: int =
     if classes < 1 or per_class < 3 or image_size < 16:
         raise UserError("a synthetic CUB needs classes >= 1, per-class >= 3 and image-size >= 16; raise them.")
     root, rng = Path(root), np.random.default_rng(seed)
+    _make_folder(root)
     special_modes = {1: "L", (per_class + 2 if classes > 1 else 2): "CMYK"}
     lines = {name: [] for name in CUB_TABLES}
     image_id = 0

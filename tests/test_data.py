@@ -7,19 +7,23 @@ import hashlib
 import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from bcnn.config import DataConfig
 from bcnn.data import (
-    CUB200, IMAGENET_MEAN, IMAGENET_STD, FolderDataset, build_dataset, build_loader, build_transforms,
-    download_cub, write_synthetic_cub,
+    CUB200, IMAGENET_MEAN, IMAGENET_STD, REPLACE_IMAGE, FolderDataset, build_dataset, build_loader,
+    build_transforms, download_cub, load_rgb, write_synthetic_cub,
 )
 from bcnn.errors import UserError
 
@@ -133,14 +137,14 @@ def test_bbox_past_the_border_is_clamped(writable_cub):
     assert dataset[index][0].size == Image.open(dataset.samples[index][0]).size
 
 
-def edit_line(root: Path, name: str, line_number: int, text: str | None) -> Path:
-    """Replace (or, with None, delete) one 1-based line of a CUB text file; returns root."""
-    lines = (root / name).read_text().splitlines()
+def edit_line(root: Path, name: str, line_number: int, text: str | None, encoding: str = "utf-8") -> Path:
+    """Replace (or, with None, delete) one 1-based line of a CUB text file, saved in encoding; returns root."""
+    lines = (root / name).read_text(encoding="utf-8").splitlines()
     if text is None:
         del lines[line_number - 1]
     else:
         lines[line_number - 1] = text
-    (root / name).write_text("\n".join(lines) + "\n")
+    (root / name).write_text("\n".join(lines) + "\n", encoding=encoding)
     return root
 
 
@@ -165,6 +169,8 @@ CORRUPTIONS = {  # problem: (corrupt the copy and return the root to open, what 
                        r"line 2 of .*train_test_split\.txt is malformed"),
     "duplicate id": (lambda root: edit_line(root, "images.txt", 2, "1 x.jpg"), r"id 1 appears twice .*\(line 2\)"),
     "unknown class": (lambda root: edit_line(root, "image_class_labels.txt", 1, "1 9"), r"class id 9, not in classes"),
+    "not UTF-8": (lambda root: edit_line(root, "classes.txt", 3, "3 003.Mésange_charbonnière", encoding="latin-1"),
+                  r"line 3 of .*classes\.txt is not UTF-8 text; re-extract .*, saving it as UTF-8\.$"),
 }
 
 
@@ -202,6 +208,48 @@ def test_folder_dataset_splits_like_cub(mini_cub, mini_folder):
     assert sets["val"].targets == cub_val.targets
     for path, label in sets["trainval"].samples:
         assert Path(path).parent.name == sets["trainval"].classes[label]
+
+
+def split_class(root: Path, class_id: int, flag: str) -> Path:
+    """Mark every image of one class (1-based id) train ("1") or test ("0") in train_test_split.txt; returns root."""
+    labels = read_table(root, "image_class_labels.txt")
+    lines = [f"{image_id} {flag if labels[image_id] == [str(class_id)] else fields[0]}"
+             for image_id, fields in read_table(root, "train_test_split.txt").items()]
+    (root / "train_test_split.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_class_without_training_images_is_refused_for_training_only(writable_cub, tmp_path):
+    split_class(writable_cub, 3, "0")
+    split_class(writable_cub, 4, "1")  # no test image: evaluation leaves the class out of the mean, as it should
+    for split in ("train", "trainval"):
+        with pytest.raises(UserError) as error:
+            CUB200(writable_cub, split, val_fraction=0.25)
+        assert str(error.value) == (
+            f"the {split} split of {writable_cub} has no images of class 'Synthetic Class 3', which the model could "
+            "never learn; re-extract CUB_200_2011.tgz (delete the folder and run `make data`) or fix the file: "
+            "every class needs images marked 1 (train) in train_test_split.txt.")
+    assert 2 in CUB200(writable_cub, "test").targets and 2 not in CUB200(writable_cub, "val", 0.25).targets
+    assert 3 not in CUB200(writable_cub, "test").targets
+    result = run_train(writable_cub, tmp_path / "run")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "'Synthetic Class 3'" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    for class_id in (1, 2, 5):
+        split_class(writable_cub, class_id, "0")
+    with pytest.raises(UserError, match=r"no images of 4 classes \('Synthetic Class 1', 'Synthetic Class 2', "
+                                        r"'Synthetic Class 3' and 1 more\), "):
+        CUB200(writable_cub, "trainval")
+
+
+def test_a_folder_class_without_training_images_is_refused(mini_folder):
+    for image in (mini_folder / "train" / "Synthetic_Class_2").iterdir():
+        image.unlink()
+    (mini_folder / "train" / "Synthetic_Class_2" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=r"the train split of .*folder has no images of class 'Synthetic_Class_2', "
+                                        r".*put images in each such class's train/<class>/ folder"):
+        FolderDataset(mini_folder, "train", val_fraction=0.25)
+    assert len(FolderDataset(mini_folder, "test").classes) == 5
 
 
 def test_folder_dataset_rejects_mismatched_classes(mini_folder):
@@ -255,8 +303,9 @@ def test_synthetic_cub_is_deterministic(tmp_path):
     assert first != contents(write_synthetic_cub(tmp_path / "c", classes=2, per_class=3, seed=5, image_size=32))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bcnn.data", *args], capture_output=True, text=True, timeout=120)
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bcnn.data", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_cli_synth_writes_a_dataset_that_verify_accepts(tmp_path):
@@ -276,6 +325,21 @@ def test_cli_reports_a_broken_root_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", ["download", "synth"])
+def test_cli_refuses_a_root_that_is_a_file(tmp_path, command):
+    root = tmp_path / "notes.txt"
+    root.write_text("a file, not a folder")
+    # A proxy nobody listens on: were the root checked after the fetch, this test would fail without going online.
+    offline = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = run_cli(command, "--root", str(root), env=offline)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: cannot make the folder {root}: a file is in the way; pass --root a folder path "
+                             "(it is made if missing).\n")
+    assert root.read_text() == "a file, not a folder"
+    with pytest.raises(UserError, match="notes.txt/sub: a file is in the way"):
+        write_synthetic_cub(root / "sub")
 
 
 def make_tarball(path: Path, dataset: Path, extra: list[tuple[tarfile.TarInfo, bytes]] = ()) -> str:
@@ -421,6 +485,7 @@ DAMAGES = {  # how an image breaks after the dataset listed it: (damage the file
     "truncated jpeg": (truncate, r"image file is truncated"),
     "not an image": (lambda path: path.write_text("<html>404 Not Found</html>"), r"not an image"),
     "deleted": (lambda path: path.unlink(), r"no such file or directory"),
+    "malformed": (lambda path: path.write_bytes(b"P5 4 4 70000\n" + bytes(32)), r"maxval must be greater than 0"),
 }
 
 
@@ -437,14 +502,18 @@ def test_an_unreadable_image_is_one_sentence_naming_it(writable_cub, damage):
     assert "\n" not in message and message.endswith(".")
 
 
+def run_train(data_root: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """One epoch of the demo's stage 1 on small crops, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bcnn.train", "--config", "experiments/demo_stage1.yaml", f"--data-root={data_root}",
+         "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32", "--data.resize=40", "--train.epochs=1", *args],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
 def test_train_cli_reports_an_image_broken_in_a_worker_in_one_line(writable_cub, tmp_path):
     path = CUB200(writable_cub, "trainval").samples[0][0]  # train or val: one epoch reads both
     truncate(Path(path))
-    result = subprocess.run(
-        [sys.executable, "-m", "bcnn.train", "--config", "experiments/demo_stage1.yaml", f"--data-root={writable_cub}",
-         "--device=cpu", f"--run-dir={tmp_path / 'run'}", "--data.crop=32", "--data.resize=40", "--train.epochs=1",
-         "--data.num_workers=2"],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    result = run_train(writable_cub, tmp_path / "run", "--data.num_workers=2")
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert path in result.stderr and "image file is truncated" in result.stderr
@@ -457,3 +526,91 @@ def test_default_loader_workers_share_the_cores_between_processes(monkeypatch, c
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
     assert data.default_num_workers() == expected
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_one_sentence_and_one_under_it_loads(monkeypatch, tmp_path):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)  # Pillow warns past 0.2 megapixels, refuses past 0.4
+    large, huge = tmp_path / "large.png", tmp_path / "huge.png"
+    Image.new("RGB", (500, 500), (10, 20, 30)).save(large)
+    Image.new("RGB", (800, 600), (10, 20, 30)).save(huge)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_rgb(str(large)).getpixel((499, 499)) == (10, 20, 30)
+    assert not [warning for warning in caught if issubclass(warning.category, Image.DecompressionBombWarning)]
+    with pytest.raises(UserError) as error:
+        load_rgb(str(huge))
+    # bcnn.predict recognises the sentence by its start and end
+    assert str(error.value) == (f"cannot read image {huge}: it has 0.5 megapixels, over the 0.4-megapixel limit "
+                                f"Pillow sets against decompression bombs (downscale it); {REPLACE_IMAGE}.")
+
+
+def test_train_cli_reports_an_image_over_the_decompression_bomb_limit(writable_cub, tmp_path):
+    path = CUB200(writable_cub, "trainval").samples[0][0]
+    # 200 megapixels against Pillow's own limit of 179, in a small file: Pillow refuses it on opening, unread.
+    Image.new("1", (20_000, 10_000)).save(path, format="PNG")
+    result = run_train(writable_cub, tmp_path / "run", "--data.num_workers=2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: cannot read image {path}: it has 200.0 megapixels, over the 179.0-megapixel "
+                             f"limit Pillow sets against decompression bombs (downscale it); {REPLACE_IMAGE}.\n")
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit RGB PNG from (H, W, 3) uint16 pixels, which Pillow cannot write."""
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)  # filter type 0 before each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def write_tiff12(path: Path, pixels: np.ndarray) -> None:
+    """A 12-bit grayscale TIFF from (H, W) values below 4096, W even: two pixels in three bytes, high bits first."""
+    height, width = pixels.shape
+    pairs = pixels.reshape(-1, 2).astype(np.uint32)
+    packed = pairs[:, 0] << 12 | pairs[:, 1]
+    data = np.stack([packed >> 16, packed >> 8, packed], axis=1).astype(np.uint8).tobytes()  # keeps the low byte
+    # width, height, bits per sample, no compression, black is 0, offset of the pixels, 1 sample, their length
+    tags = [(256, width), (257, height), (258, 12), (259, 1), (262, 1), (273, 8 + 2 + 8 * 12 + 4), (277, 1),
+            (279, len(data))]
+    entries = b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags)  # type 4: one LONG each
+    path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + bytes(4) + data)
+
+
+def test_high_bit_depth_images_read_as_their_8_bit_version(tmp_path):
+    gray = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit level; x * 257 is x in 16 bits
+    Image.fromarray(gray).save(tmp_path / "gray8.png")
+    expected = np.asarray(load_rgb(str(tmp_path / "gray8.png")))
+    assert np.array_equal(expected, np.repeat(gray[..., None], 3, axis=2))
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    for name in ("gray16.png", "gray16.tif", "gray16.pgm"):
+        sixteen.save(tmp_path / name)
+    Image.frombytes("I;16B", (16, 16), (gray.astype(">u2") * 257).tobytes()).save(tmp_path / "gray16be.tif")
+    write_tiff12(tmp_path / "gray12.tif", (gray.astype(np.uint32) * 4095 + 127) // 255)
+    modes = {}
+    for name in ("gray16.png", "gray16.tif", "gray16.pgm", "gray16be.tif", "gray12.tif"):
+        modes[name] = Image.open(tmp_path / name).mode
+        assert np.array_equal(np.asarray(load_rgb(str(tmp_path / name))), expected), name
+    # what Pillow gives (a 16-bit PGM opens as I), so that each of load_rgb's cases is tested
+    assert modes == {"gray16.png": "I;16", "gray16.tif": "I;16", "gray16.pgm": "I", "gray16be.tif": "I;16B",
+                     "gray12.tif": "I;16"}
+    colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    write_png16(tmp_path / "colour16.png", colour.astype(np.uint16) * 257)
+    for name in ("colour.png", "colour16.png"):
+        assert np.array_equal(np.asarray(load_rgb(str(tmp_path / name))), colour), name
+
+
+@pytest.mark.parametrize("pixels, described", [
+    (np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), "32-bit floating-point pixels (PIL mode F)"),
+    (np.arange(256, dtype=np.int32).reshape(16, 16) * 65537, "32-bit integer pixels (PIL mode I)"),
+])
+def test_32_bit_images_without_a_range_are_refused_by_name(tmp_path, pixels, described):
+    path = tmp_path / "scan.tif"
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(UserError) as error:
+        load_rgb(str(path))
+    assert str(error.value) == (f"cannot read image {path}: it has {described}, which have no fixed range to map "
+                                f"to 8-bit colour (save it as an 8-bit image); {REPLACE_IMAGE}.")
