@@ -3,20 +3,27 @@
     python -m bcnn.predict bird.jpg                                   # stage 2's best.pt, top 5
     python -m bcnn.predict photos/ more/gull.png --topk 3             # a folder means its images, sorted
     python -m bcnn.predict photos/ --checkpoint runs/cub_vgg16_stage1/best.pt --json > predictions.json
+    python -m bcnn.predict my_birds/test/                             # class folders: true classes, top-1
 
 Everything comes from the checkpoint: the model, the class names and the eval transform of the run's config
-(resize, centre crop, normalise; no bounding-box crop). No dataset and no ImageNet weights are needed. An input
-that cannot be read (missing, not an image, a folder without images) gets an `error: PATH: ...` line on stderr
-and an "error" entry in --json; the other images are still predicted and the exit status is 1.
+(resize, centre crop, normalise; no bounding-box crop). No dataset and no ImageNet weights are needed.
+
+A folder with no image files at its top level, as a dataset's class-per-folder images/, train/ or test/, means
+every image below it, sorted by path; a note on stderr says so. An image whose folder names one of the
+checkpoint's classes gets that class as its true class ("true_class" in --json), and a last line gives the top-1
+accuracy over those images. An input that cannot be read (missing, not an image, a folder without images) gets
+an `error: PATH: ...` line on stderr and an "error" entry in --json; the other images are still predicted and the
+exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -24,7 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
-from bcnn.data import REPLACE_IMAGE, build_transforms, load_rgb
+from bcnn.data import REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
 from bcnn.model import build_model, load_model_weights
@@ -34,10 +41,12 @@ from bcnn.precision import configure_device
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bcnn.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files, or folders whose image files (not subfolders) are all predicted")
+                        help="image files, or folders: their image files, or when they have none at the top "
+                             "level (a folder of class folders), every image below them")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
     parser.add_argument("--topk", type=int, default=5, help="classes per image, at most all; default: 5")
-    parser.add_argument("--json", action="store_true", help="print one JSON list on stdout and nothing else")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON list on stdout and nothing else (no top-1 line)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default: 16")
     return parser.parse_args(argv)
@@ -45,7 +54,8 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     """One dict per input, in order: {"image", "predictions": [{"class", "index", "probability"}, ...]}, best
-    first, or {"image", "error"} for an input that could not be predicted."""
+    first, with "true_class" after "image" when the image's folder names a class, or {"image", "error"} for an
+    input that could not be predicted."""
     args = parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}.")
@@ -79,28 +89,42 @@ def run(args, device: torch.device) -> list[dict]:
         if "error" in result:
             print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
         elif not args.json:
-            print(result["image"])
+            true_class = result.get("true_class")
+            print(result["image"] + (f"  (true: {true_class})" if true_class else ""))
             for prediction in result["predictions"]:
-                print(f"{100 * prediction['probability']:7.2f}%  {prediction['class']}")
+                mark = "  <- true" if prediction["class"] == true_class else ""
+                print(f"{100 * prediction['probability']:7.2f}%  {prediction['class']}{mark}")
     if not any("predictions" in result for result in results):
         raise UserError("no input could be read as an image; pass image files or folders holding them.")
+    labelled = [result for result in results if "true_class" in result]
     if args.json:
         print(json.dumps(results, indent=2))
+    elif labelled:
+        correct = sum(result["predictions"][0]["class"] == result["true_class"] for result in labelled)
+        print(f"top-1 on the {len(labelled)} images whose folder names a class: {correct} "
+              f"({100 * correct / len(labelled):.2f}%)")
     return results
 
 
 def expand_inputs(arguments: Iterable[str]) -> Iterator[tuple[str, str | None]]:
     """(path, None) for each image to predict, (path, what is wrong) for an input that cannot be predicted.
 
-    A file is tried whatever its extension; a folder contributes its files with an image extension, sorted.
+    A file is tried whatever its extension; a folder contributes its files with an image extension, sorted. A
+    folder with none at its top level is a dataset's layout (images/<class>/, test/<class>/) and contributes every
+    image below it, sorted by path, with a note on stderr. One with images at its top level contributes only
+    those: a subfolder beside photos (rejects, duplicates, thumbnails) is more likely set aside than meant.
     """
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            images = sorted(entry for entry in path.iterdir()
-                            if entry.is_file() and entry.suffix.lower() in IMG_EXTENSIONS)
+            top_level = _image_files(path.iterdir())
+            images = top_level or _image_files(path.rglob("*"))  # rglob does not enter symlinked folders: no loops
             if not images:
-                yield argument, f"no image files ({', '.join(IMG_EXTENSIONS)}) in this folder; pass another folder"
+                yield argument, (f"no image files ({', '.join(IMG_EXTENSIONS)}) in this folder or its subfolders; "
+                                 "pass another folder")
+            elif not top_level:
+                print(f"note: {argument} has no image files at its top level; predicting the {len(images)} in its "
+                      "subfolders", file=sys.stderr)
             yield from ((str(image), None) for image in images)
         elif path.exists():
             yield argument, None
@@ -108,17 +132,47 @@ def expand_inputs(arguments: Iterable[str]) -> Iterator[tuple[str, str | None]]:
             yield argument, "no such file or folder; check the path"
 
 
+def _image_files(entries: Iterable[Path]) -> list[Path]:
+    return sorted(entry for entry in entries if entry.is_file() and entry.suffix.lower() in IMG_EXTENSIONS)
+
+
+def true_class_finder(classes: list[str]) -> Callable[[str], str | None]:
+    """A function from an image's path to the class its folder names, or None.
+
+    A folder names a class by the class's own name (a folder dataset's classes are its folder names) or by a
+    name that reads the same through clean_class_name, as CUB's classes.txt is read: `001.Black_footed_Albatross/`,
+    `Black_footed_Albatross/` and `Black footed Albatross/` all name CUB's "Black footed Albatross", and name a
+    folder dataset's "001.Black_footed_Albatross" too. A clean name that two classes share names neither.
+    """
+    by_clean_name: dict[str, list[str]] = {}
+    for name in classes:
+        by_clean_name.setdefault(clean_class_name(name), []).append(name)
+    named = {clean: names[0] for clean, names in by_clean_name.items() if len(names) == 1}
+    named.update((name, name) for name in classes)
+
+    def true_class(path: str) -> str | None:
+        folder = Path(os.path.abspath(path)).parent.name  # abspath: `./a.jpg` and `../x/a.jpg` have a folder too
+        return named.get(folder) or named.get(clean_class_name(folder))
+
+    return true_class
+
+
 def predict(inputs: Iterable[tuple[str, str | None]], model: torch.nn.Module, transform, classes: list[str],
             device: torch.device, topk: int, batch_size: int) -> Iterator[dict]:
     """One result per input, in input order, as soon as the batch holding it has run."""
+    true_class = true_class_finder(classes)
     waiting, batch = [], []  # results not yet yielded; (result, image tensor) pairs not yet through the model
     for path, problem in inputs:
         result = {"image": path}
         if problem is None:
             try:
-                batch.append((result, transform(load_rgb(path))))
+                image = transform(load_rgb(path))
             except UserError as error:
                 problem = _what_is_wrong(error, path)
+            else:
+                if (name := true_class(path)) is not None:
+                    result["true_class"] = name
+                batch.append((result, image))
         if problem is not None:
             result["error"] = problem
         waiting.append(result)

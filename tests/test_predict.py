@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
 PHOTOS = ("Gull.JPG", "albatross.jpg", "tern.png")  # one of class k each, sorted as a folder listing sorts them
 PERCENT_LINE = re.compile(r"^ +(\d+\.\d\d)%  (.+)$")
+# A held-out folder in a dataset's layout, in the order bcnn.predict walks it (sorted by path): (image, photo
+# copied there, the class its folder names). The three spellings of a CUB folder name; photo k is class k, so
+# some images sit in their own class's folder and some in another's; unsorted/deeper/ names no class.
+TREE = (("001.Black_footed_Albatross/Gull.JPG", "Gull.JPG", CLASSES[0]),
+        ("001.Black_footed_Albatross/tern.png", "tern.png", CLASSES[0]),
+        ("Laysan_Albatross/albatross.jpg", "albatross.jpg", CLASSES[1]),
+        ("Sooty Albatross/Gull.JPG", "Gull.JPG", CLASSES[2]),
+        ("Sooty Albatross/tern.png", "tern.png", CLASSES[2]),
+        ("unsorted/deeper/albatross.jpg", "albatross.jpg", None))
 
 
 @pytest.fixture(scope="module")
@@ -139,28 +148,108 @@ def test_a_folder_means_its_image_files_sorted_not_recursive(trained, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.fixture
+def held_out(trained, tmp_path):
+    """TREE written under tmp_path/held_out, which has no image at its top level; returns its path."""
+    root = tmp_path / "held_out"
+    for image, photo, _ in TREE:
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained["photos"] / photo, root / image)
+    return root
+
+
+def test_a_folder_of_class_folders_is_walked_and_each_image_shows_its_true_class(trained, held_out, capsys):
+    predict_cli.main([str(held_out), "--checkpoint", trained["checkpoint"], "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"note: {held_out} has no image files at its top level; predicting the "
+                                         f"{len(TREE)} in its subfolders"]
+    lines = captured.out.splitlines()
+    blocks = [lines[i:i + 1 + len(CLASSES)] for i in range(0, len(TREE) * (1 + len(CLASSES)), 1 + len(CLASSES))]
+    correct = 0
+    for block, (image, _, true_class) in zip(blocks, TREE, strict=True):
+        path = str(held_out / image)
+        assert block[0] == (path if true_class is None else f"{path}  (true: {true_class})")
+        shown = [PERCENT_LINE.match(line).group(2) for line in block[1:]]
+        assert sorted(name.removesuffix("  <- true") for name in shown) == sorted(CLASSES)  # --topk 5, 3 classes
+        marked = [name.removesuffix("  <- true") for name in shown if name.endswith("  <- true")]
+        assert marked == ([] if true_class is None else [true_class])
+        reference = reference_probabilities(trained["model"], path)
+        correct += true_class is not None and CLASSES[reference.argmax()] == true_class
+    labelled = sum(true_class is not None for _, _, true_class in TREE)
+    assert 0 < correct < labelled  # the count is tested on right and wrong predictions both
+    assert lines[len(TREE) * (1 + len(CLASSES)):] == [
+        f"top-1 on the {labelled} images whose folder names a class: {correct} ({100 * correct / labelled:.2f}%)"]
+
+
+def test_json_gives_each_image_its_true_class_and_prints_no_top1_line(trained, held_out, capsys):
+    results = predict_cli.main([str(held_out), "--checkpoint", trained["checkpoint"], "--json", "--topk", "1"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == results
+    assert captured.err.startswith(f"note: {held_out} has no image files at its top level")
+    assert [result["image"] for result in results] == [str(held_out / image) for image, _, _ in TREE]
+    assert [result.get("true_class") for result in results] == [true_class for _, _, true_class in TREE]
+    assert list(results[0]) == ["image", "true_class", "predictions"]
+
+
+def test_a_class_folder_with_images_is_not_searched_further_and_names_their_true_class(trained, held_out, capsys):
+    folder = held_out / "Laysan_Albatross"
+    shutil.copytree(held_out / "Sooty Albatross", folder / "Sooty Albatross")
+    results = predict_cli.main([str(folder), "--checkpoint", trained["checkpoint"], "--json"])
+    assert [(result["image"], result["true_class"]) for result in results] == [
+        (str(folder / "albatross.jpg"), "Laysan Albatross")]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("classes, folder, expected", [
+    (CLASSES, "001.Black_footed_Albatross", "Black footed Albatross"),  # CUB: classes.txt names, cleaned
+    (CLASSES, "Black_footed_Albatross", "Black footed Albatross"),
+    (CLASSES, "Laysan Albatross", "Laysan Albatross"),
+    (CLASSES, "photos", None),
+    (CLASSES, "black_footed_albatross", None),  # as the datasets read folder names: case counts
+    (["001.Black_footed_Albatross", "002.Laysan_Albatross"], "001.Black_footed_Albatross",
+     "001.Black_footed_Albatross"),  # a folder dataset: the folder names themselves
+    (["001.Black_footed_Albatross", "002.Laysan_Albatross"], "Laysan Albatross", "002.Laysan_Albatross"),
+    (["001.Tern", "002.Tern"], "Tern", None),  # two classes read "Tern": the folder names neither
+    (["001.Tern", "002.Tern"], "002.Tern", "002.Tern"),
+])
+def test_a_folder_names_a_class_as_the_datasets_turn_folder_names_into_classes(classes, folder, expected):
+    assert predict_cli.true_class_finder(classes)(f"birds/{folder}/0001.jpg") == expected
+
+
+def test_a_relative_path_has_the_folder_it_lies_in(tmp_path, monkeypatch):
+    (tmp_path / "Sooty_Albatross").mkdir()
+    monkeypatch.chdir(tmp_path / "Sooty_Albatross")
+    true_class = predict_cli.true_class_finder(CLASSES)
+    assert true_class("a.jpg") == true_class("./a.jpg") == true_class("sub/../a.jpg") == "Sooty Albatross"
+    assert true_class("sub/a.jpg") is None
+
+
 def test_each_bad_input_gets_an_error_line_and_entry_and_the_rest_is_predicted(trained, tmp_path, capsys):
     missing, text_file = str(tmp_path / "missing.jpg"), tmp_path / "notes.txt"
     text_file.write_text("hello")
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes((trained["photos"] / "albatross.jpg").read_bytes()[:300])  # a truncated JPEG
-    empty = tmp_path / "empty"
+    empty, empty_tree = tmp_path / "empty", tmp_path / "empty_tree"
     empty.mkdir()
+    (empty_tree / "001.Black_footed_Albatross").mkdir(parents=True)
+    huge = tmp_path / "huge.png"  # 200 megapixels in a 20 kB file: over Pillow's decompression-bomb limit
+    Image.new("1", (20_000, 10_000)).save(huge)
     good = photo_paths(trained)[2]
-    inputs = [missing, str(text_file), good, str(corrupt), str(empty)]
+    inputs = [missing, str(text_file), good, str(corrupt), str(empty), str(empty_tree), str(huge)]
 
     results = predict_cli.main([*inputs, "--checkpoint", trained["checkpoint"], "--json"])
     captured = capsys.readouterr()
     assert json.loads(captured.out) == results
     assert [result["image"] for result in results] == inputs
     assert [("error" in result, "predictions" in result) for result in results] == (
-        [(True, False)] * 2 + [(False, True)] + [(True, False)] * 2)
+        [(True, False)] * 2 + [(False, True)] + [(True, False)] * 4)
     errors = captured.err.splitlines()
-    assert len(errors) == 4
-    for line, bad in zip(errors, [missing, text_file, corrupt, empty]):
+    assert len(errors) == 6
+    for line, bad in zip(errors, [missing, text_file, corrupt, empty, empty_tree, huge]):
         assert line.startswith(f"error: {bad}: ")
     assert "no such file" in errors[0] and "not an image" in errors[1] and "truncated" in errors[2]
-    assert "no image files" in errors[3]
+    assert all("no image files" in line and "or its subfolders" in line for line in errors[3:5])
+    assert "it has 200.0 megapixels, over the 179.0-megapixel limit" in errors[5]
 
 
 def test_cli_exit_status_is_1_when_an_input_failed_and_good_images_are_printed(trained, tmp_path):
