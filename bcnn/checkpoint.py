@@ -10,32 +10,81 @@ so a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bcnn.errors import UserError
+from bcnn.errors import UserError, signals_held
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
+# torch.save's size beyond the tensors' bytes (pickled structure, zip headers); the free-space check's margin
+HEADROOM_BYTES = 1 << 20
+
+
+def save_checkpoint(state: dict, path: str | Path, then: str = "run the same command again") -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`: whatever stops the write (a full
+    disk, a crash), the previous checkpoint stays whole and no temporary file is left. Ctrl-C and SIGTERM wait
+    for the write to finish. A full or read-only disk is a UserError that ends with `then`, what to do once the
+    disk is fixed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    needed = _tensor_bytes(state) + HEADROOM_BYTES
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < needed:
+            raise UserError(_no_space(path, needed, free, then))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({(error.strerror or str(error)).lower()}); {_previous(path)}; make "
+                        f"the folder writable, then {then}.") from None
+    try:
+        with signals_held(), os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+            os.replace(tmp, path)
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        # torch.save reports ENOSPC as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+        if isinstance(error, (OSError, RuntimeError)) and _disk_full(error, path, needed):
+            raise UserError(_no_space(path, needed, shutil.disk_usage(path.parent).free, then)) from None
         raise
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _disk_full(error: BaseException, path: Path, needed: int) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < needed
+    except OSError:
+        return False
+
+
+def _previous(path: Path) -> str:
+    return f"the previous {path.name} is intact" if path.exists() else f"no {path.name} has been written yet"
+
+
+def _no_space(path: Path, needed: int, free: int, then: str) -> str:
+    return (f"the disk holding {path.parent} is full: {path.name} needs about {needed / 2**20:,.1f} MB and "
+            f"{free / 2**20:,.1f} MB are free; {_previous(path)}; free some space, then {then}.")
 
 
 def _read(path: Path):

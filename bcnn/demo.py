@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     result = evaluate_cli.main(["--checkpoint", str(runs / "stage2" / "best.pt"), "--split", "test",
                                 "--device", "cpu"])
     print(f"\nrun directories: {runs / 'stage1'}, {runs / 'stage2'} (config.yaml, train.log, metrics.jsonl, "
-          f"best.pt, last.pt, eval_test.json)")
+          f"best.pt, last.pt, eval_best_test.json)")
     print(f"TensorBoard logs: {train_cli.tensorboard_command(runs)}")
     return result
 

@@ -1,11 +1,75 @@
-"""The one exception type for mistakes a user can fix (paths, config, data), and the CLI wrapper that prints it."""
+"""The one exception type for mistakes a user can fix (paths, config, data), the one for a command stopped by a
+signal, and the CLI wrapper that prints either in one line."""
 
+import contextlib
 import functools
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
     """A problem in the user's input; the message says what is wrong and what to do, in one sentence."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM (what schedulers send to pre-empt a job) stopped the command. A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` swallows it; `status` is the shell's 128 + signal."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def interrupted(stop: BaseException, message: str) -> Interrupted:
+    """The same stop (Ctrl-C or SIGTERM) with a message that says what it interrupted and what to do now."""
+    status = stop.status if isinstance(stop, Interrupted) else 128 + signal.SIGINT
+    return Interrupted(message, status)
+
+
+def signal_name(stop: BaseException) -> str:
+    return "SIGTERM" if isinstance(stop, Interrupted) and stop.status == 128 + signal.SIGTERM else "Ctrl-C"
+
+
+def _raise_on_sigterm(signum, frame):
+    raise Interrupted("stopped by SIGTERM", 128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises Interrupted in the main thread, as Ctrl-C raises KeyboardInterrupt: the code unwinds (a
+    checkpoint being written is abandoned and its temporary file removed) and the CLI says where things stand."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM until the block ends, then act on them as they would have acted: for a write that
+    must not be cut in half (a checkpoint: seconds), so the newest checkpoint is the one a stop leaves."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {number: signal.signal(number, lambda received, frame: pending.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)  # raises KeyboardInterrupt or Interrupted
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(pending[0])  # the default action: the process ends
 
 
 def _original_message(error: UserError) -> str:
@@ -18,17 +82,21 @@ def _original_message(error: UserError) -> str:
 
 
 def exit_on_user_error(main):
-    """Wrap a CLI's main(): a UserError becomes `error: <message>` on stderr and exit status 2, no traceback.
-
-    Programming errors are not caught: their traceback is what a developer needs.
-    """
+    """Wrap a CLI's main(): a UserError becomes `error: <message>` on stderr and exit status 2, Ctrl-C or SIGTERM
+    one line and 130 or 143; no traceback. Programming errors are not caught: their traceback is what a developer
+    needs."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
-            return main(argv)
+            with sigterm_raises():
+                return main(argv)
         except UserError as e:
             print(f"error: {_original_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (KeyboardInterrupt, Interrupted) as stop:
+            message = str(stop) if isinstance(stop, Interrupted) else "stopped by Ctrl-C"
+            print(message, file=sys.stderr)
+            raise SystemExit(stop.status if isinstance(stop, Interrupted) else 128 + signal.SIGINT) from None
 
     return wrapper

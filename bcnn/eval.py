@@ -6,9 +6,10 @@ with the per-class accuracies (CSV), the confusion matrix and per-class accuracy
     python -m bcnn.eval --split test --no-figures          # numbers only: JSON and CSV, no PNGs
     torchrun --standalone --nproc_per_node=4 -m bcnn.eval --split test   # sharded: every image counted once
 
-For eval_test.json the other files are eval_test_per_class.csv, eval_test_confusion.png and
-eval_test_per_class.png (named after --output's stem when it is given). The JSON also lists the most confused
-pairs of classes, and the five largest are printed.
+The files are named after the checkpoint and the split, beside the checkpoint: for best.pt on the test split
+eval_best_test.json, eval_best_test_per_class.csv, eval_best_test_confusion.png and eval_best_test_per_class.png
+(last.pt's evaluation does not replace best.pt's; with --output, named after its stem). The JSON also lists
+the most confused pairs of classes, and the five largest are printed.
 
 The dataset, split and transforms come from the config stored in the checkpoint (the val split is the same
 seeded hold-out the run used); `--data-root` points at the data when it has moved. The model is rebuilt from
@@ -52,8 +53,8 @@ def parse_args(argv):
     parser.add_argument("--data-root", help="dataset folder, when it differs from the one the run used")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--num-workers", type=int, help="default: the run's data.num_workers")
-    parser.add_argument("--output", help="JSON file to write; default: eval_<split>[_flip].json beside the checkpoint; "
-                        "the CSV and PNGs are named after its stem")
+    parser.add_argument("--output", help="JSON file to write; default: eval_<checkpoint name>_<split>[_flip].json "
+                        "beside the checkpoint; the CSV and PNGs are named after its stem")
     parser.add_argument("--no-figures", action="store_true",
                         help="skip the confusion and per-class PNGs (slow to draw for 200 classes); JSON and CSV only")
     return parser.parse_args(argv)
@@ -68,9 +69,21 @@ def main(argv=None) -> dict:
         distributed.teardown()
 
 
+def output_path(args) -> Path:
+    """--output, or eval_<checkpoint name>_<split>[_flip].json beside the checkpoint."""
+    if args.output:
+        output = Path(args.output)
+        if output.is_dir():
+            raise UserError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'eval.json'}.")
+        return output
+    checkpoint = Path(args.checkpoint)
+    return checkpoint.parent / f"eval_{checkpoint.stem}_{args.split}{'_flip' if args.tta == 'flip' else ''}.json"
+
+
 def run(args, ctx: distributed.Context) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    output = output_path(args)  # checked before the evaluation's minutes, not after
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
     if args.data_root:
@@ -98,19 +111,22 @@ def run(args, ctx: distributed.Context) -> dict:
     most_confused = most_confused_pairs(confusion, state["classes"], k=MOST_CONFUSED_SAVED)
     result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,
               "tta": args.tta, "data_root": cfg.data.root, **metrics, "most_confused": most_confused}
-    output = Path(args.output) if args.output else (
-        Path(args.checkpoint).parent / f"eval_{args.split}{'_flip' if args.tta == 'flip' else ''}.json")
     if not ctx.is_main:  # every rank holds the same numbers; one writes them
         return result
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
     rows = per_class_rows(confusion, state["classes"])
-    written = [output, write_per_class_csv(rows, sibling(output, "per_class.csv"))]
+    # The numbers first: whatever happens to the files, the evaluation's result is on the screen.
     print(f"{args.split}: {metrics['count']} images, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
           f"mean per-class {metrics['mean_class_acc']:.2f}% (tta {args.tta}; {args.checkpoint})")
     print_most_confused(most_confused[:MOST_CONFUSED_PRINTED], {row["class"]: row["images"] for row in rows})
-    if not args.no_figures:  # last: drawing 200 classes takes seconds, the numbers are already out
-        written += write_figures(confusion, state["classes"], output, figure_subtitle(args, metrics))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        written = [output, write_per_class_csv(rows, sibling(output, "per_class.csv"))]
+        if not args.no_figures:  # last: drawing 200 classes takes seconds
+            written += write_figures(confusion, state["classes"], output, figure_subtitle(args, metrics))
+    except OSError as error:
+        raise UserError(f"cannot write {error.filename or output} ({(error.strerror or str(error)).lower()}); the "
+                        "numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
     for path in written:
         print(f"wrote {path}")
     return result
@@ -125,7 +141,7 @@ def print_most_confused(pairs: list[dict], images_of: dict) -> None:
 
 
 def sibling(output: Path, suffix: str) -> Path:
-    """eval_test.json -> eval_test_<suffix>: the files of one evaluation sort together."""
+    """eval_best_test.json -> eval_best_test_<suffix>: the files of one evaluation sort together."""
     return output.with_name(f"{output.stem}_{suffix}")
 
 

@@ -1,7 +1,7 @@
 """Figures and tables of a classifier's results: confusion matrix, per-class accuracy, augmented images.
 
     fig = confusion_figure(confusion, class_names, "test, stage 2")   # confusion: (C, C) counts [true, predicted]
-    save_figure(fig, "runs/cub_vgg16_stage2/eval_test_confusion.png")
+    save_figure(fig, "runs/cub_vgg16_stage2/eval_best_test_confusion.png")
     writer.add_image("val/confusion", figure_to_array(fig), epoch, dataformats="HWC")
     writer.add_images("train/augmented", denormalize(images[:16]), step)
     most_confused_pairs(confusion, class_names, k=5)   # [{"true", "predicted", "count", "share"}, ...]

@@ -39,10 +39,11 @@ from bcnn.config import Config, config_to_dict, load_config
 from bcnn.data import build_dataset, build_loader
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.feature_cache import build_feature_cache
-from bcnn.errors import UserError, exit_on_user_error
+from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
 from bcnn.model import build_model, load_model_weights
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
 from bcnn.progress import ConsoleFilter, EpochProgress
+from bcnn.run_dir import RunDirectory, read_metric_rows
 from bcnn.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("bcnn")
@@ -51,8 +52,6 @@ log = logging.getLogger("bcnn")
 RESUMABLE_CHANGES = {"data.root", "data.num_workers", "train.epochs", "train.device", "train.run_dir",
                      "train.cache_dir", "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
                      "train.init_from"}
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.log", "config.yaml", "events.out.tfevents.*",
-             "eval_*.json")
 
 
 def parse_args(argv):
@@ -162,13 +161,6 @@ def find_resume_checkpoint(args, run_dir: Path) -> Path | None:
     return last if last.exists() and not args.overwrite else None
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """A fresh start: remove an earlier attempt's files, so no stale curve or checkpoint mixes with the new run."""
-    for pattern in RUN_FILES:
-        for path in run_dir.glob(pattern):
-            path.unlink()
-
-
 def check_resumable(cfg: Config, state: dict, path: Path) -> None:
     """Resuming under another recipe would silently train a run that neither config describes."""
     saved, current = state.get("config") or {}, config_to_dict(cfg)
@@ -186,7 +178,7 @@ def check_resumable(cfg: Config, state: dict, path: Path) -> None:
                         "--train.init_from to start a new run from its weights.")
 
 
-def init_from_checkpoint(model, path: str, classes: list[str]) -> None:
+def read_init_from(path: str, classes: list[str]) -> dict:
     """Weights only (stage 2 <- stage 1, or another codebase's state dict): optimizer, schedule and epoch start
     fresh. A bare state dict names no classes; its classifier's shape still has to fit."""
     state = load_weights(path)
@@ -195,8 +187,7 @@ def init_from_checkpoint(model, path: str, classes: list[str]) -> None:
             f"init_from checkpoint {path} was trained on other classes than this dataset; "
             "point train.init_from at a checkpoint of the same dataset."
         )
-    load_model_weights(model, state["model"])
-    log.info("initialised model weights from %s (epoch %s)", path, state.get("epoch"))
+    return state
 
 
 def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler) -> None:
@@ -232,37 +223,32 @@ def cached_feature_loaders(cfg: Config, model, with_val: bool, micro_batch: int,
     return tuple(loaders)
 
 
-def read_metric_rows(path: Path, up_to_epoch: int) -> list[str]:
-    """metrics.jsonl lines of the epochs a checkpoint covers; later ones died with the process that wrote them."""
-    if not path.exists():
-        return []
-    return [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= up_to_epoch]
-
-
 def main(argv=None) -> dict:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     ctx = distributed.setup(cfg.train.device)
+    run = RunDirectory(Path(cfg.train.run_dir))
     try:
-        return train(cfg, ctx, args)
+        return train(cfg, ctx, args, run)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        where = run.describe_last_checkpoint() if ctx.is_main else "rank 0 says where the last checkpoint is"
+        raise interrupted(stop, f"{signal_name(stop)} stopped training; {where}.") from None
     finally:
+        run.release()
         distributed.teardown()
 
 
-def train(cfg: Config, ctx: distributed.Context, args) -> dict:
+def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dict:
     micro_batch = distributed.per_rank_batch_size(cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps)
-    device, run_dir = ctx.device, Path(cfg.train.run_dir)
+    device, run_dir = ctx.device, run.path
     precision = resolve_precision(cfg.train.precision, device)
     configure_device(device)
+    setup_logging(quiet=not ctx.is_main)  # the console only, until the run directory is held and ready
+    # Every input is read and checked before anything in the run directory changes: a mistake costs nothing.
     resume_path = find_resume_checkpoint(args, run_dir)
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         check_resumable(cfg, state, resume_path)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            clear_run_dir(run_dir)
-    setup_logging(run_dir / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
     seed_everything(cfg.train.seed)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val") if cfg.data.val_fraction > 0 else None
@@ -273,7 +259,14 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     if state is not None and state["epoch"] >= cfg.train.epochs and not state.get("step_in_epoch"):
         log.info("%s already finished %d epochs; nothing to do (raise --train.epochs to train on, or pass "
                  "--overwrite to start again)", run_dir, state["epoch"])
-        return state["metrics"]
+        return state["metrics"]  # before the run directory is held: a finished run is not written to
+    initial = read_init_from(cfg.train.init_from, classes) if cfg.train.init_from and state is None else None
+    if ctx.is_main:
+        run.hold()
+        run.prepare(fresh=state is None, overwrite=args.overwrite, inputs=[cfg.train.init_from])
+    setup_logging(run_dir / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
+    for note in run.notes:
+        log.info("run directory %s: %s", run_dir, note)
     config_dict = config_to_dict(cfg)  # stored with every checkpoint as plain values
     if ctx.is_main:
         with open(run_dir / "config.yaml", "w") as f:
@@ -289,8 +282,10 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
     model = build_model(cfg.model, num_classes=len(classes))
     if ctx.local_rank == 0:
         distributed.barrier()
-    if cfg.train.init_from and state is None:
-        init_from_checkpoint(model, cfg.train.init_from, classes)
+    if initial is not None:
+        load_model_weights(model, initial["model"])
+        log.info("initialised model weights from %s (epoch %s)", cfg.train.init_from, initial.get("epoch"))
+        del initial
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -369,7 +364,8 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
                 meter.raise_if_diverged(epoch, diverged_hint)
                 totals = meter.totals()  # every rank takes part; rank 0 writes
                 if ctx.is_main:
-                    save_checkpoint(checkpoint(epoch - 1, step, totals, row), run_dir / "last.pt")
+                    save_checkpoint(checkpoint(epoch - 1, step, totals, row), run_dir / "last.pt",
+                                    then=run.how_to_continue())
 
         meter = EpochMeter.resumed(epoch_totals, device, ctx.is_main)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
@@ -403,8 +399,8 @@ def train(cfg: Config, ctx: distributed.Context, args) -> dict:
                 board.evaluation_figures("val", val_confusion, classes, global_step)
             if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
                 save_checkpoint({"model": model.state_dict(), "config": config_dict, "classes": classes,
-                                 "epoch": epoch, "metrics": row}, run_dir / "best.pt")
-            save_checkpoint(checkpoint(epoch, 0, None, row), run_dir / "last.pt")
+                                 "epoch": epoch, "metrics": row}, run_dir / "best.pt", then=run.how_to_continue())
+            save_checkpoint(checkpoint(epoch, 0, None, row), run_dir / "last.pt", then=run.how_to_continue())
         log.info("epoch %d done: train loss %.4f top1 %.2f%%%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",

@@ -83,7 +83,7 @@ def evaluated(tmp_path_factory):
 
 
 def test_per_class_csv_equals_an_independent_count(evaluated):
-    rows = read_csv(evaluated["checkpoint"].parent / "eval_test_per_class.csv")
+    rows = read_csv(evaluated["checkpoint"].parent / "eval_best_test_per_class.csv")
     expected = evaluated["expected"]
     assert [int(row["index"]) for row in rows] == list(range(CLASSES))
     assert [row["class"] for row in rows] == evaluated["classes"]
@@ -96,7 +96,7 @@ def test_per_class_csv_equals_an_independent_count(evaluated):
 
 
 def test_json_keeps_its_numbers_and_adds_the_most_confused_pairs(evaluated):
-    report = json.loads((evaluated["checkpoint"].parent / "eval_test.json").read_text())
+    report = json.loads((evaluated["checkpoint"].parent / "eval_best_test.json").read_text())
     images = sum(images for images, _ in evaluated["expected"].values())
     correct = sum(correct for _, correct in evaluated["expected"].values())
     assert "confusion" not in report
@@ -112,7 +112,7 @@ def test_json_keeps_its_numbers_and_adds_the_most_confused_pairs(evaluated):
 
 
 def test_most_confused_pairs_are_printed_by_name(evaluated):
-    report = json.loads((evaluated["checkpoint"].parent / "eval_test.json").read_text())
+    report = json.loads((evaluated["checkpoint"].parent / "eval_best_test.json").read_text())
     lines = [line for line in evaluated["stdout"].splitlines() if line.startswith("most confused: ")]
     images = {evaluated["classes"][label]: count[0] for label, count in evaluated["expected"].items()}
     expected = [f"most confused: {pair['true']} -> {pair['predicted']} ({pair['count']} of {images[pair['true']]} "
@@ -123,7 +123,7 @@ def test_most_confused_pairs_are_printed_by_name(evaluated):
 
 
 def test_figures_are_written_as_pngs(evaluated):
-    for name in ("eval_test_confusion.png", "eval_test_per_class.png"):
+    for name in ("eval_best_test_confusion.png", "eval_best_test_per_class.png"):
         path = evaluated["checkpoint"].parent / name
         assert f"wrote {path}" in evaluated["stdout"]
         with Image.open(path) as image:
@@ -139,6 +139,6 @@ def test_subprocess_with_output_and_no_figures(evaluated, tmp_path):
     assert sorted(path.name for path in output.parent.iterdir()) == ["stage1_test.json",
                                                                      "stage1_test_per_class.csv"]
     assert read_csv(output.parent / "stage1_test_per_class.csv") == read_csv(
-        evaluated["checkpoint"].parent / "eval_test_per_class.csv")
+        evaluated["checkpoint"].parent / "eval_best_test_per_class.csv")
     assert "most confused: Synthetic Class" in result.stdout
     assert ".png" not in result.stdout

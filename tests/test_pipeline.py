@@ -49,7 +49,7 @@ def demo(tmp_path_factory):
 
 def test_demo_evaluates_every_test_image_above_chance(demo):
     root, stdout = demo
-    report = json.loads((root / "runs" / "stage2" / "eval_test.json").read_text())
+    report = json.loads((root / "runs" / "stage2" / "eval_best_test.json").read_text())
     assert report["split"] == "test"
     assert report["count"] == split_counts(root / "mini_cub")["test"]
     chance = 100 / CLASSES
@@ -108,7 +108,7 @@ def test_eval_with_flip_and_on_val(demo):
     result = run("bcnn.eval", "--checkpoint", str(checkpoint), "--split", "val", "--tta", "flip",
                  "--batch-size", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    report = json.loads((checkpoint.parent / "eval_val_flip.json").read_text())
+    report = json.loads((checkpoint.parent / "eval_best_val_flip.json").read_text())
     val_rows = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
     assert report["tta"] == "flip" and report["count"] == val_rows[0]["val_count"]
     assert "top-1" in result.stdout and "top-5" in result.stdout and "mean per-class" in result.stdout
@@ -141,7 +141,7 @@ def test_folder_dataset_trains_with_a_config_change(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     result = run("bcnn.eval", "--checkpoint", str(run_dir / "best.pt"), "--device=cpu")
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((run_dir / "eval_test.json").read_text())
+    report = json.loads((run_dir / "eval_best_test.json").read_text())
     assert report["count"] == split_counts(cub)["test"]
 
 

@@ -16,8 +16,8 @@ from bcnn.errors import exit_on_user_error
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
     real_save, writes = train.save_checkpoint, []
 
-    def save_then_die(state, path):
-        real_save(state, path)
+    def save_then_die(state, path, **options):
+        real_save(state, path, **options)
         if os.path.basename(path) == os.environ.get("KILL_AFTER_FILE", "last.pt"):
             writes.append(path)
             if len(writes) == int(os.environ.get("KILL_AFTER_SAVES", "1")):

@@ -1,0 +1,321 @@
+"""A run directory belongs to one run at a time, and no command deletes a checkpoint it was told to read or was not
+told to replace; a full or read-only disk, Ctrl-C and SIGTERM each end in one sentence that says where the last
+checkpoint is, with nothing half-written left behind."""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcnn import checkpoint as checkpoint_module
+from bcnn import eval as eval_cli
+from bcnn import train as train_cli
+from bcnn.checkpoint import save_checkpoint
+from bcnn.errors import Interrupted, UserError, sigterm_raises
+from bcnn.run_dir import LOCK_FILE, RunDirectory
+from helpers.runs import REPO, launch, small_run_args, suite_threads
+
+
+def fingerprints(folder: Path) -> dict:
+    """Every run file's name and content hash: equal before and after means nothing was touched. run.lock is
+    left out: it says who holds the directory, and reading it here would drop this process's own lock on it."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())
+            if path.name != LOCK_FILE}
+
+
+def train(*args):
+    return launch(sys.executable, "-m", "bcnn.train", *args)
+
+
+def one_error_line(result, *fragments):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+@pytest.fixture
+def finished_run(reference_run, tmp_path) -> Path:
+    """A copy of a finished 2-epoch run (best.pt, last.pt, metrics, events, config, log)."""
+    return Path(shutil.copytree(reference_run, tmp_path / "stage1"))
+
+
+# ---- no command deletes a checkpoint it was told to read -----------------------------------------------------
+
+
+def test_stage2_into_stage1s_directory_is_refused_and_keeps_its_best_pt(cub_3x13, finished_run):
+    (finished_run / "last.pt").unlink()  # deleted to save space: best.pt alone remains
+    before = fingerprints(finished_run)
+    result = train(*small_run_args(cub_3x13, finished_run, f"--train.init_from={finished_run / 'best.pt'}"))
+    one_error_line(result, f"{finished_run / 'best.pt'} lies in run directory {finished_run}", "another --run-dir")
+    assert fingerprints(finished_run) == before
+
+
+def test_overwrite_with_init_from_inside_the_directory_is_refused(cub_3x13, finished_run):
+    before = fingerprints(finished_run)
+    result = train(*small_run_args(cub_3x13, finished_run, f"--train.init_from={finished_run / 'best.pt'}"),
+                   "--overwrite")
+    one_error_line(result, "lies in run directory")
+    assert fingerprints(finished_run) == before
+
+
+@pytest.mark.parametrize("keep_last", [True, False], ids=["overwrite finished run", "best.pt alone, no overwrite"])
+def test_a_typo_in_the_data_root_touches_nothing(cub_3x13, finished_run, tmp_path, keep_last):
+    if not keep_last:
+        (finished_run / "last.pt").unlink()
+    before = fingerprints(finished_run)
+    args = small_run_args(tmp_path / "CUB_200_201", finished_run)
+    result = train(*args, "--overwrite") if keep_last else train(*args)
+    one_error_line(result, "does not exist")
+    assert fingerprints(finished_run) == before
+
+
+def test_a_directory_with_best_pt_but_no_last_pt_is_not_taken_for_empty(cub_3x13, finished_run):
+    (finished_run / "last.pt").unlink()
+    before = fingerprints(finished_run)
+    result = train(*small_run_args(cub_3x13, finished_run))
+    one_error_line(result, f"run directory {finished_run} holds an earlier run's best.pt but no last.pt",
+                   "--overwrite")
+    assert fingerprints(finished_run) == before
+
+
+def test_overwrite_removes_every_file_of_the_earlier_run_and_its_evaluations(cub_3x13, finished_run):
+    eval_cli.main(["--checkpoint", str(finished_run / "best.pt"), "--device=cpu", "--split=val"])
+    assert {"eval_best_val.json", "eval_best_val_per_class.csv", "eval_best_val_confusion.png"} <= set(
+        fingerprints(finished_run))
+    train_cli.main(small_run_args(cub_3x13, finished_run, "--train.epochs=1", "--overwrite"))
+    assert not list(finished_run.glob("eval_*"))
+    assert [json.loads(line)["epoch"] for line in (finished_run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+# ---- one run at a time ---------------------------------------------------------------------------------------
+
+
+def test_a_run_directory_held_by_a_running_run_is_refused_and_eval_is_not(cub_3x13, finished_run):
+    running = RunDirectory(finished_run)
+    running.hold()  # this test process stands for a run in progress (say, trained on with more epochs)
+    try:
+        before = fingerprints(finished_run)
+        result = train(*small_run_args(cub_3x13, finished_run, "--train.epochs=3"))
+        one_error_line(result, f"run directory {finished_run} is in use by another run (host ",
+                       f"pid {os.getpid()}", "another --run-dir")
+        assert fingerprints(finished_run) == before
+        # eval and predict only read a run: never blocked
+        evaluated = launch(sys.executable, "-m", "bcnn.eval", "--checkpoint", str(finished_run / "best.pt"),
+                           "--device=cpu", "--no-figures")
+        assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    finally:
+        running.release()
+    assert train(*small_run_args(cub_3x13, finished_run, "--train.epochs=3")).returncode == 0
+
+
+def test_two_runs_started_together_cannot_share_a_directory(cub_3x13, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, suite_threads() // 2))}
+    runs = [subprocess.Popen([sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, run_dir,
+                                                                                 f"--optim.lr={lr}")],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for lr in (0.01, 0.005)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    statuses = sorted(run.returncode for run in runs)
+    assert statuses == [0, 2], outputs
+    loser = next(stderr for run, (_, stderr) in zip(runs, outputs) if run.returncode == 2)
+    # started together, the loser finds the directory locked, or (when it was slow to start) already written
+    assert "is in use by another run" in loser or "was written by another run" in loser, loser
+    winner_lr = next(lr for run, lr in zip(runs, (0.01, 0.005)) if run.returncode == 0)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr_classifier"] for row in rows] == [winner_lr, winner_lr], "one run's metrics, not two mixed"
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(cub_3x13, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "started": "2026-01-01 00:00:00"}))
+    result = train(*small_run_args(cub_3x13, run_dir, "--train.epochs=1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "took over the lock of host node7, pid 4242" in (run_dir / "train.log").read_text()
+
+
+def test_a_temporary_file_left_by_a_save_cut_short_is_removed_at_the_next_start(cub_3x13, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = run_dir / ".last.pt.k2j4x9.tmp"  # what a SIGKILL in the middle of save_checkpoint leaves
+    stale.write_bytes(b"half a checkpoint")
+    assert train(*small_run_args(cub_3x13, run_dir, "--train.epochs=1")).returncode == 0
+    assert not stale.exists() and not list(run_dir.glob(".*.tmp"))
+    assert f"removed {stale}, left by a checkpoint save that was cut short" in (run_dir / "train.log").read_text()
+
+
+# ---- a full disk, a read-only disk ------------------------------------------------------------------------------
+
+
+def small_state(value: float) -> dict:
+    return {"model": {"weight": torch.full((256, 256), value)}, "epoch": 1}
+
+
+def test_a_full_disk_is_one_sentence_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(small_state(1.0), path)
+    before = path.read_bytes()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
+    with pytest.raises(UserError, match=r"the disk holding .* is full: last.pt needs about [\d.]+ MB and 0.1 MB are "
+                                        r"free; the previous last.pt is intact; free some space, then run the same "
+                                        r"command again.$"):
+        save_checkpoint(small_state(2.0), path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_a_disk_that_fills_during_the_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    usage = shutil.disk_usage(tmp_path)
+
+    def save_until_the_disk_is_full(state, f):
+        f.write(b"partial")  # what torch.save had written when the disk filled up
+        monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: usage._replace(free=0))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 52")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(UserError, match="is full: best.pt needs about .* no best.pt has been written yet"):
+        save_checkpoint(small_state(1.0), path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(small_state(1.0), path)
+    before = path.read_bytes()
+
+    def failing_save(state, f):
+        f.write(b"partial")
+        raise RuntimeError("the machine broke")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="the machine broke"):
+        save_checkpoint(small_state(2.0), path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_sigterm_during_a_save_waits_for_the_checkpoint_to_be_written(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(small_state(1.0), path)
+    real_save = checkpoint_module.torch.save
+
+    def save_with_a_sigterm_half_way(state, f):
+        f.write(b"")
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler pre-empts the job in the middle of the write
+        real_save(state, f)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_with_a_sigterm_half_way)
+    with sigterm_raises(), pytest.raises(Interrupted, match="SIGTERM"):
+        save_checkpoint(small_state(2.0), path)
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["weight"], small_state(2.0)["model"]["weight"])
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_training_onto_a_full_disk_says_what_to_do_by_what_is_written(cub_3x13, tmp_path, monkeypatch):
+    run_dir, usage = tmp_path / "run", shutil.disk_usage(tmp_path)
+    free = {"bytes": usage.free}
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: usage._replace(free=free["bytes"]))
+    real_save = checkpoint_module.torch.save
+
+    def save_then_fill_the_disk(state, f):
+        real_save(state, f)
+        free["bytes"] = 1_000_000  # the first checkpoint (last.pt at step 2) fits, then the disk is full
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_then_fill_the_disk)
+    # best.pt at the end of epoch 1 is the next write
+    with pytest.raises(UserError, match=r"is full: best.pt needs about [\d.]+ MB and 1.0 MB are free; no best.pt "
+                                        r"has been written yet; free some space, then run the same command again: "
+                                        r"it resumes from last.pt.$"):
+        train_cli.main(small_run_args(cub_3x13, run_dir))
+    assert not list(run_dir.glob(".*.tmp"))
+    # Full from the start: nothing to resume, so the way on is --overwrite (the refusal of a best.pt without a
+    # last.pt would otherwise stop the re-run the message suggests).
+    with pytest.raises(UserError, match=r"no last.pt has been written yet; free some space, then start the run "
+                                        r"again with --overwrite"):
+        train_cli.main(small_run_args(cub_3x13, tmp_path / "run2"))
+
+
+def test_a_read_only_disk_is_one_sentence(cub_3x13, tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "readonly")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    with pytest.raises(UserError, match=r"cannot create run directory .*readonly/run \(read-only file system\); "
+                                        r"pass a --run-dir on a disk"):
+        train_cli.main(small_run_args(cub_3x13, tmp_path / "readonly" / "run"))
+
+
+def test_rerunning_a_finished_run_writes_nothing_so_a_read_only_disk_is_fine(cub_3x13, finished_run):
+    before, lock_written = fingerprints(finished_run), (finished_run / LOCK_FILE).stat().st_mtime_ns
+    result = train(*small_run_args(cub_3x13, finished_run))
+    assert result.returncode == 0 and "already finished 2 epochs" in result.stdout
+    assert fingerprints(finished_run) == before
+    assert (finished_run / LOCK_FILE).stat().st_mtime_ns == lock_written, "not even the lock is taken"
+
+
+def test_eval_prints_its_numbers_before_a_write_fails(finished_run, monkeypatch, capsys):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(UserError, match=r"cannot write .*eval_best_test.json \(read-only file system\); the "
+                                        r"numbers are printed above; pass --output"):
+        eval_cli.main(["--checkpoint", str(finished_run / "best.pt"), "--device=cpu"])
+    assert "test: 21 images, top-1" in capsys.readouterr().out
+
+
+def test_eval_output_that_is_a_folder_is_one_sentence(finished_run, tmp_path):
+    result = launch(sys.executable, "-m", "bcnn.eval", "--checkpoint", str(finished_run / "best.pt"),
+                    "--device=cpu", f"--output={tmp_path}")
+    one_error_line(result, f"--output {tmp_path} is a folder; give a file name")
+
+
+def test_evaluating_last_pt_does_not_replace_best_pts_evaluation(finished_run, capsys):
+    for name in ("best.pt", "last.pt"):
+        eval_cli.main(["--checkpoint", str(finished_run / name), "--device=cpu", "--no-figures"])
+    capsys.readouterr()
+    best, last = (json.loads((finished_run / f"eval_{stem}_test.json").read_text()) for stem in ("best", "last"))
+    assert best["checkpoint"].endswith("best.pt") and last["checkpoint"].endswith("last.pt")
+    for stem in ("best", "last"):
+        assert (finished_run / f"eval_{stem}_test_per_class.csv").exists()
+
+
+# ---- Ctrl-C and SIGTERM ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop, status, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_stops_training_with_where_to_resume_and_the_same_command_resumes(cub_3x13, tmp_path, stop,
+                                                                                  status, said):
+    run_dir = tmp_path / "run"
+    args = small_run_args(cub_3x13, run_dir, "--train.epochs=3", "--train.checkpoint_every=1")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "bcnn.train", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == status, stderr[-2000:]
+    assert stderr.startswith(f"{said} stopped training; the last checkpoint is {run_dir / 'last.pt'} ("), stderr
+    assert stderr.rstrip().endswith("the same command resumes from it.") and "Traceback" not in stderr
+    assert not list(run_dir.glob(".*.tmp"))
+
+    again = train(*args)  # the same command
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
