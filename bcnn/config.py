@@ -41,9 +41,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    backbone: str = "vgg16"
     backbone_weights: str = "imagenet"  # "imagenet" (torchvision download/cache), "none", or a state-dict path
     cut: str = "relu5_3"  # "relu5_3": pool5 dropped, as in the paper; "pool5": after the last max-pool
-    sqrt_eps: float = 1e-5  # y = sign(x) * sqrt(|x| + eps): eps keeps the gradient finite at 0
+    pooling: str = "bilinear"  # bilinear | matrix_sqrt | isqrt_cov | compact | avg (bcnn/models/pooling.py)
+    sqrt_eps: float = 1e-5  # y = ±sqrt(|x| + eps), + for x >= 0: eps keeps the gradient finite at 0
+    matrix_sqrt_iterations: int = 10  # matrix_sqrt: Newton-Schulz iterations, as the authors' PyTorch code runs
+    isqrt_iterations: int = 5  # isqrt_cov: Newton-Schulz iterations, iSQRT-COV's for VGG16
+    isqrt_reduce_dim: int = 256  # isqrt_cov: 1x1 conv + BN + ReLU to this many channels first; 0 = none
+    compact_dim: int = 8192  # compact: the tensor sketch's dimension
+    backbone_b: str = ""  # asymmetric B-CNN: a second backbone whose map meets the first's; "" = symmetric
+    backbone_b_weights: str = "imagenet"  # the second backbone's, as backbone_weights
     freeze_backbone: bool = True  # frozen: no gradients, kept in eval mode, weights bit-identical
 
 
@@ -95,7 +103,10 @@ class Config:
 
 CHOICES = {
     ("data", "format"): ("cub", "folder"),
+    ("model", "backbone"): ("vgg16",),
+    ("model", "backbone_b"): ("", "vgg16"),
     ("model", "cut"): ("relu5_3", "pool5"),
+    ("model", "pooling"): ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
@@ -114,6 +125,12 @@ RANGES = {
     "data.color_jitter": "[0, inf)",
     "data.num_workers": "[-1, inf)",
     "model.sqrt_eps": "(0, inf)",  # at 0 the signed square root's gradient at 0 is NaN
+    # Newton-Schulz: converged by 20 steps (float64), while float32 rounding in a rank-deficient Gram matrix
+    # (H W < C) grows 9/4 a step past that and overflows by about 26 (bcnn/models/pooling.py).
+    "model.matrix_sqrt_iterations": "[1, 20]",
+    "model.isqrt_iterations": "[1, 20]",
+    "model.isqrt_reduce_dim": "[0, inf)",
+    "model.compact_dim": "[1, inf)",
     "optim.lr": "[0, inf)",
     "optim.backbone_lr": "[0, inf)",
     "optim.momentum": "[0, 1)",  # at 1 and above the velocity never decays
@@ -132,7 +149,7 @@ RANGES = {
 }
 
 # Each VGG16 max-pool halves the image, rounding down, and needs at least 2 pixels: data.crop must be at least
-# 2 ** (the pools before the cut) (measured with bcnn.model.vgg16_features in tests/test_config.py).
+# 2 ** (the pools before the cut) (measured with bcnn.models.backbones.vgg16_features in tests/test_config.py).
 MAX_POOLS_BEFORE_CUT = {"relu5_3": 4, "pool5": 5}
 
 
@@ -334,6 +351,13 @@ def validate(cfg: Config) -> None:
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "
             "use schedule.name=step, cosine or none, or set data.val_fraction > 0."
         )
+    if cfg.model.backbone_b and cfg.model.pooling != "bilinear":
+        raise UserError(f"model.backbone_b (the asymmetric B-CNN) needs model.pooling=bilinear, got "
+                        f"{cfg.model.pooling}; set model.backbone_b= (empty) or model.pooling=bilinear.")
+    if cfg.train.cache_features and cfg.model.pooling == "isqrt_cov" and cfg.model.isqrt_reduce_dim:
+        raise UserError("train.cache_features needs a pooling head without trainable layers, and isqrt_cov's 1x1 "
+                        f"reduction to model.isqrt_reduce_dim={cfg.model.isqrt_reduce_dim} channels trains; set "
+                        "train.cache_features=false, or model.isqrt_reduce_dim=0.")
     if cfg.train.cache_features and not cfg.model.freeze_backbone:
         raise UserError("train.cache_features needs model.freeze_backbone=true (a training backbone changes the "
                         "features); turn one of them off.")

@@ -33,7 +33,7 @@ from bcnn.engine import evaluate
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
                           save_figure)
-from bcnn.model import build_model, load_model_weights
+from bcnn.models import build_model, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"

@@ -1,12 +1,13 @@
-"""Bilinear features of a frozen backbone, computed once and read back from disk (the authors' stage-1 protocol).
+"""Pooled features of a frozen backbone, computed once and read back from disk (the authors' stage-1 protocol).
 
-With the backbone frozen, the normalised bilinear vector of a given view of an image never changes, so stage 1
-can train the Linear classifier from stored vectors instead of running VGG16 every epoch:
+With the backbone frozen and a pooling head without trainable layers (bilinear, matrix_sqrt, compact, avg), the
+vector model.embed gives a view of an image never changes, so stage 1 can train the Linear classifier from
+stored vectors instead of running VGG16 every epoch:
 
     train_views = build_dataset(cfg.data, "train", train_transform=False)  # eval transform: no random crop
     cache = build_feature_cache(model, train_views, ("center", "flip"), "cache/features", device, "bf16")
     loader = build_loader(cache, batch_size=64, train=True, num_workers=0, seed=0)
-    for features, targets in loader:  # (B, C*C) float32
+    for features, targets in loader:  # (B, output_dim) float32
         logits = classifier_logits(model, features.to(device))  # == model(that view), up to float16 storage
 
 The datasets must carry the eval transform (Resize -> CenterCrop): a random augmentation would be frozen into
@@ -48,7 +49,7 @@ from bcnn.precision import DTYPES, autocast
 log = logging.getLogger("bcnn")
 
 # Part of every key: bump it when the head's maths or the file layout changes, and old caches stop matching.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pooling heads; the signed square root of 0 is sqrt(eps), as the reference ports
 VIEWS = ("center", "flip")
 PRECISIONS = ("fp32", *DTYPES)  # the backbone's autocast, as bcnn.precision names it
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.f16", "labels.npy", "meta.json"
@@ -56,10 +57,10 @@ FEATURES_FILE, LABELS_FILE, META_FILE = "features.f16", "labels.npy", "meta.json
 _RANDOM_STEPS = ("Random", "ColorJitter")
 
 
-def backbone_fingerprint(backbone: torch.nn.Module) -> str:
-    """sha256 over every tensor of the backbone's state dict (name, dtype, shape, bytes), in key order."""
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of a module's state dict (name, dtype, shape, bytes), in key order."""
     digest = hashlib.sha256()
-    for name, tensor in backbone.state_dict().items():
+    for name, tensor in module.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes of any dtype, bf16 included
@@ -81,7 +82,8 @@ def _file_size(path: str) -> int:
 def cache_key(model, dataset, views: tuple[str, ...], precision: str) -> str:
     """16 hex digits naming the cache of `views` of `dataset` under `model` at `precision`.
 
-    Covers the backbone's architecture (the cut) and weights, the head's sqrt eps, the transform (resize, crop,
+    Covers the backbones' architecture (the cut) and weights, the pooling head (its options and fixed random
+    projections), the transform (resize, crop,
     normalisation), the samples in order (paths, labels and file sizes: a replaced image of another size
     invalidates; one of the very same size does not), bounding boxes when images are cropped to them, the class
     list, the views and the precision (bf16 features differ from fp32 ones). Another root, split or val
@@ -91,9 +93,10 @@ def cache_key(model, dataset, views: tuple[str, ...], precision: str) -> str:
     crop_to_bbox = bool(getattr(dataset, "crop_to_bbox", False))
     material = {
         "format": FORMAT_VERSION,
-        "backbone": repr(model.backbone),
-        "weights": backbone_fingerprint(model.backbone),
-        "sqrt_eps": model.head.sqrt_eps,
+        "backbone": [repr(backbone) for backbone in model.backbones()],
+        "weights": [state_fingerprint(backbone) for backbone in model.backbones()],
+        "pooling": repr(model.pooling),
+        "pooling_state": state_fingerprint(model.pooling),
         "transform": repr(dataset.transform),
         "samples": [[path, label, _file_size(path)] for path, label in dataset.samples],
         "bboxes": [list(box) for box in dataset.bboxes] if crop_to_bbox else None,
@@ -141,13 +144,13 @@ class FeatureCache(Dataset):
 
 
 def classifier_logits(model, features: torch.Tensor) -> torch.Tensor:
-    """The logits of cached features: the model's Linear classifier in float32, as BilinearHead runs it.
+    """The logits of cached features: the model's Linear classifier in float32, as BilinearCNN runs it.
 
-    Under DDP, wrap model.head.fc in DistributedDataParallel and call that instead: calling the classifier
+    Under DDP, wrap model.classifier in DistributedDataParallel and call that instead: calling the classifier
     through the raw model bypasses DDP's gradient all-reduce.
     """
     with torch.autocast(device_type=features.device.type, enabled=False):
-        return model.head.fc(features.float())  # (B, num_classes)
+        return model.classifier(features.float())  # (B, num_classes)
 
 
 def _check_arguments(dataset, views: tuple[str, ...], precision: str) -> None:
@@ -226,8 +229,7 @@ def _compute_rows(model, dataset, views, features: np.memmap, device, precision,
             x = torch.flip(images, dims=[3]) if view == "flip" else images
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
-                feature_map = model.backbone(x)
-            vectors = model.head.features(feature_map)  # (B, C*C) float32; the head turns autocast off itself
+                vectors = model.embed(x)  # (B, output_dim) float32: embed runs the pooling without autocast
             if not torch.isfinite(vectors).all():
                 raise UserError(f"the backbone gave non-finite features at precision {precision} (fp16 "
                                 f"overflow?); use precision bf16 or fp32.")
@@ -275,9 +277,12 @@ def build_feature_cache(model, dataset, views: tuple[str, ...], cache_root: str 
     views = tuple(views)
     _check_arguments(dataset, views, precision)
     model = unwrap(model)
+    if not (model.backbone_frozen and model.pooling.cacheable):
+        raise UserError("the feature cache needs a frozen backbone and a pooling head without trainable layers; "
+                        "set train.cache_features=false.")
     key = cache_key(model, dataset, views, precision)
     final = Path(cache_root) / key
-    shape = (len(views) * len(dataset), model.head.fc.in_features)  # (rows, C*C)
+    shape = (len(views) * len(dataset), model.classifier.in_features)  # (rows, output_dim)
     if rank == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
     plan = _from_rank0(_plan(final, key, shape) if rank == 0 else None, world_size)

@@ -34,7 +34,7 @@ from bcnn.config import config_from_dict
 from bcnn.data import REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
-from bcnn.model import build_model, load_model_weights
+from bcnn.models import build_model, load_model_weights
 from bcnn.precision import configure_device
 
 

@@ -1,5 +1,6 @@
-"""A run directory's life: held by one run at a time, started or resumed, and never losing a checkpoint that the
-run was not told to replace.
+"""A run directory's life: held by one run at a time, started or resumed, never losing a checkpoint that the run
+was not told to replace, and what a run writes into it as it goes (RunRecorder: progress, curves, metrics.jsonl,
+best.pt and last.pt, with RunCounters saying where the run stands).
 
     run = RunDirectory(Path("runs/cub_vgg16_stage1"))
     try:
@@ -20,17 +21,22 @@ RunDirectory opens that file. Commands that only read a run (eval, predict) neve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bcnn.checkpoint import save_checkpoint
 from bcnn.errors import UserError
+from bcnn.progress import EpochProgress
 
 LOCK_FILE = "run.lock"
 CHECKPOINTS = ("last.pt", "best.pt")
@@ -164,3 +170,95 @@ def read_metric_rows(path: Path, up_to_epoch: int) -> list[str]:
     if not path.exists():
         return []
     return [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= up_to_epoch]
+
+
+@dataclass
+class RunCounters:
+    """Where a run stands. Checkpoints store these as top-level entries; a resumed run starts from them."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps of the next epoch already taken (a mid-epoch checkpoint)
+    global_step: int = 0
+    best_score: float = -math.inf  # the selection score of best.pt (val top-1, or the epoch without val)
+    epoch_totals: dict | None = None  # the partial epoch's sums at step_in_epoch (loss_sum, correct, seen)
+    metrics: dict = field(default_factory=dict)  # the last finished epoch's row of metrics.jsonl
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> RunCounters:
+        return cls(**{name: state[name] for name in cls.__dataclass_fields__})
+
+    def as_checkpoint(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RunRecorder:
+    """What a run leaves as it goes: progress, TensorBoard curves, metrics.jsonl, best.pt and last.pt (every epoch,
+    and every train.checkpoint_every steps); rank 0 writes. Every rank calls the same hooks at the same points,
+    since they hold collectives (the NaN check, the sums of a partial epoch).
+
+    model: whose weights go into checkpoints; training_state(): the optimizer, scheduler, scaler and generator
+    states a last.pt adds; fixed: entries every checkpoint carries (config, classes)."""
+
+    def __init__(self, run: RunDirectory, counters: RunCounters, model, training_state, fixed: dict, is_main: bool,
+                 checkpoint_every: int, diverged_hint: str, board=None):
+        self.run, self.counters, self.model, self.training_state = run, counters, model, training_state
+        self.fixed, self.is_main, self.checkpoint_every = fixed, is_main, checkpoint_every
+        self.diverged_hint, self.board = diverged_hint, board
+        self.metrics_path = run.path / "metrics.jsonl"
+        if is_main:  # rows of epochs after the checkpoint died with the process that wrote them
+            rows = read_metric_rows(self.metrics_path, counters.epoch)
+            self.metrics_path.write_text("".join(line + "\n" for line in rows))
+
+    def start_epoch(self, epoch: int, steps_per_epoch: int, lrs: dict, device) -> None:
+        self.epoch, self.steps_per_epoch, self.lrs = epoch, steps_per_epoch, lrs
+        self.epoch_start_step = self.counters.global_step - self.counters.step_in_epoch
+        self.progress = EpochProgress(epoch, steps_per_epoch, self.counters.step_in_epoch, enabled=self.is_main)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def report(self, step: int, stats: dict) -> None:
+        """train_one_epoch's on_report: loss, top-1 and images/s since the last report."""
+        self.progress.report(step, stats)
+        if self.board is not None:
+            self.board.step(self.epoch_start_step + step, stats)
+
+    def after_step(self, step: int, meter) -> None:
+        """train_one_epoch's after_step; a mid-epoch last.pt every checkpoint_every global steps."""
+        self.counters.global_step = self.epoch_start_step + step
+        self.progress.advance()
+        if step == self.steps_per_epoch:
+            self.progress.close()
+        every = self.checkpoint_every
+        if every and self.counters.global_step % every == 0 and step < self.steps_per_epoch:
+            meter.raise_if_diverged(self.epoch, self.diverged_hint)
+            totals = meter.totals()  # every rank takes part; rank 0 writes
+            if self.is_main:
+                self.save_last(dataclasses.replace(self.counters, step_in_epoch=step, epoch_totals=totals))
+
+    def end_epoch(self, train_stats: dict, val_stats: dict | None, val_confusion, device) -> dict:
+        """metrics.jsonl, TensorBoard, best.pt when val improved, last.pt; returns the epoch's row."""
+        epoch, counters = self.epoch, self.counters
+        row = {"epoch": epoch, "global_step": counters.global_step,
+               **{f"lr_{name}": lr for name, lr in self.lrs.items()},
+               **{f"train_{k}": v for k, v in train_stats.items()},
+               **({f"val_{k}": v for k, v in val_stats.items()} if val_stats else {})}
+        # Selection on val only; with no val split the paper's fixed schedule keeps the last epoch.
+        score = val_stats["top1"] if val_stats else epoch
+        improved = score > counters.best_score
+        counters.epoch, counters.step_in_epoch, counters.epoch_totals, counters.metrics = epoch, 0, None, row
+        counters.best_score = max(counters.best_score, score)
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.board.epoch(counters.global_step, row, self.lrs, device)
+            if improved and val_confusion is not None:
+                self.board.evaluation_figures("val", val_confusion, self.fixed["classes"], counters.global_step)
+            if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
+                save_checkpoint({"model": self.model.state_dict(), **self.fixed, "epoch": epoch, "metrics": row},
+                                self.run.path / "best.pt", then=self.run.how_to_continue())
+            self.save_last(counters)
+        return row
+
+    def save_last(self, counters: RunCounters) -> None:
+        state = {"model": self.model.state_dict(), **self.fixed, **self.training_state(), **counters.as_checkpoint()}
+        save_checkpoint(state, self.run.path / "last.pt", then=self.run.how_to_continue())

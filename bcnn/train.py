@@ -19,7 +19,6 @@ TensorBoard events, last.pt and best.pt (best val top-1, or the last epoch when 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -34,16 +33,17 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from bcnn import distributed
-from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, rng_states, save_checkpoint
+from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, rng_states
 from bcnn.config import Config, config_to_dict, load_config
 from bcnn.data import build_dataset, build_loader
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.feature_cache import build_feature_cache
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
-from bcnn.model import build_model, load_model_weights
+from bcnn.models import build_model, load_model_weights
+from bcnn.optim import build_optimizer, build_scheduler, step_schedule
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
-from bcnn.progress import ConsoleFilter, EpochProgress
-from bcnn.run_dir import RunDirectory, read_metric_rows
+from bcnn.progress import ConsoleFilter
+from bcnn.run_dir import RunCounters, RunDirectory, RunRecorder
 from bcnn.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("bcnn")
@@ -99,31 +99,6 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-
-
-def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """Fused kernels: one pass over each parameter per step. The 262,144 x 200 classifier makes the update
-    memory-bound (about 5x faster fused than the default on a CPU, measured with python -m bcnn.bench)."""
-    groups = model.param_groups(backbone_lr=cfg.optim.backbone_lr, classifier_lr=cfg.optim.lr)
-    opt = cfg.optim
-    if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, fused=True)
-    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[opt.name]
-    return optimizer_class(groups, lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
-
-
-def build_scheduler(cfg: Config, optimizer):
-    """Stepped once per epoch; plateau is stepped with the val top-1."""
-    sched = cfg.schedule
-    if sched.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=sched.factor, patience=sched.patience, min_lr=sched.min_lr
-        )
-    if sched.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched.step_size, gamma=sched.factor)
-    if sched.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs, eta_min=sched.min_lr)
-    return None
 
 
 def tensorboard_command(logdir) -> str:
@@ -240,12 +215,12 @@ def main(argv=None) -> dict:
 
 def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dict:
     micro_batch = distributed.per_rank_batch_size(cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps)
-    device, run_dir = ctx.device, run.path
-    precision = resolve_precision(cfg.train.precision, device)
+    device, precision = ctx.device, resolve_precision(cfg.train.precision, ctx.device)
     configure_device(device)
     setup_logging(quiet=not ctx.is_main)  # the console only, until the run directory is held and ready
+
     # Every input is read and checked before anything in the run directory changes: a mistake costs nothing.
-    resume_path = find_resume_checkpoint(args, run_dir)
+    resume_path = find_resume_checkpoint(args, run.path)
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         check_resumable(cfg, state, resume_path)
@@ -258,60 +233,43 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
                         "pass the --data-root it was trained on.")
     if state is not None and state["epoch"] >= cfg.train.epochs and not state.get("step_in_epoch"):
         log.info("%s already finished %d epochs; nothing to do (raise --train.epochs to train on, or pass "
-                 "--overwrite to start again)", run_dir, state["epoch"])
+                 "--overwrite to start again)", run.path, state["epoch"])
         return state["metrics"]  # before the run directory is held: a finished run is not written to
     initial = read_init_from(cfg.train.init_from, classes) if cfg.train.init_from and state is None else None
+    model = build_model_once_per_machine(cfg, len(classes), ctx)
+
+    # The run directory: held by this run, cleared for a fresh start, its log opened.
     if ctx.is_main:
         run.hold()
         run.prepare(fresh=state is None, overwrite=args.overwrite, inputs=[cfg.train.init_from])
-    setup_logging(run_dir / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
-    for note in run.notes:
-        log.info("run directory %s: %s", run_dir, note)
-    config_dict = config_to_dict(cfg)  # stored with every checkpoint as plain values
-    if ctx.is_main:
-        with open(run_dir / "config.yaml", "w") as f:
-            yaml.safe_dump(config_dict, f, sort_keys=False)
-    log.info("run dir %s", run_dir)
-    log_environment(ctx, args.config, config_dict)
-    log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
-             "step(s) x %d", cfg.data.root, len(train_set), len(val_set) if val_set is not None else "no",
-             len(classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
-    # One download of the ImageNet weights per machine: the other ranks wait, then read torch's hub cache.
-    if ctx.local_rank != 0:
-        distributed.barrier()
-    model = build_model(cfg.model, num_classes=len(classes))
-    if ctx.local_rank == 0:
-        distributed.barrier()
+    config_dict = open_run_log(cfg, ctx, args, run, train_set, val_set, micro_batch)
+
+    # The model, optimizer and schedule: initialised, or restored to where the run stopped.
     if initial is not None:
         load_model_weights(model, initial["model"])
         log.info("initialised model weights from %s (epoch %s)", cfg.train.init_from, initial.get("epoch"))
         del initial
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
-    optimizer = build_optimizer(cfg, model)
+    optimizer, scaler = build_optimizer(cfg, model), grad_scaler(precision, device)
     scheduler = build_scheduler(cfg, optimizer)
-    scaler = grad_scaler(precision, device)
-    start_epoch, step_in_epoch, global_step, best_score, epoch_totals = 1, 0, 0, -math.inf, None
+    counters = RunCounters()
     if state is not None:
         restore_training_state(state, resume_path, model, optimizer, scheduler, scaler)
-        start_epoch, step_in_epoch = state["epoch"] + 1, state["step_in_epoch"]
-        global_step, best_score, epoch_totals = state["global_step"], state["best_score"], state["epoch_totals"]
+        counters = RunCounters.from_checkpoint(state)
         restore_rng_states(state["rng"])
-        log.info("resumed from %s: epoch %d, step %d of it (global step %d)", resume_path, start_epoch,
-                 step_in_epoch, global_step)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("model: VGG16 %s bilinear, %d trainable parameters, backbone %s; precision %s (head float32), "
-             "%s", cfg.model.cut, trainable, "frozen" if model.backbone_frozen else "trainable", precision,
-             "channels_last" if cfg.train.channels_last else "NCHW")
+        log.info("resumed from %s: epoch %d, step %d of it (global step %d)", resume_path, counters.epoch + 1,
+                 counters.step_in_epoch, counters.global_step)
+    log_model(cfg, model, precision)
     if cfg.train.compile:
-        model.backbone.compile()  # in place: the state dict keys stay as they are (no _orig_mod. prefix)
+        for backbone in model.backbones():
+            backbone.compile()  # in place: the state dict keys stay as they are (no _orig_mod. prefix)
 
-    loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-                       pin_memory=device.type == "cuda")
-    if cfg.train.cache_features:
-        # The classifier alone trains, on stored features: in float32, and the loader reads 2-d vectors.
-        train_loader, val_loader = cached_feature_loaders(cfg, model, val_set is not None, micro_batch,
-                                                          precision, ctx, loader_args)
-        step_model, step_precision, step_channels_last = model.head.fc, "fp32", False
+    # The data, and what the steps run: the whole model, or the classifier alone on cached features.
+    loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
+    if cfg.train.cache_features:  # float32, on the 2-d vectors the loader reads
+        train_loader, val_loader = cached_feature_loaders(cfg, model, val_set is not None, micro_batch, precision,
+                                                          ctx, loader_args)
+        step_model, step_precision, step_channels_last = model.classifier, "fp32", False
     else:
         train_loader = build_loader(train_set, micro_batch, train=True, num_workers=cfg.data.num_workers,
                                     **loader_args)
@@ -322,98 +280,94 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     ddp_model = (DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
                  if ctx.distributed else step_model)
 
-    board, metrics_path = None, run_dir / "metrics.jsonl"
+    board = None
     if ctx.is_main:
-        rows = read_metric_rows(metrics_path, start_epoch - 1)
-        metrics_path.write_text("".join(line + "\n" for line in rows))
-        board = TensorBoardLog(run_dir, purge_step=global_step + 1 if state is not None else None)
+        board = TensorBoardLog(run.path, purge_step=counters.global_step + 1 if state is not None else None)
         if state is None and not cfg.train.cache_features:
             board.augmented_images(train_set, cfg.train.seed)
     diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
-                     f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run_dir}")
+                     f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run.path}")
+    recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler),
+                           {"config": config_dict, "classes": classes}, ctx.is_main, cfg.train.checkpoint_every,
+                           diverged_hint, board)
 
-    def checkpoint(epoch_done: int, step: int, totals: dict | None, metrics: dict) -> dict:
-        return {"model": model.state_dict(), "config": config_dict, "classes": classes, "epoch": epoch_done,
-                "metrics": metrics, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "step_in_epoch": step, "global_step": global_step,
-                "best_score": best_score, "epoch_totals": totals, "rng": rng_states()}
-
-    row = state["metrics"] if state is not None else {}
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        train_loader.sampler.set_epoch(epoch, skip=step_in_epoch * cfg.train.batch_size)
-        steps_per_epoch = math.ceil(math.ceil(train_loader.sampler.num_samples / micro_batch)
-                                    / cfg.train.accum_steps)
-        epoch_start_step = global_step - step_in_epoch
-        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
-        progress = EpochProgress(epoch, steps_per_epoch, step_in_epoch, enabled=ctx.is_main)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def report(step: int, stats: dict) -> None:
-            progress.report(step, stats)
-            if board is not None:
-                board.step(epoch_start_step + step, stats)
-
-        def after_step(step: int, meter: EpochMeter) -> None:
-            nonlocal global_step
-            global_step = epoch_start_step + step
-            progress.advance()
-            every = cfg.train.checkpoint_every
-            if every and global_step % every == 0 and step < steps_per_epoch:
-                meter.raise_if_diverged(epoch, diverged_hint)
-                totals = meter.totals()  # every rank takes part; rank 0 writes
-                if ctx.is_main:
-                    save_checkpoint(checkpoint(epoch - 1, step, totals, row), run_dir / "last.pt",
-                                    then=run.how_to_continue())
-
-        meter = EpochMeter.resumed(epoch_totals, device, ctx.is_main)
+    for epoch in range(counters.epoch + 1, cfg.train.epochs + 1):
+        train_loader.sampler.set_epoch(epoch, skip=counters.step_in_epoch * cfg.train.batch_size)
+        steps = math.ceil(math.ceil(train_loader.sampler.num_samples / micro_batch) / cfg.train.accum_steps)
+        recorder.start_epoch(epoch, steps, {group["name"]: group["lr"] for group in optimizer.param_groups}, device)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
-                                      accum_steps=cfg.train.accum_steps, scaler=scaler, meter=meter,
-                                      first_step=step_in_epoch, after_step=after_step, on_report=report,
-                                      log_every=cfg.train.log_every, diverged_hint=diverged_hint,
-                                      precision=step_precision, channels_last=step_channels_last)
-        progress.close()
-        step_in_epoch, epoch_totals = 0, None
+                                      accum_steps=cfg.train.accum_steps, scaler=scaler,
+                                      meter=EpochMeter.resumed(counters.epoch_totals, device, ctx.is_main),
+                                      first_step=counters.step_in_epoch, after_step=recorder.after_step,
+                                      on_report=recorder.report, log_every=cfg.train.log_every,
+                                      diverged_hint=diverged_hint, precision=step_precision,
+                                      channels_last=step_channels_last)
         val_stats = (evaluate(step_model, val_loader, device, len(classes), confusion=True,
                               precision=step_precision, channels_last=step_channels_last)
                      if val_loader is not None else None)
         val_confusion = val_stats.pop("confusion") if val_stats else None
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_stats["top1"])
-        elif scheduler is not None:
-            scheduler.step()
-
-        row = {"epoch": epoch, "global_step": global_step, **{f"lr_{name}": lr for name, lr in lrs.items()},
-               **{f"train_{k}": v for k, v in train_stats.items()},
-               **({f"val_{k}": v for k, v in val_stats.items()} if val_stats else {})}
-        # Selection on val only; with no val split the paper's fixed schedule keeps the last epoch.
-        score = val_stats["top1"] if val_stats else epoch
-        improved = score > best_score
-        best_score = max(best_score, score)
-        if ctx.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            board.epoch(global_step, row, lrs, device)
-            if improved and val_confusion is not None:
-                board.evaluation_figures("val", val_confusion, classes, global_step)
-            if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
-                save_checkpoint({"model": model.state_dict(), "config": config_dict, "classes": classes,
-                                 "epoch": epoch, "metrics": row}, run_dir / "best.pt", then=run.how_to_continue())
-            save_checkpoint(checkpoint(epoch, 0, None, row), run_dir / "last.pt", then=run.how_to_continue())
+        step_schedule(scheduler, val_stats)
+        recorder.end_epoch(train_stats, val_stats, val_confusion, device)
         log.info("epoch %d done: train loss %.4f top1 %.2f%%%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
                  train_stats["seconds"])
+
+    row = counters.metrics
     if board is not None:
         final = {"final_train_loss": row["train_loss"], "final_train_top1": row["train_top1"]}
         if "val_top1" in row:
-            final.update(best_val_top1=best_score, final_val_top1=row["val_top1"])
-        board.hyperparameters(config_dict, ctx.world_size, final, global_step)
+            final.update(best_val_top1=counters.best_score, final_val_top1=row["val_top1"])
+        board.hyperparameters(config_dict, ctx.world_size, final, counters.global_step)
         board.close()
-    log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run_dir,
-             tensorboard_command(run_dir.parent))
+    log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run.path,
+             tensorboard_command(run.path.parent))
     return row
+
+
+def build_model_once_per_machine(cfg: Config, num_classes: int, ctx: distributed.Context):
+    """build_model with one download of the ImageNet weights per machine: the other ranks wait, then read torch's
+    hub cache."""
+    if ctx.local_rank != 0:
+        distributed.barrier()
+    model = build_model(cfg.model, num_classes=num_classes)
+    if ctx.local_rank == 0:
+        distributed.barrier()
+    return model
+
+
+def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory, train_set, val_set,
+                 micro_batch: int) -> dict:
+    """train.log (rank 0), config.yaml, and the run's first lines; returns the config as a dict, stored with every
+    checkpoint as plain values."""
+    setup_logging(run.path / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
+    for note in run.notes:
+        log.info("run directory %s: %s", run.path, note)
+    config_dict = config_to_dict(cfg)
+    if ctx.is_main:
+        with open(run.path / "config.yaml", "w") as f:
+            yaml.safe_dump(config_dict, f, sort_keys=False)
+    log.info("run dir %s", run.path)
+    log_environment(ctx, args.config, config_dict)
+    log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
+             "step(s) x %d", cfg.data.root, len(train_set), len(val_set) if val_set is not None else "no",
+             len(train_set.classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
+    return config_dict
+
+
+def log_model(cfg: Config, model, precision: str) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model: %s%s to %s, %s pooling (%d-d), %d trainable parameters, backbone %s; precision %s (pooling "
+             "and classifier float32), %s", cfg.model.backbone, f" + {cfg.model.backbone_b}" if cfg.model.backbone_b
+             else "", cfg.model.cut, cfg.model.pooling, model.pooling.output_dim, trainable,
+             "frozen" if model.backbone_frozen else "trainable", precision,
+             "channels_last" if cfg.train.channels_last else "NCHW")
+
+
+def training_state(optimizer, scheduler, scaler) -> dict:
+    """What a last.pt holds beyond the weights and the counters, to continue exactly."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "rng": rng_states()}
 
 
 if __name__ == "__main__":

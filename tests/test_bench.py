@@ -57,13 +57,16 @@ def test_ratios_and_targets_follow_from_the_figures(bench_json):
     assert ratios["eval_time_vs_bare"] == pytest.approx(ips["bare"] / ips["eval"])
     assert ratios["speedup_vs_fp32_nchw"] == pytest.approx(ips["stage2_step"] / ips["stage2_step_fp32_nchw"])
     assert ratios["loader_vs_stage2_step"] == pytest.approx(ips["loader"] / ips["stage2_step"])
+    for head in bench.HEADS:
+        assert ratios[f"{head}_step_time_vs_bilinear"] == pytest.approx(ips["stage2_step"] / ips[f"stage2_step_{head}"])
     if "cached_stage1_epoch" in cases:
         live, cached = cases["live_stage1_epoch"], cases["cached_stage1_epoch"]
         assert ratios["cached_vs_live_epoch"] == pytest.approx(live["epoch_seconds"] / cached["epoch_seconds"])
         assert live["images_per_sec"] == pytest.approx(live["images_per_epoch"] / live["epoch_seconds"])
     checked = {check["ratio"]: check for check in result["targets"]}
     assert set(checked) == {"stage2_step_time_vs_bare", "speedup_vs_fp32_nchw", "loader_vs_stage2_step",
-                            "cached_vs_live_epoch"}
+                            "cached_vs_live_epoch", "matrix_sqrt_step_time_vs_bilinear",
+                            "compact_step_time_vs_bilinear"}
     for name, check in checked.items():
         value = ratios[name]
         assert check["value"] == value
@@ -82,7 +85,8 @@ def test_human_form_prints_the_table_and_the_targets():
         assert f"\n{name} " in report
     targets = report.split("targets:")[1]
     for label in ("stage2_step time / bare time", "stage2_step speedup over fp32 + NCHW",
-                  "loader images/s / stage2_step images/s", "live / cached stage-1 epoch time"):
+                  "loader images/s / stage2_step images/s", "live / cached stage-1 epoch time",
+                  "matrix_sqrt stage2_step time / bilinear's", "compact stage2_step time / bilinear's"):
         line = next(line for line in targets.splitlines() if label in line)
         assert line.rstrip().endswith(("PASS", "MISS", "n/a"))
 

@@ -11,7 +11,7 @@ import torch
 from bcnn.config import MAX_POOLS_BEFORE_CUT, RANGES, Config, config_from_dict, config_to_dict, load_config
 from bcnn import train as train_cli
 from bcnn.errors import UserError
-from bcnn.model import vgg16_features
+from bcnn.models.backbones import vgg16_features
 from helpers.runs import STAGE1, launch
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -122,6 +122,8 @@ def test_config_file_yaml_cannot_read_is_one_sentence_naming_it(tmp_path, conten
         ("data.val_fraction=inf", "data.val_fraction must be in [0, 1), got inf."),
         ("model.sqrt_eps=0", "model.sqrt_eps must be finite and greater than 0, got 0.0."),
         ("train.seed=4294967296", "train.seed must be in [0, 4294967295], got 4294967296."),
+        ("model.matrix_sqrt_iterations=30", "model.matrix_sqrt_iterations must be in [1, 20], got 30."),
+        ("model.isqrt_iterations=0", "model.isqrt_iterations must be in [1, 20], got 0."),
     ],
 )
 def test_out_of_range_value_names_key_value_and_range(override, message):

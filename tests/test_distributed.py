@@ -19,7 +19,8 @@ from bcnn.config import ModelConfig
 from bcnn.distributed import per_rank_batch_size, setup
 from bcnn.engine import train_one_epoch
 from bcnn.errors import UserError
-from bcnn.model import BilinearCNN, build_model
+from bcnn.models import BilinearCNN, build_model
+from bcnn.models.pooling import BilinearPooling
 from helpers.numerics import FORWARD_RTOL, assert_same_training, training_difference
 from helpers.runs import launch, small_run_args, suite_threads
 
@@ -151,7 +152,7 @@ def test_per_rank_batch_size(batch, processes, accum, expected):
 def small_model(seed):
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU())
-    return BilinearCNN(num_classes=4, backbone=backbone, feature_dim=8)
+    return BilinearCNN(backbone, BilinearPooling(8), num_classes=4)
 
 
 @pytest.mark.parametrize("accum", [2, 4])

@@ -23,7 +23,7 @@ from bcnn import eval as eval_cli
 from bcnn.checkpoint import save_checkpoint
 from bcnn.config import config_to_dict, load_config
 from bcnn.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, write_synthetic_cub
-from bcnn.model import build_model
+from bcnn.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")

@@ -23,7 +23,7 @@ from bcnn.config import DataConfig, ModelConfig
 from bcnn.data import build_dataset, build_loader, write_synthetic_cub
 from bcnn.errors import UserError
 from bcnn.feature_cache import FeatureCache, build_feature_cache, cache_key, classifier_logits
-from bcnn.model import build_model
+from bcnn.models import build_model
 
 CPU = torch.device("cpu")
 FLOAT16_ROUNDING = 2.0**-11  # largest relative error of rounding to the nearest float16 (unit roundoff)
@@ -77,7 +77,7 @@ def assert_storage_close(cache, view, live_features, live_logits, model):
     with torch.no_grad():
         cached_logits = classifier_logits(model, cached)
         # (N, classes): the worst case of every feature rounded by 2^-11 the same way as its weight's sign
-        bound = FLOAT16_ROUNDING * live_features.abs() @ model.head.fc.weight.abs().T + FLOAT16_SUBNORMAL
+        bound = FLOAT16_ROUNDING * live_features.abs() @ model.classifier.weight.abs().T + FLOAT16_SUBNORMAL
     assert cached_logits.dtype == torch.float32
     assert ((cached_logits - live_logits).abs() <= bound).all()
     return cached_logits, bound
@@ -91,7 +91,7 @@ def live_features_and_logits(model, images, flip: bool, precision: str = "fp32")
         # The cache runs the backbone channels-last; in bf16 the CPU's NCHW kernels round differently.
         images = images.contiguous(memory_format=torch.channels_last)
     seen = []
-    hook = model.head.fc.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    hook = model.classifier.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(images)
@@ -144,7 +144,9 @@ def test_the_key_changes_with_everything_that_changes_the_features(model, train_
     with torch.no_grad():
         moved.backbone[0].weight[0, 0, 0, 0] += 1e-3
     eps = copy.deepcopy(model)
-    eps.head.sqrt_eps = 1e-4
+    eps.pooling.sqrt_eps = 1e-4
+    average = build_model(ModelConfig(backbone_weights="none", pooling="avg"), 3)
+    average.backbone.load_state_dict(model.backbone.state_dict())
     pool5 = build_model(ModelConfig(backbone_weights="none", cut="pool5"), 3)
     pool5.backbone.load_state_dict(model.backbone.state_dict())
     others = {
@@ -153,6 +155,7 @@ def test_the_key_changes_with_everything_that_changes_the_features(model, train_
         "precision": cache_key(model, train_set, ("center", "flip"), "bf16"),
         "weights": cache_key(moved, train_set, ("center", "flip"), "fp32"),
         "sqrt eps": cache_key(eps, train_set, ("center", "flip"), "fp32"),
+        "pooling": cache_key(average, train_set, ("center", "flip"), "fp32"),
         "cut": cache_key(pool5, train_set, ("center", "flip"), "fp32"),
         "crop": cache_key(model, build_dataset(data_config(cub, crop=24), "train", False), ("center", "flip"), "fp32"),
         "split": cache_key(model, build_dataset(data_config(cub), "val", False), ("center", "flip"), "fp32"),

@@ -19,9 +19,9 @@ from bcnn import predict as predict_cli
 from bcnn.config import Config, ModelConfig
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import train_one_epoch
-from bcnn.model import build_model
+from bcnn.models import build_model
 from bcnn.precision import autocast, grad_scaler
-from bcnn.train import build_optimizer
+from bcnn.optim import build_optimizer
 from helpers.numerics import FORWARD_RTOL, assert_same_training, relative_error
 from helpers.runs import REPO, launch, small_run_args
 
@@ -98,7 +98,7 @@ def test_a_half_precision_training_step_has_finite_gradients_and_logits_close_to
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in gradients)
     after = model.state_dict()
     assert all(torch.isfinite(value).all() for value in after.values())
-    for key in ("head.fc.weight", "backbone.0.weight"):  # a step was applied, not every one skipped by the scaler
+    for key in ("classifier.weight", "backbone.0.weight"):  # a step was applied, not every one skipped by the scaler
         assert not torch.equal(after[key].cpu(), before[key].cpu()), key
 
 

@@ -21,7 +21,7 @@ from bcnn.checkpoint import save_checkpoint
 from bcnn.config import config_to_dict, load_config
 from bcnn.data import write_synthetic_cub
 from bcnn.errors import UserError
-from bcnn.model import build_model
+from bcnn.models import build_model
 from helpers.numerics import FORWARD_RTOL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,9 +60,8 @@ def trained(tmp_path_factory):
     # A random head scores every image about alike. Make row k the (centred) bilinear features of photo k, so
     # photo k is class k and the probabilities are spread: their order, and any mix-up of classes, then shows.
     with torch.no_grad():
-        features = torch.cat([model.head.features(model.backbone(eval_transform(path)[None]))
-                              for path in (photos / name for name in PHOTOS)])
-        model.head.fc.weight.copy_(40 * (features - features.mean(dim=0)))
+        features = torch.cat([model.embed(eval_transform(path)[None]) for path in (photos / name for name in PHOTOS)])
+        model.classifier.weight.copy_(40 * (features - features.mean(dim=0)))
     checkpoint = root / "best.pt"
     save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "classes": CLASSES, "epoch": 1,
                      "metrics": {}}, checkpoint)

@@ -134,7 +134,7 @@ def other_codebase_state_dict(state):
     """What a DataParallel-trained port (HaoMood/bilinear-cnn style) saves: module.features.N.*, module.fc.*."""
     renamed = {}
     for key, value in state.items():
-        key = key.replace("backbone.", "features.", 1).replace("head.fc.", "fc.", 1)
+        key = key.replace("backbone.", "features.", 1).replace("classifier.", "fc.", 1)
         renamed["module." + key] = value
     return renamed
 
@@ -152,7 +152,7 @@ def test_init_from_a_dataparallel_state_dict_of_another_codebase(cub_3x13, refer
     assert set(loaded) == set(trained) and all(torch.equal(loaded[key], trained[key]) for key in trained)
 
     other = write_synthetic_cub(tmp_path / "four", classes=4, per_class=13, seed=0)
-    with pytest.raises(UserError, match="do not fit this model .*head.fc.weight"):
+    with pytest.raises(UserError, match="do not fit this model .*classifier.weight"):
         train_cli.main(small_run_args(other, tmp_path / "run4", f"--train.init_from={foreign}"))
 
 

@@ -77,7 +77,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_cub, tmp_path):
         train(tiny_cub, tmp_path / name, "--train.epochs=2", f"--train.seed={seed}")
     a, b, c = (model_weights(tmp_path / name / "last.pt") for name in "abc")
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert not torch.equal(a["head.fc.weight"], c["head.fc.weight"])
+    assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
 
 
 def test_without_val_a_fixed_schedule_keeps_the_last_epoch(tiny_cub, tmp_path):

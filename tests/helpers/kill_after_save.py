@@ -10,11 +10,11 @@ import os
 import signal
 import sys
 
-from bcnn import train
+from bcnn import run_dir, train
 from bcnn.errors import exit_on_user_error
 
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-    real_save, writes = train.save_checkpoint, []
+    real_save, writes = run_dir.save_checkpoint, []
 
     def save_then_die(state, path, **options):
         real_save(state, path, **options)
@@ -23,7 +23,7 @@ if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             if len(writes) == int(os.environ.get("KILL_AFTER_SAVES", "1")):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    train.save_checkpoint = save_then_die
+    run_dir.save_checkpoint = save_then_die  # the module that writes the checkpoints of a run
 
 if __name__ == "__main__":
     exit_on_user_error(train.main)(sys.argv[1:])

@@ -1,5 +1,6 @@
-"""bcnn.model: the bilinear head against a NumPy reference, float32 pooling, finite gradients at zero, the VGG16
-cuts, a frozen backbone that does not move, loading backbone and model weights.
+"""bcnn.models: the bilinear head against a NumPy reference, a public port's checkpoint giving the port's logits bit
+for bit, the asymmetric head, float32 pooling, finite gradients at zero, the VGG16 cuts, a frozen backbone that
+does not move, loading backbone and model weights. (The other pooling heads: tests/test_pooling.py.)
 
 Small inputs (32-64 px) throughout: a VGG16 forward at 448 px costs seconds on a CPU. No test downloads anything;
 the ImageNet path is exercised with a random VGG16 placed in a temporary torch hub cache.
@@ -17,15 +18,9 @@ from torch import nn
 
 from bcnn.config import ModelConfig
 from bcnn.errors import UserError
-from bcnn.model import (
-    BilinearCNN,
-    BilinearHead,
-    BilinearPool,
-    build_model,
-    load_model_weights,
-    signed_sqrt,
-    vgg16_features,
-)
+from bcnn.models import BilinearCNN, build_model, load_model_weights
+from bcnn.models.backbones import vgg16_features
+from bcnn.models.pooling import AveragePooling, BilinearPooling, build_pooling, signed_sqrt
 from helpers.numerics import summation_rtol
 
 IMAGENET_FILE_NAME = os.path.basename(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url)  # vgg16-397923af.pth
@@ -37,7 +32,7 @@ def numpy_bilinear_features(x: np.ndarray, eps: float) -> np.ndarray:
     flat = x.astype(np.float64).reshape(batch, channels, height * width)
     gram = np.einsum("bcn,bdn->bcd", flat, flat) / (height * width)
     vector = gram.reshape(batch, channels * channels)
-    vector = np.sign(vector) * np.sqrt(np.abs(vector) + eps)
+    vector = np.where(vector < 0, -1.0, 1.0) * np.sqrt(np.abs(vector) + eps)  # the sign of 0 taken as +
     return vector / np.linalg.norm(vector, axis=1, keepdims=True)
 
 
@@ -70,17 +65,22 @@ def assert_backbone_equals(backbone: nn.Sequential, expected: dict) -> None:
 # ---- the head -------------------------------------------------------------------------------------------------
 
 
+def head_model(channels: int, num_classes: int, sqrt_eps: float = 1e-5) -> BilinearCNN:
+    """The bilinear head and classifier on a feature map given directly (an identity backbone)."""
+    return BilinearCNN(nn.Identity(), BilinearPooling(channels, sqrt_eps=sqrt_eps), num_classes)
+
+
 def test_head_matches_numpy_reference():
     torch.manual_seed(0)
     x = torch.randn(3, 6, 5, 7) * 2 - 0.5  # negative values too, so the signed sqrt sees both signs
-    head = BilinearHead(feature_dim=6, num_classes=4, sqrt_eps=1e-5)
+    model = head_model(channels=6, num_classes=4)
     with torch.no_grad():
-        head.fc.bias.normal_()
-        features = head.features(x)
-        logits = head(x)
+        model.classifier.bias.normal_()
+        features = model.embed(x)
+        logits = model(x)
 
     expected = numpy_bilinear_features(x.numpy(), eps=1e-5)
-    weight, bias = head.fc.weight.detach().double().numpy(), head.fc.bias.detach().double().numpy()
+    weight, bias = model.classifier.weight.detach().double().numpy(), model.classifier.bias.detach().double().numpy()
     assert features.shape == (3, 36) and logits.shape == (3, 4)
     # float32 against float64: three sums of at most 36 terms (the Gram matrix over 5x7 positions, the L2 norm,
     # the classifier), each off by at most 36u = 2.1e-6 relative (helpers.numerics.summation_rtol); the square
@@ -90,20 +90,92 @@ def test_head_matches_numpy_reference():
     np.testing.assert_allclose(logits.numpy(), expected @ weight.T + bias, rtol=rtol, atol=1e-6)
 
 
-def test_pooling_runs_in_float32_for_bfloat16_input():
+def test_signed_sqrt_is_the_ports_sqrt_on_non_negative_input_and_keeps_the_sign():
+    x = torch.tensor([0.0, 1e-12, 0.25, 4.0, -0.0, -0.25])
+    y = signed_sqrt(x, eps=1e-5)
+    assert torch.equal(y[:4], torch.sqrt(x[:4] + 1e-5)), "bit for bit what the reference ports compute"
+    assert torch.equal(y[4], torch.sqrt(torch.tensor(1e-5))) and y[5] == -torch.sqrt(torch.tensor(0.25 + 1e-5))
+
+
+class HaoMoodBCNN(nn.Module):
+    """The B-CNN of the most used public PyTorch port (HaoMood/bilinear-cnn, src/bilinear_cnn_all.py), written
+    here from its forward pass: VGG16 features without pool5, X Xᵀ / (h w), sqrt(X + 1e-5), L2 normalisation,
+    fc. (The port fixes 448 px and 200 classes; the arithmetic is the same at any size.)"""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.features = torch.nn.Sequential(*list(torchvision.models.vgg16().features.children())[:-1])
+        self.fc = torch.nn.Linear(512**2, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        n, c, h, w = x.size()
+        x = x.view(n, c, h * w)
+        x = torch.bmm(x, torch.transpose(x, 1, 2)) / (h * w)
+        x = x.view(n, c**2)
+        x = torch.sqrt(x + 1e-5)
+        x = torch.nn.functional.normalize(x)
+        return self.fc(x)
+
+
+def test_a_public_ports_checkpoint_gives_the_ports_logits_bit_for_bit():
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 6, 6).to(torch.bfloat16)
-    pooled = BilinearPool()(x)
+    port = HaoMoodBCNN(num_classes=5).eval()
+    saved = torch.nn.DataParallel(port).state_dict()  # what the port saves: module.features.N.*, module.fc.*
+    assert all(key.startswith(("module.features.", "module.fc.")) for key in saved)
+    ours = build_model(ModelConfig(backbone_weights="none"), num_classes=5).eval()
+    load_model_weights(ours, saved)
+    images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, logits = port(images), ours(images)
+        zeros = (ours.backbone(images).flatten(2) == 0).all(dim=2).sum().item()
+    assert zeros > 0, "dead ReLU channels: bilinear entries that are exactly 0, where sign(0) = 0 would differ"
+    assert torch.equal(logits, expected)
+
+
+def test_the_asymmetric_head_with_the_same_network_twice_is_the_symmetric_head(random_backbone):
+    torch.manual_seed(0)
+    symmetric = BilinearCNN(copy.deepcopy(random_backbone), BilinearPooling(512), num_classes=3)
+    asymmetric = BilinearCNN(copy.deepcopy(random_backbone), BilinearPooling(512, 512), num_classes=3,
+                             backbone_b=copy.deepcopy(random_backbone))
+    asymmetric.classifier.load_state_dict(symmetric.classifier.state_dict())
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(asymmetric(images), symmetric(images))
+    assert set(asymmetric.state_dict()) == set(symmetric.state_dict()) | {
+        "backbone_b." + key for key in random_backbone.state_dict()}
+
+
+def test_two_maps_of_other_sizes_meet_at_the_larger():
+    a, b = torch.rand(2, 3, 4, 4), torch.rand(2, 5, 2, 2)
+    pooled = BilinearPooling(3, 5)(a, b)
+    upsampled = nn.functional.interpolate(b, size=(4, 4), mode="bilinear", align_corners=False)
+    expected = BilinearPooling(3, 5)(a, upsampled)
+    assert pooled.shape == (2, 15) and torch.equal(pooled, expected)
+    assert torch.equal(BilinearPooling(5, 3)(b, a), BilinearPooling(5, 3)(upsampled, a))
+
+
+def test_average_pooling_is_the_mean_feature():
+    x = torch.rand(2, 6, 3, 5)
+    pooling = AveragePooling(6)
+    assert pooling.output_dim == 6 and pooling.cacheable
+    torch.testing.assert_close(pooling(x), x.double().mean(dim=(2, 3)).float(), rtol=0, atol=1e-7)  # 15 terms
+
+
+@pytest.mark.parametrize("pooling", ["bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"])
+def test_every_head_runs_in_float32_for_bfloat16_input(pooling):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6).relu().to(torch.bfloat16)
+    head = build_pooling(ModelConfig(pooling=pooling, isqrt_reduce_dim=4, compact_dim=64), channels=8)
+    model = BilinearCNN(nn.Identity(), head, num_classes=3).eval()  # eval: isqrt_cov's batch norm is fixed
+    pooled = model.embed(x)
     assert pooled.dtype == torch.float32
     # bf16 -> float32 is exact, so both run the same float32 arithmetic on the same values: bit for bit.
-    assert torch.equal(pooled, BilinearPool()(x.float()))
-
-    head = BilinearHead(feature_dim=8, num_classes=3)
+    assert torch.equal(pooled, model.pooling(x.float()))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        pooled_under_autocast = BilinearPool()(x)
-        logits = head(x)
+        pooled_under_autocast, logits = model.embed(x), model(x)
     assert pooled_under_autocast.dtype == torch.float32 and logits.dtype == torch.float32
-    assert torch.equal(pooled_under_autocast, pooled) and torch.equal(logits, head(x.float()))
+    assert torch.equal(pooled_under_autocast, pooled) and torch.equal(logits, model(x.float()))
 
 
 @pytest.mark.parametrize("feature_map", ["all_zero", "zeros_mixed_in"])
@@ -116,10 +188,10 @@ def test_gradients_are_finite_at_zero(feature_map):
         x[:, 1] = 0.0  # a dead channel: whole rows and columns of X Xᵀ are exactly 0
         x[x.abs() < 0.5] = 0.0
     x.requires_grad_(True)
-    head = BilinearHead(feature_dim=4, num_classes=3)
-    head(x).sum().backward()
+    model = head_model(channels=4, num_classes=3)
+    model(x).sum().backward()
     assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
     # Without the eps the same inputs give NaN, which is what the eps is for.
     zero = torch.zeros(3, requires_grad=True)
@@ -129,14 +201,14 @@ def test_gradients_are_finite_at_zero(feature_map):
 
 def test_classifier_init_is_kaiming_normal():
     torch.manual_seed(0)
-    head = BilinearHead(feature_dim=32, num_classes=200)
+    classifier = head_model(channels=32, num_classes=200).classifier
     fan_in = 32 * 32
     expected_std = (2.0 / fan_in) ** 0.5
     # 204,800 samples: their std and mean are off by about 1/sqrt(2N) = 0.16% and 1/sqrt(N) = 0.22% of the std;
     # 10% leaves room for nothing but a wrong init (uniform kaiming's std is the same, but xavier's is 0.7x).
-    assert abs(head.fc.weight.std().item() - expected_std) < 0.1 * expected_std
-    assert abs(head.fc.weight.mean().item()) < 0.1 * expected_std
-    assert torch.equal(head.fc.bias, torch.zeros(200))
+    assert abs(classifier.weight.std().item() - expected_std) < 0.1 * expected_std
+    assert abs(classifier.weight.mean().item()) < 0.1 * expected_std
+    assert torch.equal(classifier.bias, torch.zeros(200))
 
 
 # ---- the backbone ---------------------------------------------------------------------------------------------
@@ -165,22 +237,22 @@ def _sgd_steps(model: nn.Module, steps: int = 3) -> None:
 
 
 def test_frozen_backbone_stays_bit_identical(random_backbone):
-    model = BilinearCNN(3, copy.deepcopy(random_backbone)).freeze_backbone()
+    model = BilinearCNN(copy.deepcopy(random_backbone), BilinearPooling(512), 3).freeze_backbone()
     backbone_before = copy.deepcopy(model.backbone.state_dict())
-    classifier_before = model.head.fc.weight.detach().clone()
+    classifier_before = model.classifier.weight.detach().clone()
 
     _sgd_steps(model)
 
     assert model.backbone_frozen and model.training and model.backbone.training is False
     assert_backbone_equals(model.backbone, backbone_before)
-    assert not torch.equal(model.head.fc.weight, classifier_before)
+    assert not torch.equal(model.classifier.weight, classifier_before)
     groups = model.param_groups(backbone_lr=0.1, classifier_lr=1.0)
     assert [group["name"] for group in groups] == ["classifier"]
     assert groups[0]["lr"] == 1.0 and len(groups[0]["params"]) == 2
 
 
 def test_unfrozen_backbone_trains(random_backbone):
-    model = BilinearCNN(3, copy.deepcopy(random_backbone)).freeze_backbone().unfreeze_backbone()
+    model = BilinearCNN(copy.deepcopy(random_backbone), BilinearPooling(512), 3)
     conv_before = model.backbone[0].weight.detach().clone()
 
     _sgd_steps(model)
@@ -194,7 +266,7 @@ def test_unfrozen_backbone_trains(random_backbone):
 
 def test_build_model_from_config():
     model = build_model(ModelConfig(backbone_weights="none", cut="pool5", sqrt_eps=1e-3), num_classes=7)
-    assert model.backbone_frozen and model.head.sqrt_eps == 1e-3
+    assert model.backbone_frozen and model.pooling.sqrt_eps == 1e-3
     assert isinstance(model.backbone[-1], nn.MaxPool2d)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
@@ -248,7 +320,7 @@ def test_imagenet_download_failure_says_where_to_put_the_file(tmp_path, monkeypa
 
 
 def _small_model(num_classes: int) -> BilinearCNN:
-    return BilinearCNN(num_classes, nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), feature_dim=8)
+    return BilinearCNN(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), BilinearPooling(8), num_classes)
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
@@ -264,5 +336,5 @@ def test_load_model_weights_strips_wrapper_prefixes(prefix):
 
 def test_load_model_weights_with_other_classes_is_a_user_error():
     state = {"module." + key: value for key, value in _small_model(3).state_dict().items()}
-    with pytest.raises(UserError, match=r"head\.fc\.weight .*same classes"):
+    with pytest.raises(UserError, match=r"classifier\.weight .*same classes"):
         load_model_weights(_small_model(5), state)

@@ -1,0 +1,10 @@
+"""The model package: backbones (a registry), pooling heads, the BilinearCNN that joins them, and weight reading.
+
+    from bcnn.models import build_model, load_model_weights
+    model = build_model(cfg.model, num_classes=200)
+"""
+
+from bcnn.models.bilinear_cnn import BilinearCNN, build_model
+from bcnn.models.weights import load_model_weights
+
+__all__ = ["BilinearCNN", "build_model", "load_model_weights"]

@@ -1,0 +1,225 @@
+"""Pooling heads: a backbone's feature map (or two, for the asymmetric B-CNN) -> one normalised vector per image.
+
+    pooling = build_pooling(cfg.model, channels=512)
+    vectors = pooling(feature_map)      # (B, C, H, W) -> (B, pooling.output_dim), float32
+
+Every head states its output size (the classifier's input) and whether it can be cached: one without trainable
+parameters turns a frozen backbone's features into fixed vectors, which stage 1 can compute once (bcnn.feature_cache).
+Heads run in float32: BilinearCNN.embed turns autocast off around them, since outer products, square roots and
+long normalisations lose too much in half precision.
+
+    bilinear     B-CNN (Lin et al., ICCV 2015): X Xᵀ / (H W) -> signed sqrt -> L2; two maps for the asymmetric B-CNN
+    matrix_sqrt  improved B-CNN (Lin & Maji, BMVC 2017): X Xᵀ / (H W) -> matrix square root (Newton-Schulz)
+                 -> signed sqrt -> L2
+    isqrt_cov    iSQRT-COV (Li et al., CVPR 2018): [1x1 conv + BN + ReLU to d channels] -> covariance -> matrix
+                 square root (Newton-Schulz, trace-normalised) -> upper triangle, d(d+1)/2; trains when d > 0
+    compact      compact bilinear pooling (Gao et al., CVPR 2016): tensor sketch of x ⊗ x to D dimensions, summed
+                 over positions -> signed sqrt -> L2; its random hashes are buffers of the state dict
+    avg          global average pooling: the plain fine-tuning baseline a second-order head has to beat
+
+Only the bilinear head reads a second map (the config allows a second backbone with it alone).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def signed_sqrt(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """sign(x) * sqrt(|x| + eps), with the sign of 0 taken as +: on non-negative input (a bilinear pooling of ReLU
+    features) exactly sqrt(x + eps), as the reference ports compute it, so their checkpoints give their logits bit
+    for bit; the sign stays for negative entries (covariances, asymmetric heads). Without the eps the gradient at
+    0 is 0 * inf = NaN."""
+    root = torch.sqrt(torch.abs(x) + eps)
+    return torch.where(x < 0, -root, root)
+
+
+def gram_matrix(x: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+    """X_a X_bᵀ / (H W): two maps of one spatial size, (B, C, H, W) and (B, C_b, H, W) -> (B, C, C_b)."""
+    batch, channels, height, width = x.shape
+    a = x.reshape(batch, channels, height * width)  # (B, C, HW)
+    b = x_b.reshape(batch, x_b.shape[1], height * width)  # (B, C_b, HW)
+    return torch.bmm(a, b.transpose(1, 2)) / (height * width)
+
+
+def newton_schulz_sqrt(a: torch.Tensor, scale: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The square root of each positive semi-definite matrix of a (B, n, n), by the coupled Newton-Schulz iteration
+    (Higham, Functions of Matrices, 2008, ch. 6; Lin & Maji 2017; Li et al. 2018):
+
+        Y_0 = a / scale, Z_0 = I;  T_k = (3I - Z_k Y_k) / 2,  Y_k+1 = Y_k T_k -> (a / scale)^1/2,  Z_k+1 = T_k Z_k
+
+    then Y_K * sqrt(scale). scale (B,) must bound a's largest eigenvalue (||a||_F for Lin & Maji, tr a for Li et al.):
+    the iteration converges when the spectrum lies in [0, 2), and post-compensation undoes the pre-normalisation.
+    Only matrix products, so it runs fast on a GPU and autograd differentiates it, unlike an eigendecomposition,
+    whose gradient is unstable at close eigenvalues.
+
+    An eigenvalue e of a / scale needs about log(1/e) / log(9/4) steps (Z Y grows by 9/4 a step while small): the
+    smallest stay short of their roots. The same growth acts on the slightly negative eigenvalues that rounding
+    leaves in the null space of a rank-deficient a (H W < C): float32 roots degrade after about 20 steps and
+    overflow by about 26 (measured, C = 64 at 7 x 7 and C = 512 at 14 x 14); the defaults, 10 and 5, are far off."""
+    # A zero matrix (an all-zero map) has scale 0: any positive floor leaves the result exact (0) and, unlike the
+    # smallest positive float, keeps the gradient's 1 / scale finite.
+    scale = scale.clamp_min(torch.finfo(a.dtype).eps).view(-1, 1, 1)  # (B, 1, 1)
+    identity = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    y, z = a / scale, identity
+    for step in range(iterations):
+        t = 0.5 * (3.0 * identity - torch.bmm(z, y))
+        y = torch.bmm(y, t)
+        if step < iterations - 1:  # the last Z_K is never read (as fast-MPN-COV unrolls it)
+            z = torch.bmm(t, z)
+    return y * scale.sqrt()
+
+
+class Pooling(nn.Module):
+    """The contract of a pooling head: output_dim, cacheable, and forward(x[, x_b]) -> (B, output_dim)."""
+
+    output_dim: int
+
+    @property
+    def cacheable(self) -> bool:
+        """No trainable parameters: on a frozen backbone, its output per image is fixed."""
+        return not any(True for _ in self.parameters())
+
+
+class BilinearPooling(Pooling):
+    """X Xᵀ / (H W) -> signed sqrt -> L2 normalisation: the B-CNN's (B, C*C) vector.
+
+    With a second map (the asymmetric B-CNN), X_a X_bᵀ / (H W), the smaller map bilinearly resized to the larger;
+    with the same map twice it is the symmetric head."""
+
+    def __init__(self, channels: int, channels_b: int | None = None, sqrt_eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.channels_b, self.sqrt_eps = channels, channels_b or channels, sqrt_eps
+        self.output_dim = self.channels * self.channels_b
+
+    def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        x_b = x if x_b is None else match_size(x_b, x)
+        x = match_size(x, x_b)
+        gram = gram_matrix(x, x_b)  # (B, C, C_b)
+        return F.normalize(signed_sqrt(gram.flatten(1), self.sqrt_eps), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, channels_b={self.channels_b}, sqrt_eps={self.sqrt_eps}"
+
+
+def match_size(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """x resized (bilinearly) to other's spatial size when x is the smaller of the two; else x itself."""
+    if x.shape[-2:] == other.shape[-2:] or x.shape[-2] * x.shape[-1] >= other.shape[-2] * other.shape[-1]:
+        return x
+    return F.interpolate(x, size=other.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class AveragePooling(Pooling):
+    """The mean feature over all positions, (B, C): first-order, no normalisation, the fine-tuning baseline."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.output_dim = channels
+
+    def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class MatrixSqrtPooling(Pooling):
+    """Improved B-CNN (Lin & Maji, BMVC 2017): the matrix square root of X Xᵀ / (H W), then the element-wise signed
+    sqrt and L2 normalisation: (B, C*C). The square root by newton_schulz_sqrt on the Frobenius-normalised matrix,
+    as the authors' PyTorch code (msubhransu/matrix-sqrt, sqrt_newton_schulz) runs it; gradients by autograd."""
+
+    def __init__(self, channels: int, iterations: int = 10, sqrt_eps: float = 1e-5):
+        super().__init__()
+        self.channels, self.iterations, self.sqrt_eps = channels, iterations, sqrt_eps
+        self.output_dim = channels * channels
+
+    def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        gram = gram_matrix(x, x)  # (B, C, C)
+        root = newton_schulz_sqrt(gram, torch.linalg.matrix_norm(gram), self.iterations)
+        return F.normalize(signed_sqrt(root.flatten(1), self.sqrt_eps), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, iterations={self.iterations}, sqrt_eps={self.sqrt_eps}"
+
+
+class ISqrtCovPooling(Pooling):
+    """iSQRT-COV (Li, Xie, Wang, Gao, CVPR 2018), as fast-MPN-COV (src/representation/MPNCOV.py) computes it: an
+    optional 1x1 conv + BN + ReLU to reduce_dim channels d, the covariance Σ = X Î Xᵀ with Î = (I - 1 1ᵀ / M) / M
+    (M = H W), its square root by newton_schulz_sqrt on Σ / tr Σ, and the upper triangle with the diagonal, row by
+    row: (B, d(d+1)/2). The post-compensated root is the representation: no signed sqrt, no L2 after it. With
+    reduce_dim 0 the C input channels are used as they are, and the head has no parameters."""
+
+    def __init__(self, channels: int, reduce_dim: int = 256, iterations: int = 5):
+        super().__init__()
+        self.channels, self.reduce_dim, self.iterations = channels, reduce_dim, iterations
+        self.reduce = nn.Sequential(
+            nn.Conv2d(channels, reduce_dim, kernel_size=1, bias=False),
+            nn.BatchNorm2d(reduce_dim),
+            nn.ReLU(inplace=True),
+        ) if reduce_dim else nn.Identity()
+        dim = reduce_dim or channels
+        self.output_dim = dim * (dim + 1) // 2
+
+    def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.reduce(x)  # (B, d, H, W)
+        # X Î Xᵀ is the covariance of the centred features, divided by M (not M - 1): computed without the M x M Î.
+        centred = x - x.mean(dim=(2, 3), keepdim=True)
+        covariance = gram_matrix(centred, centred)  # (B, d, d)
+        trace = covariance.diagonal(dim1=1, dim2=2).sum(dim=1)  # (B,)
+        root = newton_schulz_sqrt(covariance, trace, self.iterations)
+        rows, cols = torch.triu_indices(root.shape[1], root.shape[2], device=root.device)
+        return root[:, rows, cols]  # (B, d(d+1)/2): the symmetric root, each entry once
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduce_dim={self.reduce_dim}, iterations={self.iterations}"
+
+
+class CompactBilinearPooling(Pooling):
+    """Compact bilinear pooling (Gao, Beijbom, Zhang, Darrell, CVPR 2016), its Tensor Sketch variant (after Pham &
+    Pagh 2013): each position's x ⊗ x sketched to D dimensions, summed over the positions, then signed sqrt and L2
+    normalisation: (B, D). The inner product of two images' sketches is an unbiased estimate of that of their
+    summed bilinear vectors, Σ_p,q <x_p, y_q>², without a C x C matrix.
+
+    The two count sketches' hashes h_k: [C] -> [D] and signs s_k: [C] -> {±1} are drawn once, from their own
+    generator seeded with seed (the global RNG, which seeds training, is left alone), and kept as buffers: a
+    checkpoint restores them, and the feature cache's key, a hash of the state dict, sees them."""
+
+    def __init__(self, channels: int, dim: int = 8192, sqrt_eps: float = 1e-5, seed: int = 0):
+        super().__init__()
+        self.channels, self.sqrt_eps, self.seed = channels, sqrt_eps, seed
+        self.output_dim = dim
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("hashes", torch.randint(dim, (2, channels), generator=generator))  # (2, C) int64
+        self.register_buffer("signs", torch.randint(2, (2, channels), generator=generator).float() * 2 - 1)  # (2, C)
+
+    def sketch(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D): the sum over positions of TS(x) = IFFT(FFT(CS_1(x)) ⊙ FFT(CS_2(x))), the circular
+        convolution of the two count sketches CS_k(x)[h_k(c)] += s_k(c) x_c."""
+        batch, channels, height, width = x.shape
+        features = x.reshape(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
+        spectra = []
+        for hashes, signs in zip(self.hashes, self.signs):
+            # The count sketch as a product with its sparse (C, D) ±1 matrix, built here from the hashes rather than
+            # stored, so the state dict holds 2 C hashes and signs instead of C D floats, and nothing can go stale.
+            projection = x.new_zeros(channels, self.output_dim)
+            projection[torch.arange(channels, device=x.device), hashes] = signs.to(x.dtype)
+            spectra.append(torch.fft.rfft(features @ projection, dim=2))  # (B, HW, D//2 + 1)
+        # The FFT is linear: sum the products over the positions, then one inverse FFT per image.
+        return torch.fft.irfft((spectra[0] * spectra[1]).sum(dim=1), n=self.output_dim, dim=1)  # (B, D)
+
+    def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(signed_sqrt(self.sketch(x), self.sqrt_eps), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, dim={self.output_dim}, sqrt_eps={self.sqrt_eps}, seed={self.seed}"
+
+
+def build_pooling(cfg, channels: int, channels_b: int | None = None) -> Pooling:
+    """The head `cfg.pooling` names (cfg: bcnn.config.ModelConfig), with its options from the config."""
+    builders = {
+        "bilinear": lambda: BilinearPooling(channels, channels_b, cfg.sqrt_eps),
+        "matrix_sqrt": lambda: MatrixSqrtPooling(channels, cfg.matrix_sqrt_iterations, cfg.sqrt_eps),
+        "isqrt_cov": lambda: ISqrtCovPooling(channels, cfg.isqrt_reduce_dim, cfg.isqrt_iterations),
+        "compact": lambda: CompactBilinearPooling(channels, cfg.compact_dim, cfg.sqrt_eps),
+        "avg": lambda: AveragePooling(channels),
+    }
+    return builders[cfg.pooling]()

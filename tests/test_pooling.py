@@ -1,0 +1,344 @@
+"""The second-order pooling heads against references computed another way: matrix square roots from a float64
+eigendecomposition, covariances and tensor sketches written out in NumPy, the sketch's expectation by averaging
+over 2,000 hash draws. Numbers quoted in comments were measured on a 2-core x86 CPU with torch 2.14.
+"""
+
+import numpy as np
+import pytest
+import torch
+from helpers.numerics import relative_error
+
+from bcnn.config import ModelConfig
+from bcnn.models.pooling import (
+    CompactBilinearPooling,
+    ISqrtCovPooling,
+    MatrixSqrtPooling,
+    build_pooling,
+    newton_schulz_sqrt,
+)
+
+SQRT_EPS = ModelConfig().sqrt_eps
+
+
+def relu_features(batch: int, channels: int, positions: int, seed: int) -> np.ndarray:
+    """(B, C, M) float64, non-negative and sparse like a ReLU layer's output."""
+    return np.maximum(np.random.default_rng(seed).standard_normal((batch, channels, positions)), 0.0)
+
+
+def relu_grams(batch: int, channels: int, positions: int, seed: int) -> np.ndarray:
+    """Gram matrices X Xᵀ / M of ReLU features: one dominant eigenvalue (the features' mean) and, with M < C, a
+    null space, as VGG16's at 224 pixels has (14 x 14 positions, 512 channels)."""
+    x = relu_features(batch, channels, positions, seed)
+    return x @ x.transpose(0, 2, 1) / positions
+
+
+def spread_spectra(batch: int, channels: int, condition: float, seed: int) -> np.ndarray:
+    """SPD matrices whose eigenvalues fall log-evenly from 1 to 1 / condition, in random eigenvectors."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((batch, channels, channels)))
+    eigenvalues = np.logspace(0, -np.log10(condition), channels)
+    return (q * eigenvalues) @ q.transpose(0, 2, 1)
+
+
+def eigh_sqrt(a: np.ndarray) -> np.ndarray:
+    """The principal square root from a float64 eigendecomposition; rounding's negative eigenvalues taken as 0."""
+    eigenvalues, vectors = np.linalg.eigh(a)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0, None))[:, None, :]) @ vectors.transpose(0, 2, 1)
+
+
+def frobenius(a: np.ndarray) -> np.ndarray:
+    return np.sqrt((a**2).sum(axis=(1, 2)))
+
+
+def sqrt_error(a: np.ndarray, iterations: int, dtype: torch.dtype, scale=frobenius) -> float:
+    """The largest relative Frobenius error over the batch of newton_schulz_sqrt against eigh_sqrt."""
+    root = newton_schulz_sqrt(torch.from_numpy(a).to(dtype), torch.from_numpy(scale(a)).to(dtype), iterations)
+    reference = eigh_sqrt(a)
+    return (frobenius(root.double().numpy() - reference) / frobenius(reference)).max()
+
+
+def trace(a: np.ndarray) -> np.ndarray:
+    return np.trace(a, axis1=1, axis2=2)
+
+
+def assert_finite_gradient_flow(pooling, x: torch.Tensor) -> torch.Tensor:
+    """Forward and backward through pooling; returns the output after checking it and x's gradient are finite."""
+    x = x.clone().requires_grad_(True)
+    out = pooling(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    (out * weights).sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    return out
+
+
+# ---- the Newton-Schulz square root shared by matrix_sqrt and isqrt_cov ----
+
+
+def test_newton_schulz_acts_on_each_eigenvalue_as_the_scalar_iteration():
+    # The iteration's matrices are polynomials in A, so they share A's eigenvectors and each eigenvalue e of
+    # A / scale follows the scalar recursion t = (3 - z y) / 2, y <- y t, z <- t z from y = e, z = 1: the
+    # truncated iteration, not only its limit, can be checked against an eigendecomposition.
+    a = spread_spectra(4, 32, 1e4, seed=0)
+    eigenvalues, vectors = np.linalg.eigh(a)
+    scale = frobenius(a)[:, None]
+    for iterations in (1, 5, 10):
+        y, z = eigenvalues / scale, np.ones_like(eigenvalues)
+        for _ in range(iterations):
+            t = (3 - z * y) / 2
+            y, z = y * t, t * z
+        expected = (vectors * (y * np.sqrt(scale))[:, None, :]) @ vectors.transpose(0, 2, 1)
+        for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            root = newton_schulz_sqrt(torch.from_numpy(a).to(dtype), torch.from_numpy(frobenius(a)).to(dtype),
+                                      iterations)
+            assert root.dtype == dtype
+            # float32: 3 products of 32 terms a step, each rounding by about sqrt(32) u = 3e-7 relative, over 10
+            # steps: measured 1.3e-7, 4.5e-7, 1.2e-6 after 1, 5, 10 (float64: 4e-15).
+            assert relative_error(root, torch.from_numpy(expected)) < rtol, (iterations, dtype)
+
+
+# ---- matrix_sqrt: improved B-CNN ----
+
+
+@pytest.mark.parametrize("make_matrices, measured, bound", [
+    # 16 Gram matrices of ReLU features, C = 64 channels at 7 x 7 positions: rank 49, so 15 zero eigenvalues.
+    pytest.param(lambda: relu_grams(16, 64, 49, seed=0), 1.7e-3, 3e-3, id="relu-gram"),
+    pytest.param(lambda: spread_spectra(4, 64, 1e3, seed=1), 2.6e-3, 4e-3, id="spread-1e3"),
+    pytest.param(lambda: spread_spectra(4, 64, 1e4, seed=2), 9.0e-3, 1.5e-2, id="spread-1e4"),
+])
+def test_matrix_sqrt_after_the_default_iterations_is_close_to_the_eigendecomposition(make_matrices, measured,
+                                                                                     bound):
+    # After 10 steps the error is truncation, not rounding: float32 and float64 agree to 2e-7 on 1.7e-3, 2.6e-3
+    # and 9.0e-3 (the largest over each batch). An eigenvalue e of A / ||A||_F needs about log(1/e) / log(9/4)
+    # steps, so the eigenvalues under 2.25^-10 = 3e-4 of ||A||_F are still short of their roots: the more of the
+    # spectrum lies there (1e4), the larger the error. The bound is the measured error with room for other draws
+    # (ReLU Grams of seeds 1-5: 1.7e-3 to 2.1e-3), not a rounding tolerance. The authors' code truncates alike.
+    matrices = make_matrices()
+    iterations = ModelConfig().matrix_sqrt_iterations
+    error32 = sqrt_error(matrices, iterations, torch.float32)
+    error64 = sqrt_error(matrices, iterations, torch.float64)
+    assert error32 < bound and error64 < bound, (error32, error64, measured)
+    assert abs(error32 - error64) < 1e-5, (error32, error64)  # truncation dominates float32's rounding
+
+
+def test_matrix_sqrt_converges_with_more_iterations():
+    # In float64 (in float32 the error stalls at rounding, 2e-6): 8.6e-2, 9.0e-3, 6.9e-7, 6.9e-15 after
+    # 5, 10, 15, 20 steps: quadratic once every eigenvalue has been reached.
+    matrices = spread_spectra(4, 64, 1e4, seed=2)
+    errors = [sqrt_error(matrices, iterations, torch.float64) for iterations in (5, 10, 15, 20)]
+    assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 1e-12, errors
+
+
+@pytest.mark.parametrize("dtype, iterations, rtol", [
+    # The default: the root's truncation error, 1.0e-3 on these features, grows to 1.8e-3 (measured, float32 and
+    # float64 alike) under the element-wise square root, which magnifies the error of the small entries.
+    (torch.float32, ModelConfig().matrix_sqrt_iterations, 3e-3),
+    # Converged: what is left is the float64 reference's own rounding, magnified alike (measured 1.4e-8).
+    (torch.float64, 20, 1e-6),
+])
+def test_matrix_sqrt_head_equals_signed_sqrt_of_the_eigh_root_l2_normalised(dtype, iterations, rtol):
+    features = relu_features(4, 64, 49, seed=3)  # (B, C, HW)
+    head = build_pooling(ModelConfig(pooling="matrix_sqrt", matrix_sqrt_iterations=iterations), channels=64)
+    out = head(torch.from_numpy(features).to(dtype).reshape(4, 64, 7, 7))
+
+    root = eigh_sqrt(features @ features.transpose(0, 2, 1) / 49).reshape(4, -1)
+    expected = np.sign(root) * np.sqrt(np.abs(root) + SQRT_EPS)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert out.shape == (4, 64 * 64) and out.dtype == dtype
+    assert relative_error(out, torch.from_numpy(expected)) < rtol
+
+
+def test_matrix_sqrt_head_gradients_match_finite_differences():
+    head = MatrixSqrtPooling(channels=4)  # the default 10 iterations, differentiated by autograd
+    x = torch.rand(2, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    assert torch.autograd.gradcheck(head, (x,))
+
+
+# ---- isqrt_cov: iSQRT-COV ----
+
+
+def covariance(features: np.ndarray) -> np.ndarray:
+    """(B, C, M) -> (B, C, C): the features' covariance over the M positions, divided by M."""
+    centred = features - features.mean(axis=2, keepdims=True)
+    return centred @ centred.transpose(0, 2, 1) / features.shape[2]
+
+
+def upper_triangle(a: np.ndarray) -> np.ndarray:
+    """Row by row, with the diagonal: (B, C, C) -> (B, C(C+1)/2)."""
+    rows, cols = np.triu_indices(a.shape[1])
+    return a[:, rows, cols]
+
+
+def test_isqrt_cov_converges_to_the_covariance_square_root():
+    # 16 channels at 7 x 7 positions: a full-rank covariance. Pre-normalising by the trace and post-compensating
+    # by its square root leave the plain matrix square root once the iteration has converged: 1.1e-15 after 20
+    # float64 steps (measured).
+    features = relu_features(3, 16, 49, seed=4)
+    head = ISqrtCovPooling(channels=16, reduce_dim=0, iterations=20)
+    out = head(torch.from_numpy(features).reshape(3, 16, 7, 7))
+    assert out.shape == (3, 16 * 17 // 2)
+    assert relative_error(out, torch.from_numpy(upper_triangle(eigh_sqrt(covariance(features))))) < 1e-12
+
+
+def test_isqrt_cov_after_the_default_iterations():
+    # Five steps from A = Σ / tr Σ are far from converged: every eigenvalue of A is at most 1 / rank, and the
+    # iteration reaches e only after about log(1/e) / log(9/4) steps. The root is off by 5.1e-2 here (measured,
+    # float32 and float64 alike; 6.0e-2 and 6.2e-2 on two other draws, 1.8e-1 for 64 channels at 49 positions,
+    # 4.2e-1 for 256 at 196): iSQRT-COV's representation is this truncated root, and the network trains with it.
+    # The head computes exactly that truncated iteration: against the scalar recursion on the eigenvalues it is
+    # off by float32 rounding (measured 1.9e-7).
+    features = relu_features(3, 16, 49, seed=4)
+    iterations = ModelConfig().isqrt_iterations
+    head = build_pooling(ModelConfig(pooling="isqrt_cov", isqrt_reduce_dim=0), channels=16)
+    out = head(torch.from_numpy(features).float().reshape(3, 16, 7, 7))
+    assert out.dtype == torch.float32
+
+    sigma = covariance(features)
+    exact = upper_triangle(eigh_sqrt(sigma))
+    error = relative_error(out, torch.from_numpy(exact))
+    assert 3e-2 < error < 1e-1, error
+
+    eigenvalues, vectors = np.linalg.eigh(sigma)
+    scale = trace(sigma)[:, None]
+    y, z = eigenvalues / scale, np.ones_like(eigenvalues)
+    for _ in range(iterations):
+        t = (3 - z * y) / 2
+        y, z = y * t, t * z
+    truncated = (vectors * (y * np.sqrt(scale))[:, None, :]) @ vectors.transpose(0, 2, 1)
+    assert relative_error(out, torch.from_numpy(upper_triangle(truncated))) < 1e-5
+
+
+def test_isqrt_cov_reduction_gives_the_paper_size_and_trains():
+    head = build_pooling(ModelConfig(pooling="isqrt_cov"), channels=512)  # reduce to 256 channels, as for VGG16
+    out = head(torch.rand(2, 512, 7, 7, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == (2, 32_896) and head.output_dim == 32_896  # 256 * 257 / 2
+    assert not head.cacheable  # the 1x1 conv and batch norm train
+
+    plain = build_pooling(ModelConfig(pooling="isqrt_cov", isqrt_reduce_dim=0), channels=512)
+    assert plain.cacheable and plain.output_dim == 512 * 513 // 2
+
+
+@pytest.mark.parametrize("reduce_dim", [0, 3])
+def test_isqrt_cov_gradients_match_finite_differences(reduce_dim):
+    head = ISqrtCovPooling(channels=4, reduce_dim=reduce_dim).double()  # the default 5 iterations
+    x = torch.rand(2, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    assert torch.autograd.gradcheck(head, (x,))
+
+
+# ---- compact: tensor sketch ----
+
+
+def numpy_tensor_sketch(features: np.ndarray, hashes: np.ndarray, signs: np.ndarray, dim: int) -> np.ndarray:
+    """(B, C, M) -> (B, D): per position, two count sketches and their circular convolution, summed."""
+    batch, channels, positions = features.shape
+    out = np.zeros((batch, dim))
+    for b in range(batch):
+        for p in range(positions):
+            sketches = np.zeros((2, dim))
+            for k in range(2):
+                np.add.at(sketches[k], hashes[k], signs[k] * features[b, :, p])
+            for j in range(dim):
+                out[b, j] += sum(sketches[0][i] * sketches[1][(j - i) % dim] for i in range(dim))
+    return out
+
+
+def test_sketch_is_the_summed_circular_convolution_of_two_count_sketches():
+    head = CompactBilinearPooling(channels=8, dim=16, seed=3)
+    features = np.random.default_rng(5).standard_normal((2, 8, 6))
+    sketch = head.sketch(torch.from_numpy(features).float().reshape(2, 8, 2, 3))
+    expected = numpy_tensor_sketch(features, head.hashes.numpy(), head.signs.numpy(), dim=16)
+    assert sketch.shape == (2, 16) and sketch.dtype == torch.float32
+    assert relative_error(sketch, torch.from_numpy(expected)) < 1e-5  # float32 FFTs of 16 points: measured 1e-7
+
+
+def sketch_inner_products(x: torch.Tensor, y: torch.Tensor, dim: int, seeds: range) -> np.ndarray:
+    """<TS(x), TS(y)> for single-position maps x, y (C,), one head (one draw of the hashes) per seed."""
+    pair = torch.stack([x, y]).reshape(2, -1, 1, 1)
+    products = []
+    for seed in seeds:
+        sketches = CompactBilinearPooling(channels=x.shape[0], dim=dim, seed=seed).sketch(pair)  # (2, D)
+        products.append((sketches[0] @ sketches[1]).item())
+    return np.array(products)
+
+
+@pytest.fixture
+def one_thread():
+    """For thousands of tiny matmuls: with two BLAS threads on a busy 2-core machine each waits out the other's
+    time slice (the 2,500 heads below: 0.7 s on an idle machine, 20 s beside another test run; on one thread,
+    0.7 s beside it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sketch_inner_product_is_an_unbiased_estimate_of_the_bilinear_one(one_thread):
+    # Tensor Sketch (Pham & Pagh 2013) with independent hashes: E <TS(x), TS(y)> = <x ⊗ x, y ⊗ y> = <x, y>².
+    # Over 2,000 draws the mean is 537.5 against 531.0, 1.7 standard errors of 3.9 away (measured); the draws
+    # are seeded, so the test gives the same numbers every run.
+    generator = torch.Generator().manual_seed(6)
+    x, y = torch.randn(16, generator=generator), torch.randn(16, generator=generator)
+    y = y + x  # correlated, so that <x, y>² is well away from 0
+    estimates = sketch_inner_products(x, y, dim=64, seeds=range(2000))
+    target = (x.double() @ y.double()).item() ** 2
+    standard_error = estimates.std(ddof=1) / np.sqrt(len(estimates))
+    assert abs(estimates.mean() - target) < 3 * standard_error, (estimates.mean(), target, standard_error)
+
+    # Its variance falls about as 1 / D: 8 times the dimension, 7.8 times less variance (measured, 500 draws).
+    wide = sketch_inner_products(x, y, dim=512, seeds=range(500))
+    assert wide.var() < estimates.var() / 4
+
+
+def test_compact_head_default_size_and_round_trip_through_a_checkpoint(tmp_path):
+    head = build_pooling(ModelConfig(pooling="compact"), channels=512)
+    x = torch.rand(2, 512, 7, 7, generator=torch.Generator().manual_seed(0))
+    out = head(x)
+    assert out.shape == (2, 8192) and out.dtype == torch.float32 and head.cacheable
+
+    # The hashes and signs are the state: 2 x 512 int64 + 2 x 512 float32 = 12,288 bytes, where the dense (C, D)
+    # projections would be 32 MiB.
+    state = head.state_dict()
+    assert set(state) == {"hashes", "signs"}
+    assert sum(t.numel() * t.element_size() for t in state.values()) == 12_288
+
+    other = CompactBilinearPooling(channels=512, dim=8192, seed=1)
+    assert not torch.equal(other(x), out)
+    torch.save(state, tmp_path / "pooling.pt")
+    other.load_state_dict(torch.load(tmp_path / "pooling.pt", weights_only=True))
+    assert torch.equal(other(x), out)
+
+
+def test_building_a_compact_head_leaves_the_global_rng_alone():
+    # The hashes come from the head's own generator: building a model must not shift a seeded run's draws.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    CompactBilinearPooling(channels=512, dim=8192)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_compact_sketch_gradients_match_finite_differences():
+    # The sketch, not the whole head: signed_sqrt jumps by 2 sqrt(eps) at 0, and an empty bucket of so small a
+    # sketch holds FFT rounding (about 1e-16) whose sign a finite difference flips. The signed sqrt and the L2
+    # normalisation after it are autograd's own.
+    head = CompactBilinearPooling(channels=4, dim=16).double()
+    x = torch.rand(2, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    assert torch.autograd.gradcheck(head.sketch, (x,))
+
+
+# ---- all three ----
+
+
+@pytest.mark.parametrize("options, output_dim", [
+    ({"pooling": "matrix_sqrt"}, 8 * 8),
+    ({"pooling": "isqrt_cov", "isqrt_reduce_dim": 6}, 6 * 7 // 2),
+    ({"pooling": "isqrt_cov", "isqrt_reduce_dim": 0}, 8 * 9 // 2),
+    ({"pooling": "compact", "compact_dim": 32}, 32),
+])
+def test_heads_are_finite_on_zero_maps_and_dead_channels(options, output_dim):
+    head = build_pooling(ModelConfig(**options), channels=8)
+    assert head.output_dim == output_dim
+    zeros = torch.zeros(2, 8, 4, 4)
+    dead = torch.rand(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    dead[:, ::2] = 0  # every other channel never fires
+    for x in (zeros, dead):
+        out = assert_finite_gradient_flow(head, x)
+        assert out.shape == (2, output_dim) and out.dtype == torch.float32
