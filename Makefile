@@ -4,9 +4,11 @@
 #   make test-gpu                  the GPU tests alone (CUDA); PY=python3 runs them with a Python that has torch
 #   make data                      download + verify CUB-200-2011 into data/ (or verify your DATA=...)
 #   make stage1 / make stage2      the recipe; DATA=/path/to/CUB_200_2011 DEVICE=cuda ARGS="--optim.lr=0.5"
+#   make stage1 RECIPE=cub_vgg16_matrix_sqrt   another two-stage recipe: experiments/<RECIPE>_stage{1,2}.yaml
+#   make train CONFIG=experiments/cub_vgg16_isqrt_cov.yaml   any one config (a one-stage recipe)
 #   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
 #                                  (re-running any of them resumes from the run directory's last.pt)
-#   make eval                      test-split accuracy of stage 2's best.pt
+#   make eval                      test-split accuracy of stage 2's best.pt (of RECIPE; or CHECKPOINT=...)
 #   make bench ARGS="..."          speed and memory of the training step against its limits (python -m bcnn.bench -h)
 
 PYTHON3 ?= python3
@@ -21,10 +23,13 @@ DEVICE  ?= auto
 ARGS    ?=
 GPUS    ?=
 RESTARTS ?= 0
+RECIPE  ?= cub_vgg16
+CONFIG  ?=
+CHECKPOINT ?= runs/$(RECIPE)_stage2/best.pt
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
 LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
 
-.PHONY: venv demo test test-gpu data stage1 stage2 eval bench tensorboard screenshots clean
+.PHONY: venv demo test test-gpu data stage1 stage2 train eval bench tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -37,7 +42,7 @@ demo: $(VENV_DEP)
 	$(PY) -m bcnn.demo --root demo
 
 test: $(VENV_DEP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 test-gpu: $(VENV_DEP)
 	$(PY) -m pytest -q -m gpu tests
@@ -51,13 +56,17 @@ else
 endif
 
 stage1: $(VENV_DEP)
-	$(LAUNCH) -m bcnn.train --config experiments/cub_vgg16_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 stage2: $(VENV_DEP)
-	$(LAUNCH) -m bcnn.train --config experiments/cub_vgg16_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+
+train: $(VENV_DEP)
+	@test -n "$(CONFIG)" || { echo "make train needs CONFIG=experiments/<recipe>.yaml"; exit 2; }
+	$(LAUNCH) -m bcnn.train --config $(CONFIG) --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 eval: $(VENV_DEP)
-	$(LAUNCH) -m bcnn.eval --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.eval --checkpoint $(CHECKPOINT) --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 bench: $(VENV_DEP)
 	$(PY) -m bcnn.bench $(ARGS)

@@ -18,5 +18,5 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",  # confusion matrix and per-class accuracy figures
     ],
-    extras_require={"dev": ["pytest>=7.0"]},
+    extras_require={"dev": ["pytest>=7.0", "pytest-xdist>=3.0"]},
 )

@@ -22,13 +22,18 @@ def test_this_process_and_the_commands_it_runs_use_the_budget():
     assert int(launch(sys.executable, "-c", PRINT_THREADS, processes=2).stdout) == max(1, budget // 2)
 
 
-def test_the_budget_is_the_cores_up_to_four_or_what_omp_num_threads_says(monkeypatch):
+def test_the_budget_is_the_cores_up_to_four_or_what_omp_num_threads_says_split_between_workers(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
     for cores, expected in ((1, 1), (2, 2), (16, runs.MAX_SUITE_THREADS), (192, runs.MAX_SUITE_THREADS)):
         monkeypatch.setattr(runs.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
-        assert suite_threads() == expected, cores
+        assert runs.thread_share() == expected, cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert suite_threads() == 3
+    assert runs.thread_share() == 3
+    # pytest-xdist's workers (one per core under make test) split the budget, one thread each at least
+    for workers, expected in (("1", 3), ("2", 1), ("16", 1)):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+        assert runs.thread_share() == expected, workers
 
 
 class ThreadsInWorker(Dataset):

@@ -1,6 +1,7 @@
 """The small training run that the DDP and resume tests compare against, one launcher for every subprocess the
 suite starts, and the suite's CPU thread budget."""
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -12,13 +13,23 @@ STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
 MAX_SUITE_THREADS = 4
 
 
-def suite_threads() -> int:
-    """CPU threads for the whole suite: OMP_NUM_THREADS when it is set (`OMP_NUM_THREADS=1 make test`), else this
-    machine's cores up to MAX_SUITE_THREADS. Every process the suite runs at a time shares them."""
+def thread_share() -> int:
+    """CPU threads for this process: the suite's budget (OMP_NUM_THREADS when it is set, as in
+    `OMP_NUM_THREADS=1 make test`, else this machine's cores up to MAX_SUITE_THREADS), split evenly between
+    pytest-xdist's workers when the suite runs in several (`make test` starts one per core)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
-        return int(os.environ["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, MAX_SUITE_THREADS)
+        budget = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        budget = min(cores, MAX_SUITE_THREADS)
+    return max(1, budget // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+@functools.cache
+def suite_threads() -> int:
+    """thread_share() as the suite started (conftest then sets OMP_NUM_THREADS to it, for the processes this one
+    starts): every process the suite runs at a time shares the budget."""
+    return thread_share()
 
 
 def small_run_args(data, run_dir, *extra):

@@ -1,0 +1,115 @@
+"""The recipes in experiments/, and every pooling head through the same commands.
+
+Each stage 2 continues its own stage 1: same data, same head, init_from its best.pt (that every YAML loads and
+validates: tests/test_config.py). Then each head's recipe runs end to end at a tiny size (32 px, a random
+VGG16): stage 1 from cached features where the head allows it, the final stage interrupted by Ctrl-C after its
+first epoch and re-run, which must reach the weights of an uninterrupted run bit for bit; bcnn.eval of the result
+scores what training measured on the same split; bcnn.predict classifies an image with it.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcnn import eval as eval_cli
+from bcnn import predict as predict_cli
+from bcnn import run_dir
+from bcnn import train as train_cli
+from bcnn.config import load_config
+from bcnn.errors import Interrupted, UserError
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.mark.parametrize("stage2", sorted(EXPERIMENTS.glob("*_stage2.yaml")), ids=lambda path: path.stem)
+def test_each_stage_2_continues_its_own_stage_1(stage2):
+    stage1_path = stage2.with_name(stage2.name.replace("_stage2", "_stage1"))
+    assert stage1_path.exists(), f"{stage2.name} has no stage 1 beside it"
+    first, second = load_config(stage1_path), load_config(stage2)
+    assert second.data == first.data, "another data section would select on another val split"
+    assert second.train.init_from == str(Path(first.train.run_dir) / "best.pt")
+    assert first.model.freeze_backbone and not second.model.freeze_backbone
+    head = ("pooling", "cut", "sqrt_eps", "matrix_sqrt_iterations", "isqrt_iterations", "isqrt_reduce_dim",
+            "compact_dim", "backbone_b")
+    assert [getattr(first.model, key) for key in head] == [getattr(second.model, key) for key in head]
+
+
+# Each head's recipes: (stage 1 or None, the final stage, extra options). avg has no published CUB recipe of its
+# own; the demo's two stages with its head are the baseline run.
+HEADS = {
+    "matrix_sqrt": ("cub_vgg16_matrix_sqrt_stage1.yaml", "cub_vgg16_matrix_sqrt_stage2.yaml", []),
+    "compact": ("cub_vgg16_compact_stage1.yaml", "cub_vgg16_compact_stage2.yaml", []),
+    "isqrt_cov": (None, "cub_vgg16_isqrt_cov.yaml", ["--model.isqrt_reduce_dim=32"]),
+    "avg": ("demo_stage1.yaml", "demo_stage2.yaml", ["--model.pooling=avg"]),
+}
+
+TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
+        "--model.backbone_weights=none", "--train.batch_size=4", "--train.eval_batch_size=8", "--train.log_every=0",
+        "--train.precision=fp32", "--optim.backbone_lr=0.001"]
+
+
+def run(recipe, data, run_path, *extra):
+    return train_cli.main(["--config", str(EXPERIMENTS / recipe), f"--data-root={data}", f"--run-dir={run_path}",
+                           *TINY, *extra])
+
+
+def interrupt_after_first_last_pt(monkeypatch):
+    """Ctrl-C right after the first last.pt is written, as a user would press it."""
+    real_save = run_dir.save_checkpoint
+
+    def save_then_interrupt(state, path, **options):
+        real_save(state, path, **options)
+        if Path(path).name == "last.pt":
+            monkeypatch.setattr(run_dir, "save_checkpoint", real_save)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_dir, "save_checkpoint", save_then_interrupt)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_each_head_trains_caches_resumes_evaluates_and_predicts(head, cub_3x13, tmp_path, monkeypatch):
+    stage1, final, options = HEADS[head]
+    init = []
+    if stage1:
+        cache_dir = tmp_path / "cache"
+        run(stage1, cub_3x13, tmp_path / "stage1", *options, "--train.epochs=1", "--train.cache_features=true",
+            f"--train.cache_dir={cache_dir}")
+        assert "feature cache: computing" in (tmp_path / "stage1" / "train.log").read_text()
+        # Each image's cached row is the head's vector (8,192 values for compact), never a C x C matrix.
+        expected = {"matrix_sqrt": 512 * 512, "compact": 8192, "avg": 512}[head]
+        for meta in cache_dir.rglob("meta.json"):
+            rows, row_size = json.loads(meta.read_text())["shape"]
+            assert row_size == expected
+            assert (meta.parent / "features.f16").stat().st_size == rows * expected * 2  # float16
+        init = [f"--train.init_from={tmp_path / 'stage1' / 'best.pt'}"]
+    else:
+        with pytest.raises(UserError, match="cache_features needs a pooling head without trainable layers"):
+            run(final, cub_3x13, tmp_path / "cached", *options, "--model.freeze_backbone=true",
+                "--train.cache_features=true")
+
+    final_args = [*options, *init, "--train.epochs=2"]
+    uninterrupted = run(final, cub_3x13, tmp_path / "whole", *final_args)
+    interrupt_after_first_last_pt(monkeypatch)
+    with pytest.raises(Interrupted, match="stopped training"):
+        run(final, cub_3x13, tmp_path / "resumed", *final_args)
+    resumed = run(final, cub_3x13, tmp_path / "resumed", *final_args)
+    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
+    assert (resumed["train_loss"], resumed["val_top1"]) == (uninterrupted["train_loss"], uninterrupted["val_top1"])
+    whole, again = (torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)["model"]
+                    for name in ("whole", "resumed"))
+    assert whole.keys() == again.keys()
+    assert all(torch.equal(whole[key], again[key]) for key in whole), "resumed != uninterrupted"
+    assert any(key.startswith("pooling.") for key in whole) == (head in ("compact", "isqrt_cov"))
+
+    best = tmp_path / "whole" / "best.pt"
+    measured = torch.load(best, map_location="cpu", weights_only=True)["metrics"]
+    evaluated = eval_cli.main(["--checkpoint", str(best), "--split", "val", "--device", "cpu", "--no-figures"])
+    assert (evaluated["count"], evaluated["top1"]) == (measured["val_count"], measured["val_top1"])
+    assert evaluated["loss"] == pytest.approx(measured["val_loss"], rel=1e-5)  # another batch size: summation order
+
+    image = next((cub_3x13 / "images").rglob("*.jpg"))
+    [prediction] = predict_cli.main([str(image), "--checkpoint", str(best), "--device", "cpu", "--topk", "3"])
+    assert len(prediction["predictions"]) == 3
+    assert sum(p["probability"] for p in prediction["predictions"]) == pytest.approx(1.0, abs=1e-5)
