@@ -9,6 +9,8 @@
 #   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
 #                                  (re-running any of them resumes from the run directory's last.pt)
 #   make eval                      test-split accuracy of stage 2's best.pt (of RECIPE; or CHECKPOINT=...)
+#   make stage1 stage2 eval report SEEDS=3   three seeds of each stage (runs/<RECIPE>_stage{1,2}_seed{0,1,2}),
+#                                  each evaluated single view and flip, gathered in one table with mean and std
 #   make bench ARGS="..."          speed and memory of the training step against its limits (python -m bcnn.bench -h)
 
 PYTHON3 ?= python3
@@ -26,10 +28,15 @@ RESTARTS ?= 0
 RECIPE  ?= cub_vgg16
 CONFIG  ?=
 CHECKPOINT ?= runs/$(RECIPE)_stage2/best.pt
+SEEDS   ?=
+# SEEDS=N: train.seed 0 .. N-1, one run directory each; stage 2 of seed k starts from stage 1 of seed k. The val
+# split (data.split_seed) stays the same, so the seeds differ in initialisation and batch order only.
+SEED_LIST = $(if $(SEEDS),$(shell seq 0 $$(( $(SEEDS) - 1 ))))
+SEEDED  = runs/$(RECIPE)_stage$(1)_seed$$seed
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
 LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
 
-.PHONY: venv demo test test-gpu data stage1 stage2 train eval bench tensorboard screenshots clean
+.PHONY: venv demo test test-gpu data stage1 stage2 train eval report bench tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -56,17 +63,37 @@ else
 endif
 
 stage1: $(VENV_DEP)
+ifeq ($(SEEDS),)
 	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+else
+	for seed in $(SEED_LIST); do $(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage1.yaml \
+		--data-root $(DATA) --device $(DEVICE) --train.seed=$$seed --run-dir=$(call SEEDED,1) $(ARGS) || exit $$?; done
+endif
 
 stage2: $(VENV_DEP)
+ifeq ($(SEEDS),)
 	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+else
+	for seed in $(SEED_LIST); do $(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage2.yaml \
+		--data-root $(DATA) --device $(DEVICE) --train.seed=$$seed --run-dir=$(call SEEDED,2) \
+		--train.init_from=$(call SEEDED,1)/best.pt $(ARGS) || exit $$?; done
+endif
 
 train: $(VENV_DEP)
 	@test -n "$(CONFIG)" || { echo "make train needs CONFIG=experiments/<recipe>.yaml"; exit 2; }
 	$(LAUNCH) -m bcnn.train --config $(CONFIG) --data-root $(DATA) --device $(DEVICE) $(ARGS)
 
 eval: $(VENV_DEP)
+ifeq ($(SEEDS),)
 	$(LAUNCH) -m bcnn.eval --checkpoint $(CHECKPOINT) --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
+else
+	for seed in $(SEED_LIST); do for tta in none flip; do $(LAUNCH) -m bcnn.eval --checkpoint $(call SEEDED,2)/best.pt \
+		--split test --tta $$tta --data-root $(DATA) --device $(DEVICE) $(ARGS) || exit $$?; done; done
+endif
+
+# The evaluations of stage 2 (of every seed with SEEDS=N) in one table: python -m bcnn.report -h.
+report: $(VENV_DEP)
+	$(PY) -m bcnn.report $(if $(SEEDS),$(foreach seed,$(SEED_LIST),runs/$(RECIPE)_stage2_seed$(seed)),runs/$(RECIPE)_stage2) $(ARGS)
 
 bench: $(VENV_DEP)
 	$(PY) -m bcnn.bench $(ARGS)

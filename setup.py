@@ -18,5 +18,8 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",  # confusion matrix and per-class accuracy figures
     ],
-    extras_require={"dev": ["pytest>=7.0", "pytest-xdist>=3.0"]},
+    extras_require={
+        "timm": ["timm>=0.9"],  # model.backbone=timm:<name>
+        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=0.9"],  # the tests build a timm network too
+    },
 )

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import yaml
 
 from bcnn.errors import UserError
+from bcnn.models.backbones import resolve_cut
 
 
 @dataclass
@@ -41,9 +42,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vgg16"
-    backbone_weights: str = "imagenet"  # "imagenet" (torchvision download/cache), "none", or a state-dict path
-    cut: str = "relu5_3"  # "relu5_3": pool5 dropped, as in the paper; "pool5": after the last max-pool
+    backbone: str = "vgg16"  # vgg16 | vgg19 | resnet50/101/152 | densenet121/201 | convnext_tiny/base | timm:<name>
+    backbone_weights: str = "imagenet"  # "imagenet" (torchvision's or timm's cache/download), "none", or a file
+    cut: str = "auto"  # where the backbone is cut: auto = its usual place (vgg16: relu5_3, pool5 dropped, as in
+    # the paper; resnet: layer4; ...), or one of its cuts (vgg16: pool5; resnet: layer3): bcnn/models/backbones.py
     pooling: str = "bilinear"  # bilinear | matrix_sqrt | isqrt_cov | compact | avg (bcnn/models/pooling.py)
     sqrt_eps: float = 1e-5  # y = ±sqrt(|x| + eps), + for x >= 0: eps keeps the gradient finite at 0
     matrix_sqrt_iterations: int = 10  # matrix_sqrt: Newton-Schulz iterations, as the authors' PyTorch code runs
@@ -103,9 +105,6 @@ class Config:
 
 CHOICES = {
     ("data", "format"): ("cub", "folder"),
-    ("model", "backbone"): ("vgg16",),
-    ("model", "backbone_b"): ("", "vgg16"),
-    ("model", "cut"): ("relu5_3", "pool5"),
     ("model", "pooling"): ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
@@ -148,9 +147,6 @@ RANGES = {
     "train.checkpoint_every": "[0, inf)",
 }
 
-# Each VGG16 max-pool halves the image, rounding down, and needs at least 2 pixels: data.crop must be at least
-# 2 ** (the pools before the cut) (measured with bcnn.models.backbones.vgg16_features in tests/test_config.py).
-MAX_POOLS_BEFORE_CUT = {"relu5_3": 4, "pool5": 5}
 
 
 def _coerce(value: Any, typ: type, where: str) -> Any:
@@ -340,10 +336,13 @@ def validate(cfg: Config) -> None:
     for key, interval in RANGES.items():
         section, name = key.split(".")
         _check_range(key, getattr(getattr(cfg, section), name), interval)
-    pools = MAX_POOLS_BEFORE_CUT[cfg.model.cut]
-    if cfg.data.crop < 2**pools:
-        raise UserError(f"data.crop must be at least {2**pools} for model.cut={cfg.model.cut} (each of the {pools} "
-                        f"VGG16 max-pools before it halves the image), got {cfg.data.crop}.")
+    # The backbone and its cut are checked here, before anything is built; a feature map needs at least one pixel:
+    # an image at least the backbone's stride (each of its halvings needs 2 pixels).
+    for backbone in filter(None, (cfg.model.backbone, cfg.model.backbone_b)):
+        cut, stride = resolve_cut(backbone, cfg.model.cut)
+        if stride is not None and cfg.data.crop < stride:
+            raise UserError(f"data.crop must be at least {stride} for {backbone} cut at {cut} (it halves the image "
+                            f"{stride.bit_length() - 1} times), got {cfg.data.crop}.")
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
     if cfg.schedule.name == "plateau" and cfg.data.val_fraction == 0:

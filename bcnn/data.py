@@ -40,6 +40,7 @@ from bcnn.sampling import ShardSampler, TrainSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_NORMALISATION = (IMAGENET_MEAN, IMAGENET_STD)  # what torchvision's ImageNet weights expect
 SPLITS = ("train", "val", "trainval", "test")
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -326,9 +327,10 @@ class FolderDataset(_ImageDataset):
         super().__init__(root, split, classes, records, transform, target_transform)
 
 
-def build_transforms(cfg: DataConfig, train: bool) -> T.Compose:
-    """The recipe: train Resize -> flip -> RandomCrop, eval Resize -> CenterCrop; both ToTensor -> Normalize."""
-    to_tensor = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def build_transforms(cfg: DataConfig, train: bool, normalisation=IMAGENET_NORMALISATION) -> T.Compose:
+    """The recipe: train Resize -> flip -> RandomCrop, eval Resize -> CenterCrop; both ToTensor -> Normalize with
+    the (mean, std) the backbone's weights expect (bcnn.models.input_normalisation)."""
+    to_tensor = [T.ToTensor(), T.Normalize(*normalisation)]
     if not train:
         return T.Compose([T.Resize(cfg.resize), T.CenterCrop(cfg.crop), *to_tensor])
     if cfg.random_resized_crop:
@@ -347,17 +349,22 @@ def build_transforms(cfg: DataConfig, train: bool) -> T.Compose:
     return T.Compose(steps + to_tensor)
 
 
-def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = None) -> _ImageDataset:
-    """The split of cfg.root in cfg.format, with train augmentation for train/trainval unless told otherwise."""
+def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = None,
+                  normalisation=IMAGENET_NORMALISATION) -> _ImageDataset:
+    """The split of cfg.root in cfg.format, with train augmentation for train/trainval unless told otherwise;
+    dataset.normalisation is the (mean, std) its tensors were normalised with."""
     train = split in ("train", "trainval") if train_transform is None else train_transform
-    transform = build_transforms(cfg, train)
+    transform = build_transforms(cfg, train, normalisation)
     if cfg.format == "cub":
-        return CUB200(cfg.root, split, cfg.val_fraction, cfg.split_seed, cfg.crop_to_bbox, transform)
-    if cfg.format != "folder":
+        dataset = CUB200(cfg.root, split, cfg.val_fraction, cfg.split_seed, cfg.crop_to_bbox, transform)
+    elif cfg.format != "folder":
         raise UserError(f"unknown data.format {cfg.format!r}; use cub or folder.")
-    if cfg.crop_to_bbox:
+    elif cfg.crop_to_bbox:
         raise UserError("data.crop_to_bbox needs bounding boxes, which only data.format=cub has; set it to false.")
-    return FolderDataset(cfg.root, split, cfg.val_fraction, cfg.split_seed, transform)
+    else:
+        dataset = FolderDataset(cfg.root, split, cfg.val_fraction, cfg.split_seed, transform)
+    dataset.normalisation = normalisation
+    return dataset
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -33,7 +33,7 @@ from bcnn.engine import evaluate
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
                           save_figure)
-from bcnn.models import build_model, load_model_weights
+from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
@@ -90,7 +90,8 @@ def run(args, ctx: distributed.Context) -> dict:
         cfg.data.root = args.data_root
     cfg.model.backbone_weights = "none"  # every weight comes from the checkpoint
 
-    dataset = build_dataset(cfg.data, args.split, train_transform=False)
+    dataset = build_dataset(cfg.data, args.split, train_transform=False,
+                            normalisation=input_normalisation(cfg.model.backbone))
     if list(dataset.classes) != state["classes"]:
         raise UserError(
             f"the classes of {cfg.data.root} differ from those the checkpoint was trained on; "

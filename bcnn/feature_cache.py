@@ -4,7 +4,8 @@ With the backbone frozen and a pooling head without trainable layers (bilinear, 
 vector model.embed gives a view of an image never changes, so stage 1 can train the Linear classifier from
 stored vectors instead of running VGG16 every epoch:
 
-    train_views = build_dataset(cfg.data, "train", train_transform=False)  # eval transform: no random crop
+    train_views = build_dataset(cfg.data, "train", train_transform=False,  # eval transform: no random crop
+                                normalisation=input_normalisation(cfg.model.backbone))
     cache = build_feature_cache(model, train_views, ("center", "flip"), "cache/features", device, "bf16")
     loader = build_loader(cache, batch_size=64, train=True, num_workers=0, seed=0)
     for features, targets in loader:  # (B, output_dim) float32

@@ -145,10 +145,10 @@ def save_figure(fig: Figure, path, dpi: int = SAVE_DPI) -> None:
     fig.savefig(path, dpi=dpi, format="png")
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Undo Normalize(IMAGENET_MEAN, IMAGENET_STD): (B, 3, H, W) or (3, H, W) -> the same in [0, 1]."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+def denormalize(images: torch.Tensor, normalisation=(IMAGENET_MEAN, IMAGENET_STD)) -> torch.Tensor:
+    """Undo Normalize(mean, std): (B, 3, H, W) or (3, H, W) -> the same in [0, 1]."""
+    mean = images.new_tensor(normalisation[0]).view(3, 1, 1)
+    std = images.new_tensor(normalisation[1]).view(3, 1, 1)
     return (images * std + mean).clamp(0.0, 1.0)
 
 

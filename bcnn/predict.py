@@ -34,7 +34,7 @@ from bcnn.config import config_from_dict
 from bcnn.data import REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
-from bcnn.models import build_model, load_model_weights
+from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device
 
 
@@ -80,7 +80,7 @@ def run(args, device: torch.device) -> list[dict]:
     load_model_weights(model, state["model"])
     model.to(device).eval()
     configure_device(device, tf32=False)  # IEEE float32 on a GPU too, as bcnn.eval's default: the same numbers
-    transform = build_transforms(cfg.data, train=False)
+    transform = build_transforms(cfg.data, train=False, normalisation=input_normalisation(cfg.model.backbone))
 
     results = []
     for result in predict(expand_inputs(args.images), model, transform, classes, device,

@@ -38,7 +38,8 @@ class TensorBoardLog:
         sampler = TrainSampler(dataset, rank=0, world_size=1, seed=seed)
         sampler.set_epoch(1)
         images = torch.stack([dataset[item][0] for item in itertools.islice(sampler, count)])
-        self.writer.add_image("train/augmented_images", make_grid(denormalize(images), nrow=8), 0)
+        grid = make_grid(denormalize(images, dataset.normalisation), nrow=8)
+        self.writer.add_image("train/augmented_images", grid, 0)
 
     def step(self, global_step: int, stats: dict) -> None:
         self.writer.add_scalar("train/loss_step", stats["loss"], global_step)

@@ -39,7 +39,8 @@ from bcnn.data import build_dataset, build_loader
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.feature_cache import build_feature_cache
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
-from bcnn.models import build_model, load_model_weights
+from bcnn.models import build_model, input_normalisation, load_model_weights
+from bcnn.models.backbones import resolve_cut
 from bcnn.optim import build_optimizer, build_scheduler, step_schedule
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
 from bcnn.progress import ConsoleFilter
@@ -138,13 +139,19 @@ def find_resume_checkpoint(args, run_dir: Path) -> Path | None:
 
 def check_resumable(cfg: Config, state: dict, path: Path) -> None:
     """Resuming under another recipe would silently train a run that neither config describes."""
-    saved, current = state.get("config") or {}, config_to_dict(cfg)
+    saved, current, defaults = state.get("config") or {}, config_to_dict(cfg), config_to_dict(Config())
+    # A key the checkpoint lacks came in a later version of bcnn, with its default as the old behaviour; a cut
+    # named differently ("auto" or the name it stands for) is the same cut.
+    saved = {section: {key: saved.get(section, {}).get(key, default) for key, default in values.items()}
+             for section, values in defaults.items()}
+    for old_and_new in (saved, current):
+        old_and_new["model"]["cut"] = resolve_cut(old_and_new["model"]["backbone"], old_and_new["model"]["cut"])[0]
     for section, values in current.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value:
+            if name not in RESUMABLE_CHANGES and saved[section][key] != value:
                 raise UserError(
-                    f"cannot resume from {path}: it was trained with {name}={saved.get(section, {}).get(key)!r}, "
+                    f"cannot resume from {path}: it was trained with {name}={saved[section][key]!r}, "
                     f"this command asks for {value!r}; use the same config, or start again with --overwrite "
                     "or another --run-dir."
                 )
@@ -189,7 +196,8 @@ def cached_feature_loaders(cfg: Config, model, with_val: bool, micro_batch: int,
         if split == "val" and not with_val:
             loaders.append(None)
             continue
-        eval_view = build_dataset(cfg.data, split, train_transform=False)
+        eval_view = build_dataset(cfg.data, split, train_transform=False,
+                                  normalisation=input_normalisation(cfg.model.backbone))
         cache = build_feature_cache(model, eval_view, views_of[split], cfg.train.cache_dir, ctx.device, precision,
                                     batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers,
                                     rank=ctx.rank, world_size=ctx.world_size)
@@ -225,8 +233,9 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     if state is not None:
         check_resumable(cfg, state, resume_path)
     seed_everything(cfg.train.seed)
-    train_set = build_dataset(cfg.data, "train")
-    val_set = build_dataset(cfg.data, "val") if cfg.data.val_fraction > 0 else None
+    normalisation = input_normalisation(cfg.model.backbone)  # the mean and std its weights expect
+    train_set = build_dataset(cfg.data, "train", normalisation=normalisation)
+    val_set = build_dataset(cfg.data, "val", normalisation=normalisation) if cfg.data.val_fraction > 0 else None
     classes = list(train_set.classes)
     if state is not None and state.get("classes") != classes:
         raise UserError(f"cannot resume from {resume_path}: it was trained on other classes than this dataset; "
@@ -357,10 +366,11 @@ def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory,
 
 def log_model(cfg: Config, model, precision: str) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    second = f" + {cfg.model.backbone_b}" if cfg.model.backbone_b else ""
+    cut = resolve_cut(cfg.model.backbone, cfg.model.cut)[0]
     log.info("model: %s%s to %s, %s pooling (%d-d), %d trainable parameters, backbone %s; precision %s (pooling "
-             "and classifier float32), %s", cfg.model.backbone, f" + {cfg.model.backbone_b}" if cfg.model.backbone_b
-             else "", cfg.model.cut, cfg.model.pooling, model.pooling.output_dim, trainable,
-             "frozen" if model.backbone_frozen else "trainable", precision,
+             "and classifier float32), %s", cfg.model.backbone, second, cut, cfg.model.pooling,
+             model.pooling.output_dim, trainable, "frozen" if model.backbone_frozen else "trainable", precision,
              "channels_last" if cfg.train.channels_last else "NCHW")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bcnn.config import MAX_POOLS_BEFORE_CUT, RANGES, Config, config_from_dict, config_to_dict, load_config
+from bcnn.config import RANGES, Config, config_from_dict, config_to_dict, load_config
 from bcnn import train as train_cli
 from bcnn.errors import UserError
 from bcnn.models.backbones import vgg16_features
@@ -58,7 +58,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train:\n  epochs: 2.5\n", [], "train.epochs .* must be of type int"),
         ("data:\n  hflip: 1\n", [], "data.hflip .* must be of type bool"),
         ("", ["--train.batch_size=many"], "train.batch_size .* must be of type int"),
-        ("", ["--model.cut=pool4"], "model.cut .* must be one of"),
+        ("", ["--model.cut=pool4"], "model.cut for vgg16 must be auto or one of relu5_3, pool5, got 'pool4'"),
         ("", ["--optim.lr=-1"], "optim.lr must be finite and at least 0, got -1.0"),
         ("", ["--train.accum_steps=0"], "train.accum_steps must be at least 1"),
         ("", ["--train.checkpoint_every=-5"], "train.checkpoint_every must be at least 0"),
@@ -138,17 +138,21 @@ def test_every_number_in_the_config_has_a_range():
     assert numbers - set(RANGES) == {"data.crop"}, "data.crop's range is its own check: it depends on model.cut"
 
 
-@pytest.mark.parametrize("cut", sorted(MAX_POOLS_BEFORE_CUT))
+# VGG16's max-pools before each cut: each halves the image, rounding down, and needs at least 2 pixels.
+VGG16_POOLS_BEFORE = {"relu5_3": 4, "pool5": 5}
+
+
+@pytest.mark.parametrize("cut", sorted(VGG16_POOLS_BEFORE))
 def test_smallest_crop_is_the_smallest_input_vgg16_accepts(cut):
-    smallest = 2 ** MAX_POOLS_BEFORE_CUT[cut]
+    smallest = 2 ** VGG16_POOLS_BEFORE[cut]
     features = vgg16_features(cut, "none").eval()
     with torch.no_grad():
         assert features(torch.zeros(1, 3, smallest, smallest)).shape == (1, 512, 1, 1)
         with pytest.raises(RuntimeError, match="Output size is too small"):
             features(torch.zeros(1, 3, smallest - 1, smallest - 1))
     assert load_config(None, [f"--model.cut={cut}", f"--data.crop={smallest}"]).data.crop == smallest
-    with pytest.raises(UserError, match=f"data.crop must be at least {smallest} for model.cut={cut} "
-                                        rf"\(each of the {MAX_POOLS_BEFORE_CUT[cut]} VGG16 max-pools"):
+    with pytest.raises(UserError, match=f"data.crop must be at least {smallest} for vgg16 cut at {cut} "
+                                        rf"\(it halves the image {VGG16_POOLS_BEFORE[cut]} times\)"):
         load_config(None, [f"--model.cut={cut}", f"--data.crop={smallest - 1}"])
 
 
@@ -168,7 +172,7 @@ def test_override_without_value_does_not_take_the_next_option():
         (["--train.init_from", "--data-root", "/some/path"], "override --train.init_from has no value"),
         (["--data-root", "/some/path", "--optim.lr"], "override --optim.lr has no value"),
         (["--data-root", "/some/path", "--train.init_from"], "override --train.init_from has no value"),
-        (["--data-root", "/some/path", "--data.crop=8"], "data.crop must be at least 16 for model.cut=relu5_3"),
+        (["--data-root", "/some/path", "--data.crop=8"], "data.crop must be at least 16 for vgg16 cut at relu5_3"),
     ],
     ids=["lr-then-shorthand", "init_from-then-shorthand", "shorthand-then-lr", "shorthand-then-init_from", "crop"],
 )

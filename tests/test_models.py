@@ -287,7 +287,7 @@ def test_backbone_weights_file_errors(tmp_path):
 
     resnet_like = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, resnet_like)
-    with pytest.raises(UserError, match="resnet.pth does not fit VGG16"):
+    with pytest.raises(UserError, match="resnet.pth does not fit vgg16's features"):
         vgg16_features("relu5_3", str(resnet_like))
 
 

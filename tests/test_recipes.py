@@ -39,7 +39,10 @@ def test_each_stage_2_continues_its_own_stage_1(stage2):
 # Each head's recipes: (stage 1 or None, the final stage, extra options). avg has no published CUB recipe of its
 # own; the demo's two stages with its head are the baseline run.
 HEADS = {
-    "matrix_sqrt": ("cub_vgg16_matrix_sqrt_stage1.yaml", "cub_vgg16_matrix_sqrt_stage2.yaml", []),
+    # 3 Newton-Schulz steps, not 10, at this size (the root itself: tests/test_pooling.py): 512 x 512 products
+    # are most of this test's time on a CPU.
+    "matrix_sqrt": ("cub_vgg16_matrix_sqrt_stage1.yaml", "cub_vgg16_matrix_sqrt_stage2.yaml",
+                    ["--model.matrix_sqrt_iterations=3"]),
     "compact": ("cub_vgg16_compact_stage1.yaml", "cub_vgg16_compact_stage2.yaml", []),
     "isqrt_cov": (None, "cub_vgg16_isqrt_cov.yaml", ["--model.isqrt_reduce_dim=32"]),
     "avg": ("demo_stage1.yaml", "demo_stage2.yaml", ["--model.pooling=avg"]),

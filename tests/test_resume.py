@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bcnn import engine
 from bcnn import train as train_cli
+from bcnn.config import Config, config_to_dict
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import TrainingDiverged
 from bcnn.errors import UserError
@@ -184,3 +185,22 @@ def test_a_learning_rate_that_blows_up_is_one_clear_error(cub_3x13, tmp_path):
     assert re.match(r"error: the training loss became NaN or infinite at step \d+ \(epoch 1\)", result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_last_pt_from_before_a_config_key_existed_still_resumes():
+    # bcnn 0.1's checkpoints predate model.pooling (and its options) and named the cut relu5_3, today's auto.
+    saved = config_to_dict(Config())
+    for key in ("pooling", "matrix_sqrt_iterations", "isqrt_iterations", "isqrt_reduce_dim", "compact_dim",
+                "backbone_b", "backbone_b_weights"):
+        del saved["model"][key]
+    saved["model"]["cut"] = "relu5_3"
+    state = {"config": saved, "optimizer": {}}
+    train_cli.check_resumable(Config(), state, Path("last.pt"))  # the defaults are what those runs did
+    changed = Config()
+    changed.model.pooling = "compact"
+    with pytest.raises(UserError, match="trained with model.pooling='bilinear', this command asks for 'compact'"):
+        train_cli.check_resumable(changed, state, Path("last.pt"))
+    changed = Config()
+    changed.model.cut = "pool5"
+    with pytest.raises(UserError, match="model.cut='relu5_3'"):
+        train_cli.check_resumable(changed, state, Path("last.pt"))

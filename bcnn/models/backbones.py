@@ -1,17 +1,22 @@
 """Backbones: a registry from `model.backbone` to a convolutional feature extractor and what the rest of the
 model needs to know about it (its output channels, its stride, the input normalisation its weights expect).
 
-    backbone = build_backbone("vgg16", weights="imagenet", cut="relu5_3")
+    backbone = build_backbone("resnet50", weights="imagenet", cut="auto")
     backbone.module(images)     # (B, 3, H, W) -> (B, backbone.channels, H / stride, W / stride)
 
-Nothing outside this module knows that a backbone is a VGG.
+The torchvision families a fine-grained researcher uses, each with its cuts (where the network is cut; "auto" is
+the first listed, the usual one), plus `timm:<name>` for any timm network that gives a feature map (timm is an
+optional extra: pip install timm). Weights: "imagenet" (torchvision's weight enum through torch's hub cache, or
+timm's own cache), "none" (random), or a state-dict file. Nothing outside this module knows which network it is.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.error import URLError
 
 import torch
@@ -19,69 +24,205 @@ import torchvision
 from torch import nn
 
 from bcnn.errors import UserError
-from bcnn.models.weights import BACKBONE_FILE_FORMAT, describe_mismatch, read_backbone_file
+from bcnn.models.weights import backbone_file_format, describe_mismatch, read_backbone_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Index of pool5 in torchvision's vgg16().features: dropping it leaves relu5_3, the paper's cut.
-_VGG16_POOL5_INDEX = 30
-VGG16_CUTS = {"relu5_3": (_VGG16_POOL5_INDEX, 16), "pool5": (_VGG16_POOL5_INDEX + 1, 32)}  # (end, stride)
+TIMM_PREFIX = "timm:"
 
 
 @dataclass
 class Backbone:
-    module: nn.Sequential
+    module: nn.Module
     channels: int  # of the output feature map
     stride: int  # input pixels per output pixel
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def vgg16_features(cut: str = "relu5_3", weights: str = "none") -> nn.Sequential:
-    """torchvision's VGG16 convolutional part, cut at relu5_3 (stride 16, pool5 dropped) or pool5 (stride 32).
+@dataclass(frozen=True)
+class Cut:
+    channels: int
+    stride: int
+    take: Callable[[nn.Module], nn.Module]  # the full torchvision model -> the part up to this cut
 
-    weights: "imagenet" (torchvision's IMAGENET1K_V1, from the torch hub cache or downloaded into it),
-    "none" (torchvision's random init), or the path of a VGG16 state dict, full ("features.N.weight") or
-    features-only ("N.weight").
-    """
-    if cut not in VGG16_CUTS:
-        raise UserError(f"model.cut must be one of {', '.join(VGG16_CUTS)}, got {cut!r}.")
+
+@dataclass(frozen=True)
+class Family:
+    """One torchvision network: its builder, its ImageNet weights, its cuts (the first is "auto"), and the prefix
+    the cut part's keys carry in a whole model's state dict ("features." for VGG's model.features[:k])."""
+    build: Callable[..., nn.Module]
+    weights: str  # the torchvision weight enum, e.g. "VGG16_Weights.IMAGENET1K_V1"
+    cuts: dict[str, Cut]
+    file_prefix: str = ""
+
+
+def _vgg(pool5: int) -> dict[str, Cut]:
+    """VGG's `features` up to its last ReLU (pool5 dropped, as the B-CNN paper cuts it) or through pool5."""
+    last_relu = "relu5_3" if pool5 == 30 else "relu5_4"
+    return {last_relu: Cut(512, 16, lambda model: model.features[:pool5]),
+            "pool5": Cut(512, 32, lambda model: model.features[: pool5 + 1])}
+
+
+def _resnet_through(last_layer: str) -> Callable[[nn.Module], nn.Module]:
+    def take(model: nn.Module) -> nn.Module:
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        names = names[: names.index(last_layer) + 1]
+        return nn.Sequential(OrderedDict((name, getattr(model, name)) for name in names))  # the model's own keys
+    return take
+
+
+def _resnet(expansion: int = 4) -> dict[str, Cut]:
+    return {"layer4": Cut(512 * expansion, 32, _resnet_through("layer4")),
+            "layer3": Cut(256 * expansion, 16, _resnet_through("layer3"))}
+
+
+def _densenet(channels: int) -> dict[str, Cut]:
+    # torchvision's DenseNet applies a ReLU after features (norm5) in forward(); the cut keeps it.
+    return {"features": Cut(channels, 32, lambda model: nn.Sequential(
+        OrderedDict(features=model.features, relu=nn.ReLU(inplace=True))))}
+
+
+def _convnext(widths: tuple[int, int]) -> dict[str, Cut]:
+    # model.features: stem, stage 1, downsample, stage 2, downsample, stage 3, downsample, stage 4.
+    return {"stage4": Cut(widths[1], 32, lambda model: model.features),
+            "stage3": Cut(widths[0], 16, lambda model: model.features[:6])}
+
+
+models = torchvision.models
+FAMILIES = {
+    "vgg16": Family(models.vgg16, "VGG16_Weights.IMAGENET1K_V1", _vgg(30), "features."),
+    "vgg19": Family(models.vgg19, "VGG19_Weights.IMAGENET1K_V1", _vgg(36), "features."),
+    "resnet50": Family(models.resnet50, "ResNet50_Weights.IMAGENET1K_V2", _resnet()),
+    "resnet101": Family(models.resnet101, "ResNet101_Weights.IMAGENET1K_V2", _resnet()),
+    "resnet152": Family(models.resnet152, "ResNet152_Weights.IMAGENET1K_V2", _resnet()),
+    "densenet121": Family(models.densenet121, "DenseNet121_Weights.IMAGENET1K_V1", _densenet(1024)),
+    "densenet201": Family(models.densenet201, "DenseNet201_Weights.IMAGENET1K_V1", _densenet(1920)),
+    "convnext_tiny": Family(models.convnext_tiny, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", _convnext((384, 768)),
+                            "features."),
+    "convnext_base": Family(models.convnext_base, "ConvNeXt_Base_Weights.IMAGENET1K_V1", _convnext((512, 1024)),
+                            "features."),
+}
+BACKBONE_NAMES = (*FAMILIES, f"{TIMM_PREFIX}<name>")
+
+
+def resolve_cut(name: str, cut: str) -> tuple[str, int | None]:
+    """(the cut, its stride) for model.backbone `name` and model.cut `cut` ("auto": the family's usual one), checked
+    without building anything; the stride of a timm network is None (known once it is built)."""
+    if name.startswith(TIMM_PREFIX):
+        if cut != "auto":
+            raise UserError(f"model.cut must be auto for a timm backbone (its last feature map), got {cut!r}.")
+        return cut, None
+    if name not in FAMILIES:
+        raise UserError(f"model.backbone must be one of {', '.join(BACKBONE_NAMES)}, got {name!r}.")
+    cuts = FAMILIES[name].cuts
+    cut = next(iter(cuts)) if cut == "auto" else cut
+    if cut not in cuts:
+        raise UserError(f"model.cut for {name} must be auto or one of {', '.join(cuts)}, got {cut!r}.")
+    return cut, cuts[cut].stride
+
+
+def build_backbone(name: str, weights: str, cut: str = "auto") -> Backbone:
+    if name.startswith(TIMM_PREFIX):
+        resolve_cut(name, cut)
+        return _timm_backbone(name[len(TIMM_PREFIX):], weights)
+    cut, _ = resolve_cut(name, cut)
+    family = FAMILIES[name]
+    part = family.cuts[cut]
+    return Backbone(part.take(_torchvision_model(name, family, weights, part)), part.channels, part.stride)
+
+
+def _torchvision_model(name: str, family: Family, weights: str, part: Cut) -> nn.Module:
     if weights == "imagenet":
-        features = _imagenet_vgg16().features
-    elif weights == "none":
-        features = torchvision.models.vgg16().features
-    else:
-        state = read_backbone_file(Path(weights))
-        # Every weight is overwritten next, so torchvision's init (seconds, mostly the classifier) is skipped.
-        features = torchvision.models.vgg16(init_weights=False).features
-        mismatch = describe_mismatch(features, state)
-        if mismatch:
-            raise UserError(f"{weights} does not fit VGG16's features ({mismatch}); give {BACKBONE_FILE_FORMAT}.")
-        features.load_state_dict(state)
-    return features[: VGG16_CUTS[cut][0]]
+        return _imagenet_model(name, family)
+    if weights == "none":
+        return family.build()
+    state = read_backbone_file(Path(weights), name, family.file_prefix)
+    model = family.build()
+    module = part.take(model)
+    # Keys outside the cut part (a classifier, later stages) are not needed; every key inside it must fit.
+    state = {key: value for key, value in state.items() if key in module.state_dict()}
+    mismatch = describe_mismatch(module, state)
+    if mismatch:
+        raise UserError(f"{weights} does not fit {name}'s features ({mismatch}); give "
+                        f"{backbone_file_format(name, family.file_prefix)}.")
+    module.load_state_dict(state)
+    return model
 
 
-def _imagenet_vgg16() -> nn.Module:
-    imagenet = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+def _imagenet_model(name: str, family: Family) -> nn.Module:
+    enum_name, member = family.weights.split(".")
+    imagenet = getattr(getattr(torchvision.models, enum_name), member)
     try:
-        return torchvision.models.vgg16(weights=imagenet)
+        return family.build(weights=imagenet)
     except (URLError, OSError, RuntimeError) as err:
         checkpoints_dir = Path(torch.hub.get_dir()) / "checkpoints"
         raise UserError(
-            f"could not load the ImageNet VGG16 weights ({type(err).__name__}: {err}); place "
+            f"could not load the ImageNet {name} weights ({type(err).__name__}: {err}); place "
             f"{os.path.basename(imagenet.url)} (from {imagenet.url}) in {checkpoints_dir} by hand, "
-            f"or set model.backbone_weights=none or to the path of a VGG16 state dict."
+            f"or set model.backbone_weights=none or to the path of a {name} state dict."
         ) from None
 
 
-def build_vgg16(weights: str, cut: str) -> Backbone:
-    return Backbone(vgg16_features(cut, weights), channels=512, stride=VGG16_CUTS[cut][1])
+class _LastFeatureMap(nn.Module):
+    """A timm features_only network (which returns a list of maps) -> its last map."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)[-1]
 
 
-BACKBONES = {"vgg16": build_vgg16}
+def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the images backbone `name`'s weights expect, without building it: ImageNet's for the
+    torchvision families, the model's own pretrained config for timm (0.5 for many of its networks)."""
+    if name.startswith(TIMM_PREFIX):
+        config = _timm(name[len(TIMM_PREFIX):]).models.get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        if config is not None:
+            return tuple(config.mean), tuple(config.std)
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
-def build_backbone(name: str, weights: str, cut: str) -> Backbone:
-    if name not in BACKBONES:
-        raise UserError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {name!r}.")
-    return BACKBONES[name](weights, cut)
+def _timm(name: str):
+    """The timm module, once it is known to be installed and to have the network `name` ("arch" or "arch.tag")."""
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"model.backbone=timm:{name} needs timm, an optional extra: pip install timm "
+                        "(or pip install -e \".[timm]\").") from None
+    if not timm.is_model(name.split(".")[0]):
+        raise UserError(f"timm has no model {name!r}; timm.list_models() lists them (e.g. resnet50, "
+                        "efficientnet_b0).")
+    return timm
+
+
+def _timm_backbone(name: str, weights: str) -> Backbone:
+    timm = _timm(name)
+    options = {"features_only": True, "out_indices": (-1,)}
+    if weights == "imagenet":
+        options["pretrained"] = True
+    elif weights != "none":
+        if not Path(weights).is_file():
+            raise UserError(f"model.backbone_weights file {weights} does not exist; give a timm state dict of "
+                            f"{name}, or use imagenet or none.")
+        options.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    try:
+        network = timm.create_model(name, **options)
+    except RuntimeError as err:  # timm's "does not support features_only", or a state dict that does not fit
+        raise UserError(f"timm could not build {name} as a feature extractor ({err}); pick a convolutional "
+                        "network that gives a feature map.") from None
+    except (URLError, OSError) as err:
+        raise UserError(f"could not load timm's ImageNet weights of {name} ({type(err).__name__}: {err}); put "
+                        "them in timm's cache by hand, or set model.backbone_weights=none or to a file.") from None
+    info = network.feature_info
+    config = network.pretrained_cfg
+    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    return Backbone(_LastFeatureMap(network), channels=info.channels()[-1], stride=info.reduction()[-1], mean=mean,
+                    std=std)
+
+
+def vgg16_features(cut: str = "relu5_3", weights: str = "none") -> nn.Module:
+    """torchvision's VGG16 convolutional part, cut at relu5_3 (stride 16, pool5 dropped) or pool5 (stride 32)."""
+    return build_backbone("vgg16", weights, cut).module

@@ -14,8 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bcnn.errors import UserError
 from bcnn.models.backbones import build_backbone
 from bcnn.models.pooling import Pooling, build_pooling
+
+
+# The largest pooled vector a model may have: 1,024 channels' bilinear vector (DenseNet-121, ConvNeXt-Base), whose
+# classifier for CUB is already 210M parameters; 2,048 channels (a ResNet's layer4) would be 4.2M-d and 840M.
+MAX_POOLED_DIM = 1024 * 1024
 
 
 class BilinearCNN(nn.Module):
@@ -79,7 +85,17 @@ def build_model(cfg, num_classes: int) -> BilinearCNN:
     cfg.freeze_backbone (stage 1)."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.cut)
     backbone_b = build_backbone(cfg.backbone_b, cfg.backbone_b_weights, cfg.cut) if cfg.backbone_b else None
+    if backbone_b is not None and (backbone_b.mean, backbone_b.std) != (backbone.mean, backbone.std):
+        raise UserError(f"model.backbone_b={cfg.backbone_b} expects images normalised with mean {backbone_b.mean} and "
+                        f"std {backbone_b.std}, model.backbone={cfg.backbone} with {backbone.mean} and {backbone.std}; "
+                        "the two networks of an asymmetric B-CNN read one input: pick two that agree.")
     pooling = build_pooling(cfg, backbone.channels, backbone_b.channels if backbone_b else None)
+    if pooling.output_dim > MAX_POOLED_DIM:
+        raise UserError(
+            f"model.pooling={cfg.pooling} on {cfg.backbone}'s {backbone.channels} channels would be a "
+            f"{pooling.output_dim:,}-d vector and a {pooling.output_dim * num_classes / 1e6:,.0f}M-parameter "
+            f"classifier; use model.pooling=compact (a {cfg.compact_dim:,}-d sketch), model.pooling=isqrt_cov with "
+            "its 1x1 reduction (model.isqrt_reduce_dim=256), or a cut with fewer channels (model.cut).")
     model = BilinearCNN(backbone.module, pooling, num_classes, backbone_b.module if backbone_b else None)
     if cfg.freeze_backbone:
         model.freeze_backbone()

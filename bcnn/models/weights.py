@@ -18,23 +18,28 @@ from bcnn.errors import UserError
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # The names most public B-CNN ports give the two parts (VGG16 `features`, Linear `fc`), and ours.
 PORT_NAMES = (("features.", "backbone."), ("fc.", "classifier."))
-BACKBONE_FILE_FORMAT = 'a state dict with "features.N.weight" keys (torchvision) or "N.weight" keys (features only)'
+def backbone_file_format(name: str, prefix: str) -> str:
+    """What a backbone weights file must hold, in words."""
+    if prefix:
+        return (f'a state dict of torchvision\'s {name} ("{prefix}..." keys) or of its {prefix.rstrip(".")} part '
+                f'alone (the same keys without "{prefix}")')
+    return f"a state dict of torchvision's {name} (its state_dict() keys)"
 
 
-def read_backbone_file(path: Path) -> dict:
-    """The features part of a torchvision-style state dict file, keyed "N.weight" like model.features."""
+def read_backbone_file(path: Path, name: str, prefix: str) -> dict:
+    """A backbone's weights file, its keys as the cut part names them: a whole torchvision model's state dict has
+    its `prefix` stripped (VGG's "features."), keys of the rest (the classifier) are left for the caller to drop."""
+    what = backbone_file_format(name, prefix)
     if not path.is_file():
-        raise UserError(f"model.backbone_weights file {path} does not exist; give {BACKBONE_FILE_FORMAT}, "
-                        "or use imagenet or none.")
+        raise UserError(f"model.backbone_weights file {path} does not exist; give {what}, or use imagenet or none.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and zip errors have no common type
-        raise UserError(f"cannot read {path} as a PyTorch state dict ({err}); give {BACKBONE_FILE_FORMAT}.") from None
+        raise UserError(f"cannot read {path} as a PyTorch state dict ({err}); give {what}.") from None
     if not isinstance(state, dict):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; give {BACKBONE_FILE_FORMAT}.")
-    if any(key.startswith("features.") for key in state):
-        # A whole torchvision model: the classifier's weights are not needed.
-        state = {key[len("features."):]: value for key, value in state.items() if key.startswith("features.")}
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; give {what}.")
+    if prefix and any(key.startswith(prefix) for key in state):
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     return state
 
 

@@ -1,0 +1,137 @@
+"""Every registered backbone: its feature map's shape and channels, its weights from a file and from torch's hub
+cache, frozen means frozen for the batch-norm families; a full bilinear head on 2,048 channels refused; tiny runs
+end to end on a ResNet and on a timm network (random weights: nothing is downloaded)."""
+
+import sys
+
+import pytest
+import torch
+from torchvision.models import ResNet50_Weights
+
+from bcnn import eval as eval_cli
+from bcnn import train as train_cli
+from bcnn.config import ModelConfig, load_config
+from bcnn.errors import UserError
+from bcnn.models import build_model
+from bcnn.models.backbones import FAMILIES, build_backbone, input_normalisation, resolve_cut
+from helpers.runs import STAGE1
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_cut_gives_the_channels_and_stride_it_reports(name):
+    model = FAMILIES[name].build().eval()  # one random model; each cut takes its part of it
+    for cut, part in FAMILIES[name].cuts.items():
+        stride = resolve_cut(name, cut)[1]
+        module = part.take(model)
+        with torch.no_grad():
+            assert module(torch.zeros(1, 3, 2 * stride, 3 * stride)).shape == (1, part.channels, 2, 3), cut
+            # the config's smallest crop is the stride: a 1 x 1 map
+            assert module(torch.zeros(1, 3, stride, stride)).shape == (1, part.channels, 1, 1), cut
+        assert load_config(None, [f"--model.backbone={name}", f"--model.cut={cut}", f"--data.crop={stride}"])
+        with pytest.raises(UserError, match=f"data.crop must be at least {stride} for {name} cut at {cut}"):
+            load_config(None, [f"--model.backbone={name}", f"--model.cut={cut}", f"--data.crop={stride - 1}"])
+    assert resolve_cut(name, "auto")[0] == next(iter(FAMILIES[name].cuts))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "convnext_tiny"])  # vgg16: tests/test_models.py
+def test_weights_from_a_file_of_the_whole_torchvision_model(name, tmp_path):
+    source = FAMILIES[name].build()  # random weights, and batch-norm statistics unlike the defaults
+    with torch.no_grad():
+        for buffer in source.buffers():
+            if buffer.is_floating_point():
+                buffer.uniform_(0.5, 1.5)
+    path = tmp_path / f"{name}.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_backbone(name, str(path)).module.state_dict()
+    expected = FAMILIES[name].cuts[next(iter(FAMILIES[name].cuts))].take(source).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+
+
+def test_a_file_of_another_network_is_refused_in_one_sentence(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64)}, path)
+    with pytest.raises(UserError, match=r"vgg16.pth does not fit resnet50's features \(missing: conv1.weight"):
+        build_backbone("resnet50", str(path))
+
+
+def test_imagenet_weights_of_another_family_come_from_the_hub_cache(tmp_path, monkeypatch):
+    # torchvision's ResNet-50 weights under their file name in torch's hub cache: read, not downloaded.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    source = FAMILIES["resnet50"].build()
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(source.state_dict(), checkpoints / ResNet50_Weights.IMAGENET1K_V2.url.rsplit("/", 1)[1])
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the cached file should have been used")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    loaded = build_backbone("resnet50", "imagenet").module.state_dict()
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in loaded.items())
+
+
+def test_a_frozen_batch_norm_backbone_does_not_move():
+    model = build_model(ModelConfig(backbone="resnet50", cut="layer3", backbone_weights="none", pooling="avg"), 3)
+    before = {key: value.clone() for key, value in model.backbone.state_dict().items()}
+    model.train()
+    assert not any(module.training for module in model.backbone.modules()), "batch norm statistics would move"
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).mean()
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(value, before[key]) for key, value in model.backbone.state_dict().items())
+
+
+def test_a_full_bilinear_head_on_2048_channels_is_refused_with_the_ways_out():
+    with pytest.raises(UserError) as refused:
+        build_model(ModelConfig(backbone="resnet50", backbone_weights="none"), 200)
+    message = str(refused.value)
+    assert "4,194,304-d vector and a 839M-parameter classifier" in message
+    assert all(way in message for way in ("model.pooling=compact", "model.pooling=isqrt_cov", "model.cut"))
+
+
+def test_unknown_backbones_and_cuts_are_one_sentence():
+    with pytest.raises(UserError, match="model.backbone must be one of vgg16, vgg19, resnet50"):
+        load_config(None, ["--model.backbone=resnet9000"])
+    with pytest.raises(UserError, match="model.cut for resnet50 must be auto or one of layer4, layer3"):
+        load_config(None, ["--model.backbone=resnet50", "--model.cut=relu5_3"])
+
+
+TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
+        "--model.backbone_weights=none", "--train.batch_size=4", "--train.epochs=1", "--train.log_every=0",
+        "--train.precision=fp32", "--model.freeze_backbone=false", "--optim.lr=0.01", "--optim.backbone_lr=0.001"]
+
+
+@pytest.mark.parametrize("backbone, options", [
+    ("resnet50", ["--model.pooling=compact", "--model.compact_dim=1024"]),  # trains its batch norms too
+    ("timm:resnet18", []),  # 512 channels: the full bilinear head
+], ids=["resnet50", "timm"])
+def test_tiny_run_end_to_end(backbone, options, cub_3x13, tmp_path):
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    run_dir = tmp_path / "run"
+    train_cli.main(["--config", STAGE1, f"--data-root={cub_3x13}", f"--run-dir={run_dir}",
+                    f"--model.backbone={backbone}", *TINY, *options])
+    evaluated = eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "val", "--device", "cpu",
+                               "--no-figures"])
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    assert (evaluated["count"], evaluated["top1"]) == (best["metrics"]["val_count"], best["metrics"]["val_top1"])
+    assert best["config"]["model"]["backbone"] == backbone
+
+
+def test_a_timm_network_brings_its_own_normalisation():
+    pytest.importorskip("timm")
+    assert input_normalisation("timm:inception_v3") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert input_normalisation("resnet50") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    backbone = build_backbone("timm:inception_v3", "none")
+    assert (backbone.mean, backbone.std) == input_normalisation("timm:inception_v3")
+    assert backbone.channels == 2048 and backbone.stride == 32
+
+
+def test_timm_missing_or_unknown_is_one_sentence(monkeypatch):
+    pytest.importorskip("timm")
+    with pytest.raises(UserError, match="timm has no model 'no_such_net'"):
+        build_backbone("timm:no_such_net", "none")
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
+    with pytest.raises(UserError, match="needs timm, an optional extra: pip install timm"):
+        build_backbone("timm:resnet18", "none")

@@ -1,0 +1,115 @@
+"""python -m bcnn.report over real runs: two seeds trained and evaluated (single view and flip) by the project's
+own commands; the table's mean and spread against NumPy on the JSON files; a run without an evaluation and runs
+that differ in more than the seed are said."""
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from bcnn import eval as eval_cli
+from bcnn import report
+from bcnn import train as train_cli
+from bcnn.errors import UserError
+from helpers.runs import REPO, STAGE1
+
+TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
+        "--model.backbone_weights=none", "--train.batch_size=4", "--train.epochs=1", "--train.log_every=0",
+        "--train.precision=fp32"]
+
+
+def train_and_evaluate(data, run_dir, *extra, tta=("none", "flip")):
+    train_cli.main(["--config", STAGE1, f"--data-root={data}", f"--run-dir={run_dir}", *TINY, *extra])
+    for mode in tta:
+        eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "test", "--device", "cpu", "--tta", mode,
+                       "--no-figures"])
+
+
+@pytest.fixture(scope="module")
+def runs(cub_3x13, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    for seed in (0, 1):
+        train_and_evaluate(cub_3x13, root / f"seed{seed}", f"--train.seed={seed}")
+    # Tiny runs of a random frozen VGG16 all score chance: a third seed's files, the real ones with other numbers
+    # in them, give the spread something to measure.
+    shutil.copytree(root / "seed1", root / "seed2")
+    config = yaml.safe_load((root / "seed2" / "config.yaml").read_text())
+    config["train"]["seed"] = 2
+    (root / "seed2" / "config.yaml").write_text(yaml.safe_dump(config))
+    for suffix, shift in (("", 12.5), ("_flip", 7.25)):
+        path = root / "seed2" / f"eval_best_test{suffix}.json"
+        evaluation = json.loads(path.read_text())
+        for key in ("top1", "top5", "mean_class_acc"):
+            evaluation[key] = max(0.0, evaluation[key] - shift)
+        path.write_text(json.dumps(evaluation))
+    train_and_evaluate(cub_3x13, root / "other_lr", "--optim.lr=0.5", tta=("none",))
+    (root / "not_evaluated").mkdir()
+    return root
+
+
+def test_the_table_gives_each_run_and_the_mean_and_std_over_seeds(runs):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = report.main([str(runs / f"seed{seed}") for seed in (0, 1, 2)] + ["--json"])
+    assert json.loads(stdout.getvalue()) == json.loads(json.dumps(result))  # stdout is the JSON alone
+    assert [row["seed"] for row in result["runs"]] == [0, 1, 2] and result["config_differences"] == []
+    for suffix in ("", "_flip"):
+        written = [json.loads((runs / f"seed{seed}" / f"eval_best_test{suffix}.json").read_text())
+                   for seed in (0, 1, 2)]
+        for key in ("top1", "top5", "mean_class_acc"):
+            values = np.array([evaluation[key] for evaluation in written])
+            stats = result["summary"][key + suffix]
+            assert stats["n"] == 3 and values.std() > 0
+            assert stats["mean"] == pytest.approx(values.mean(), rel=1e-12)
+            assert stats["std"] == pytest.approx(values.std(ddof=1), rel=1e-12, abs=1e-12)
+    assert all(row["images"] == 21 for row in result["runs"])  # the test split of cub_3x13
+
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        report.main([str(runs / "seed0"), str(runs / "seed1")])
+    text = table.getvalue()
+    assert "top-1 (single view)" in text and "top-1 (flip)" in text and "mean ± std over 2 run(s)" in text
+
+
+def test_a_run_without_flip_shows_a_dash_and_a_different_config_is_noted(runs):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = report.main([str(runs / "seed0"), str(runs / "other_lr")])
+    assert result["runs"][1]["views"]["_flip"] is None
+    assert result["summary"]["top1_flip"]["n"] == 1 and result["summary"]["top1_flip"]["std"] is None
+    assert "note: the runs differ in optim.lr, not only in their seed" in stdout.getvalue()
+
+
+def test_a_run_without_an_evaluation_is_one_sentence(runs, tmp_path):
+    with pytest.raises(UserError, match="has no evaluation of best.pt on test; run python -m bcnn.eval"):
+        report.main([str(runs / "not_evaluated")])
+    with pytest.raises(UserError, match="is not a run directory"):
+        report.main([str(tmp_path / "missing")])
+
+
+def test_make_trains_evaluates_and_reports_each_seed_in_its_own_run_directory():
+    # PY=echo: make prints the commands it would run, each as the shell expanded it.
+    def make(*args):
+        result = subprocess.run(["make", "-s", *args, "PY=echo"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    stage2 = make("stage2", "SEEDS=2", "RECIPE=cub_vgg16_compact")
+    assert len(stage2) == 2
+    for seed, line in enumerate(stage2):
+        assert "--config experiments/cub_vgg16_compact_stage2.yaml" in line and f"--train.seed={seed}" in line
+        assert f"--run-dir=runs/cub_vgg16_compact_stage2_seed{seed} " in line
+        assert f"--train.init_from=runs/cub_vgg16_compact_stage1_seed{seed}/best.pt" in line
+    evaluations = make("eval", "SEEDS=2")
+    assert len(evaluations) == 4 and all("--split test" in line for line in evaluations)
+    assert [("--tta flip" in line, f"stage2_seed{seed}/best.pt" in line) for seed in (0, 1) for line in
+            evaluations[2 * seed: 2 * seed + 2]] == [(False, True), (True, True)] * 2
+    assert make("report", "SEEDS=3") == ["-m bcnn.report " + " ".join(f"runs/cub_vgg16_stage2_seed{seed}"
+                                                                      for seed in range(3))]
+    assert make("stage1") == ["-m bcnn.train --config experiments/cub_vgg16_stage1.yaml --data-root "
+                              "data/CUB_200_2011 --device auto"]
