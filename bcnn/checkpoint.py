@@ -89,7 +89,8 @@ def _no_space(path: Path, needed: int, free: int, then: str) -> str:
 
 def _read(path: Path):
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train first (make stage1 / make stage2) or pass --checkpoint.")
+        raise UserError(f"checkpoint {path} does not exist; train first (make stage1 / make stage2) or pass "
+                        "--checkpoint.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

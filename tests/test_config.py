@@ -31,7 +31,8 @@ def test_every_shipped_experiment_loads(path):
 def test_stage1_follows_the_recipe_and_stage2_starts_from_stage1():
     stage1 = load_config(EXPERIMENTS / "cub_vgg16_stage1.yaml")
     stage2 = load_config(EXPERIMENTS / "cub_vgg16_stage2.yaml")
-    assert (stage1.optim.name, stage1.optim.lr, stage1.optim.momentum, stage1.optim.weight_decay) == ("sgd", 1.0, 0.9, 1e-8)
+    optim = stage1.optim
+    assert (optim.name, optim.lr, optim.momentum, optim.weight_decay) == ("sgd", 1.0, 0.9, 1e-8)
     assert (stage1.train.batch_size, stage1.train.epochs, stage1.data.crop) == (64, 55, 448)
     assert stage1.model.freeze_backbone and stage1.model.backbone_weights == "imagenet"
     assert stage1.model.cut == "relu5_3" and stage1.schedule.name == "plateau"

@@ -25,7 +25,7 @@ from bcnn.data import (
     CUB200, IMAGENET_MEAN, IMAGENET_STD, REPLACE_IMAGE, FolderDataset, build_dataset, build_loader,
     build_transforms, download_cub, load_rgb, write_synthetic_cub,
 )
-from bcnn.data import main as data_cli_main
+from bcnn.data.__main__ import main as data_cli_main
 from bcnn.errors import UserError
 
 SPLITS = ("train", "val", "trainval", "test")
@@ -159,7 +159,8 @@ CORRUPTIONS = {  # problem: (corrupt the copy and return the root to open, what 
     "parent folder passed": (lambda root: root.parent, r"one level down; pass --data-root .*CUB_200_2011"),
     "missing images.txt": (lambda root: (root / "images.txt").unlink() or root, r"images\.txt is missing"),
     "missing images folder": (lambda root: shutil.rmtree(root / "images") or root, r"images does not exist"),
-    "missing image file": (delete_first_image, r"1 of 60 images listed in images\.txt are missing, the first is .*_0001"),
+    "missing image file": (delete_first_image,
+                           r"1 of 60 images listed in images\.txt are missing, the first is .*_0001"),
     "ids disagree": (lambda root: edit_line(root, "image_class_labels.txt", 7, "99 2"),
                      r"image_class_labels\.txt lists 60 image ids but images\.txt lists 60 \(id 7 is only in images"),
     "counts do not add up": (lambda root: edit_line(root, "train_test_split.txt", 60, None),
@@ -525,10 +526,10 @@ def test_train_cli_reports_an_image_broken_in_a_worker_in_one_line(writable_cub,
 
 @pytest.mark.parametrize("cores, processes, expected", [(16, 4, 3), (64, 1, 8), (1, 1, 0), (16, 8, 1)])
 def test_default_loader_workers_share_the_cores_between_processes(monkeypatch, cores, processes, expected):
-    from bcnn import data
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    from bcnn.data import loader
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
-    assert data.default_num_workers() == expected
+    assert loader.default_num_workers() == expected
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_one_sentence_and_one_under_it_loads(monkeypatch, tmp_path):

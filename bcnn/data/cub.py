@@ -1,0 +1,177 @@
+"""CUB-200-2011: the reader (its text files, checked), the download, and a synthetic writer in its exact layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from bcnn.data.dataset import _ImageDataset, clean_class_name, describe_splits, select_split, synthetic_image
+from bcnn.data.download import fetch, make_folder, md5_of, safe_extract
+from bcnn.errors import UserError
+
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+GET_CUB = "run `make data` or pass --data-root /path/to/CUB_200_2011 (the folder holding images.txt)"
+REEXTRACT = "re-extract CUB_200_2011.tgz (delete the folder and run `make data`) or fix the file"
+
+
+def _fields(parts: list[str], count: int) -> list[str]:
+    if len(parts) != count:
+        raise ValueError
+    return parts
+
+
+CUB_TABLES = {  # file -> how to parse the fields after the leading id
+    "images.txt": lambda parts: _fields(parts, 1)[0],
+    "image_class_labels.txt": lambda parts: int(_fields(parts, 1)[0]),
+    "train_test_split.txt": lambda parts: {"1": True, "0": False}[_fields(parts, 1)[0]],
+    "classes.txt": lambda parts: _fields(parts, 1)[0],
+    "bounding_boxes.txt": lambda parts: tuple(float(v) for v in _fields(parts, 4)),
+}
+
+
+def _read_table(root: Path, name: str) -> dict:
+    """`<id> <fields>` lines -> {id: parsed fields}; a line that does not parse is reported by number."""
+    path, table = root / name, {}
+    if not path.is_file():
+        raise UserError(f"{path} is missing, so {root} is not a complete CUB_200_2011 folder; {GET_CUB}.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        number = data.count(b"\n", 0, error.start) + 1
+        raise UserError(f"line {number} of {path} is not UTF-8 text; {REEXTRACT}, saving it as UTF-8.") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            key, *parts = line.split()
+            key, value = int(key), CUB_TABLES[name](parts)
+        except (ValueError, KeyError):
+            raise UserError(f"line {number} of {path} is malformed ({line.strip()!r}); {REEXTRACT}.") from None
+        if key in table:
+            raise UserError(f"id {key} appears twice in {path} (line {number}); {REEXTRACT}.")
+        table[key] = value
+    return table
+
+
+def _check_tables(root: Path, tables: dict) -> None:
+    """The text files must agree: the same image ids everywhere, class ids 1..K, labels among them."""
+    image_ids = set(tables["images.txt"])
+    for name in ("image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
+        ids = set(tables[name])
+        if ids != image_ids:
+            first = min(ids ^ image_ids)
+            raise UserError(
+                f"{name} lists {len(ids)} image ids but images.txt lists {len(image_ids)} "
+                f"(id {first} is only in {name if first in ids else 'images.txt'}); {REEXTRACT}."
+            )
+    class_ids = sorted(tables["classes.txt"])
+    if class_ids != list(range(1, len(class_ids) + 1)):
+        raise UserError(f"class ids in {root / 'classes.txt'} must run 1..{len(class_ids)}; {REEXTRACT}.")
+    unknown = sorted(set(tables["image_class_labels.txt"].values()) - set(class_ids))
+    if unknown:
+        raise UserError(f"image_class_labels.txt uses class id {unknown[0]}, not in classes.txt; {REEXTRACT}.")
+
+
+def read_cub(root: Path) -> tuple[list[str], list, list]:
+    """Validate a CUB_200_2011 folder; return (class names, official train, test), records (path, label, bbox)."""
+    if not root.is_dir():
+        raise UserError(f"CUB-200-2011 folder {root} does not exist; {GET_CUB}.")
+    if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
+        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / 'CUB_200_2011'}.")
+    tables = {name: _read_table(root, name) for name in CUB_TABLES}
+    if not (root / "images").is_dir():
+        raise UserError(f"{root / 'images'} does not exist; {GET_CUB}.")
+    _check_tables(root, tables)
+    records = {
+        image_id: (str(root / "images" / rel_path), tables["image_class_labels.txt"][image_id] - 1,
+                   tables["bounding_boxes.txt"][image_id])
+        for image_id, rel_path in sorted(tables["images.txt"].items())
+    }
+    missing = [path for path, *_ in records.values() if not os.path.isfile(path)]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(records)} images listed in images.txt are missing, the first is "
+            f"{missing[0]}; {REEXTRACT}."
+        )
+    is_train = tables["train_test_split.txt"]
+    trainval = [record for image_id, record in records.items() if is_train[image_id]]
+    test = [record for image_id, record in records.items() if not is_train[image_id]]
+    return [clean_class_name(name) for _, name in sorted(tables["classes.txt"].items())], trainval, test
+
+
+class CUB200(_ImageDataset):
+    """CUB-200-2011 read from its text files; labels are class_id - 1; `bboxes` are (x, y, w, h) per sample."""
+
+    ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
+    HAS_BOXES = True
+
+    def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
+                 transform=None, target_transform=None):
+        root = Path(root).absolute()
+        classes, trainval, test = read_cub(root)
+        records = select_split(split, trainval, test, val_fraction, split_seed)
+        super().__init__(root, split, classes, records, transform, target_transform)
+        self.bboxes = [box for _, _, box in records]
+        self.crop_to_bbox = crop_to_bbox
+
+    def _box(self, index: int):
+        return self.bboxes[index] if self.crop_to_bbox else None
+
+
+def download_cub(root: str, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
+    """Fetch, md5-check, safely extract and verify CUB-200-2011 into root/CUB_200_2011; no-op once it verifies."""
+    root = Path(root)
+    dataset_dir, tarball = root / "CUB_200_2011", root / "CUB_200_2011.tgz"
+    if (dataset_dir / "images.txt").is_file():
+        try:
+            print(f"already present, nothing to do: {describe_splits(CUB200, dataset_dir)}")
+            return dataset_dir
+        except UserError as error:
+            print(f"{dataset_dir} is incomplete ({error}); extracting again")
+    make_folder(root)  # a --root that cannot be a folder fails now, not after a 1.1 GB download
+    if not tarball.is_file():
+        fetch(url, tarball)
+    if md5_of(tarball) != md5:
+        raise UserError(f"{tarball} has the wrong md5 (expected {md5}); delete it and run the download again.")
+    safe_extract(tarball, root)
+    print(f"extracted and verified: {describe_splits(CUB200, dataset_dir)}")
+    return dataset_dir
+
+
+def write_synthetic_cub(root, classes: int = 5, per_class: int = 12, seed: int = 0, image_size: int = 96) -> Path:
+    """Write a mini-CUB in the exact CUB_200_2011 layout, deterministically from seed; returns root.
+
+    Class k has its own hue and its own stripe angle (both jittered per image), on backgrounds and at positions
+    and sizes drawn independently of the class: learnable in a few CPU epochs, even by the demo's random VGG16.
+    Image 1 is saved as grayscale and image per_class + 2 (or 2) as CMYK, as happens in CUB.
+    """
+    if classes < 1 or per_class < 3 or image_size < 16:
+        raise UserError("a synthetic CUB needs classes >= 1, per-class >= 3 and image-size >= 16; raise them.")
+    root, rng = Path(root), np.random.default_rng(seed)
+    make_folder(root)
+    special_modes = {1: "L", (per_class + 2 if classes > 1 else 2): "CMYK"}
+    lines = {name: [] for name in CUB_TABLES}
+    image_id = 0
+    for label in range(classes):
+        folder = f"{label + 1:03d}.Synthetic_Class_{label + 1}"
+        lines["classes.txt"].append(f"{label + 1} {folder}")
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        n_train = min(per_class - 1, max(2, round(per_class / 2)))
+        is_train = np.zeros(per_class, dtype=int)
+        is_train[rng.permutation(per_class)[:n_train]] = 1
+        for index in range(per_class):
+            image_id += 1
+            image, (x, y, w, h) = synthetic_image(rng, label / classes, np.pi * label / classes, image_size)
+            rel_path = f"{folder}/Synthetic_Class_{label + 1}_{index + 1:04d}.jpg"
+            image.convert(special_modes.get(image_id, "RGB")).save(root / "images" / rel_path, quality=92)
+            lines["images.txt"].append(f"{image_id} {rel_path}")
+            lines["image_class_labels.txt"].append(f"{image_id} {label + 1}")
+            lines["train_test_split.txt"].append(f"{image_id} {is_train[index]}")
+            lines["bounding_boxes.txt"].append(f"{image_id} {x:.1f} {y:.1f} {w:.1f} {h:.1f}")
+    for name, content in lines.items():
+        (root / name).write_text("\n".join(content) + "\n", encoding="utf-8")
+    return root

@@ -1,0 +1,192 @@
+"""What every dataset shares: records (path, label, box) -> an image dataset with ImageFolder's attributes, RGB
+loading with one-sentence errors, the splits (val held out of the official train split, seeded and stratified),
+and the synthetic image the format writers draw."""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from bcnn.errors import UserError
+
+SPLITS = ("train", "val", "trainval", "test")
+REPLACE_IMAGE = ("replace it with a readable image (for CUB, re-extract CUB_200_2011.tgz: delete the folder "
+                 "and run `make data`)")
+
+
+def _unreadable(path: str, reason: str) -> UserError:
+    # bcnn.predict cuts this sentence back to `reason`: keep its shape.
+    return UserError(f"cannot read image {path}: {reason}; {REPLACE_IMAGE}.")
+
+
+def _to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB; convert("RGB") alone clips 16-bit values at 255 (nearly all white) and 0-1 floats to black."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):
+        # 16-bit grayscale: I;16 (PNG, TIFF), or I in older Pillow's PNG and in PGM, whose maxvals Pillow
+        # stretches to 65535. A 12-bit TIFF opens as I;16 too, with 0-4095: its BitsPerSample says so. (Pillow
+        # itself opens 16-bit colour as 8-bit RGB or RGBA.)
+        bits = image.tag_v2.get(258, (16,))[0] if image.format == "TIFF" else 16
+        top = 2**bits - 1
+        pixels = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((pixels * 255 + top // 2) // top).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        # 32-bit integers and floats come without a range (0-1? 0-255? 0-65535?): any guess is wrong for some.
+        kind = "integer" if image.mode == "I" else "floating-point"
+        raise _unreadable(path, f"it has 32-bit {kind} pixels (PIL mode {image.mode}), which have no fixed range "
+                                "to map to 8-bit colour (save it as an 8-bit image)")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as 8-bit RGB, optionally cropped to (x, y, w, h).
+
+    16-bit images are scaled by their range; 32-bit integer and float images are refused, as are images over
+    Pillow's decompression-bomb limit, twice Image.MAX_IMAGE_PIXELS.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x the limit Pillow opens the image and warns: a large photo, not an attack, and a
+            # warning per image in every loader worker would bury the log.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = _to_rgb(image, path)  # decodes now, so a truncated file fails here and not mid-transform
+    except Image.DecompressionBombError as error:  # raised by Image.open, before anything is decoded
+        pixels = int(re.search(r"\d+", str(error))[0])  # Pillow's message starts "Image size (N pixels)"
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise _unreadable(path, f"it has {pixels / 1e6:.1f} megapixels, over the {limit / 1e6:.1f}-megapixel limit "
+                                "Pillow sets against decompression bombs (downscale it)") from None
+    except (OSError, ValueError) as error:  # also missing, unreadable, truncated (LOAD_TRUNCATED_IMAGES stays off)
+        # Pillow raises ValueError for some malformed files, e.g. a PGM whose maxval or pixel is out of range.
+        reason = "not an image" if isinstance(error, UnidentifiedImageError) else getattr(error, "strerror", None)
+        raise _unreadable(path, (reason or str(error)).lower()) from None
+    if box is None:
+        return image
+    x, y, w, h = box
+    # Boxes are floats and a few poke past the border: clamp, and keep the whole image if nothing is left.
+    left, top = max(0, math.floor(x)), max(0, math.floor(y))
+    right, bottom = min(image.width, math.ceil(x + w)), min(image.height, math.ceil(y + h))
+    return image.crop((left, top, right, bottom)) if right > left and bottom > top else image
+
+
+def stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (keep, holdout): per class, round(fraction * n) held out, rounding half up.
+
+    A class of n >= 2 images gives at least 1 and at most n - 1 when fraction > 0, so every class is in both
+    parts. Classes are drawn in label order from numpy's default_rng(seed): the same seed, the same split.
+    """
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    holdout: list[int] = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        n = len(members)
+        count = min(max(math.floor(fraction * n + 0.5), 1), n - 1) if fraction > 0 and n >= 2 else 0
+        holdout.extend(int(i) for i in rng.permutation(members)[:count])
+    held = set(holdout)
+    return [i for i in range(len(targets)) if i not in held], sorted(holdout)
+
+
+def select_split(split: str, trainval: list, test: list, val_fraction: float, split_seed: int) -> list:
+    """Pick one split's records, (path, label, ...) tuples, from the official train and test records."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; fix data.val_fraction.")
+    if split == "test":
+        return test
+    if split == "trainval" or (split == "train" and val_fraction == 0):
+        return trainval
+    if val_fraction == 0:
+        raise UserError("there is no val split with val_fraction 0; set data.val_fraction > 0 (e.g. 0.1).")
+    keep, holdout = stratified_holdout([record[1] for record in trainval], val_fraction, split_seed)
+    return [trainval[i] for i in (holdout if split == "val" else keep)]
+
+
+class _ImageDataset(Dataset):
+    """What CUB200 and FolderDataset share: ImageFolder-style attributes and RGB loading."""
+
+    ADD_TRAINING_IMAGES = ""  # what to do about a class without training images, in the layout's own terms
+    HAS_BOXES = False  # whether the format has bounding boxes (its reader then takes crop_to_bbox)
+
+    def __init__(self, root, split, classes, records, transform, target_transform):
+        if not records:
+            raise UserError(f"the {split} split of {root} has no images; check the dataset or data.val_fraction.")
+        if split in ("train", "trainval"):
+            # The model would still get an output for such a class and never learn it. The val hold-out keeps at
+            # least one image of every class in train, so only the official split can cause this.
+            labels = {record[1] for record in records}
+            untrained = [name for label, name in enumerate(classes) if label not in labels]
+            if untrained:
+                names = ", ".join(repr(name) for name in untrained[:3])
+                names += f" and {len(untrained) - 3} more" if len(untrained) > 3 else ""
+                which = f"class {names}" if len(untrained) == 1 else f"{len(untrained)} classes ({names})"
+                raise UserError(f"the {split} split of {root} has no images of {which}, which the model could "
+                                f"never learn; {self.ADD_TRAINING_IMAGES}.")
+        self.root, self.split = str(root), split
+        self.classes = classes
+        self.class_to_idx = {name: label for label, name in enumerate(classes)}
+        self.samples = [(path, label) for path, label, *_ in records]
+        self.targets = [label for _, label in self.samples]
+        self.transform, self.target_transform = transform, target_transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _box(self, index: int):
+        return None
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        """item: an index, or (index, augment_seed) from TrainSampler, which fixes the random augmentation."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        path, target = self.samples[index]
+        image = load_rgb(path, self._box(index))
+        if self.transform is not None:
+            # torchvision's transforms draw from torch's global CPU RNG: seed it for this sample only, then give
+            # the caller its state back. Not torch.manual_seed, which would also reseed (and lose) the CUDA RNG.
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.default_generator.manual_seed(seed)
+                image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def describe_splits(dataset_class, root, val_fraction: float = 0.0, split_seed: int = 0) -> str:
+    """One line for `python -m bcnn.data verify` and the download: classes and per-split image counts."""
+    splits = ("trainval", "train", "val", "test") if val_fraction > 0 else ("trainval", "test")
+    sets = {split: dataset_class(root, split, val_fraction, split_seed) for split in splits}
+    counts = ", ".join(f"{split} {len(dataset)}" for split, dataset in sets.items())
+    return f"{sets['test'].root}: {len(sets['test'].classes)} classes; images: {counts}"
+
+
+def clean_class_name(folder_name: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross'."""
+    return re.sub(r"^\d+\.", "", folder_name).replace("_", " ")
+
+
+def synthetic_image(rng: np.random.Generator, hue: float, angle: float, size: int):
+    """A striped ellipse (class = hue + stripe angle, both jittered) on a noisy background; returns image, bbox."""
+    width, height = int(size * rng.uniform(0.85, 1.25)), int(size * rng.uniform(0.85, 1.15))
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    shade = rng.uniform(0.25, 0.75) + rng.normal(0, 0.08, (height, width, 1))
+    background = shade + rng.normal(0, 0.04, (height, width, 3))
+    box_w, box_h = int(width * rng.uniform(0.45, 0.75)), int(height * rng.uniform(0.45, 0.75))
+    x0, y0 = int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1))
+    inside = ((cols - x0 - box_w / 2) / (box_w / 2)) ** 2 + ((rows - y0 - box_h / 2) / (box_h / 2)) ** 2 <= 1
+    angle += rng.normal(0, 0.08)
+    period = size / 12 * rng.uniform(0.8, 1.2)
+    stripes = np.cos(2 * np.pi * (cols * np.cos(angle) + rows * np.sin(angle)) / period) > 0
+    hue = (hue + rng.normal(0, 0.02)) % 1.0
+    light = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 0.9), rng.uniform(0.75, 1.0))
+    dark = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 0.9), rng.uniform(0.3, 0.45))
+    pixels = np.where(inside[..., None], np.where(stripes[..., None], light, dark), background)
+    image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    return image, (x0, y0, box_w, box_h)

@@ -1,0 +1,71 @@
+"""Fetching a dataset's archive: to a .part file then renamed, md5-checked, extracted without leaving the root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bcnn.errors import UserError
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, target: Path) -> None:
+    """Download to target.part, then rename: an interrupted download never looks like a finished one."""
+    part = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
+            total, done = int(response.headers.get("Content-Length") or 0), 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {target.name}: {done >> 20} / {total >> 20} MiB", end="", flush=True)
+        print()
+    except OSError as error:  # URLError is an OSError
+        part.unlink(missing_ok=True)
+        raise UserError(
+            f"could not download {url} ({getattr(error, 'reason', error)}); download it by hand, place it at "
+            f"{target} and rerun."
+        ) from None
+    os.replace(part, target)
+
+
+def _within(base: str, path: str) -> bool:
+    return os.path.commonpath([base, os.path.normpath(path)]) == base
+
+
+def safe_extract(tarball: Path, root: Path) -> None:
+    """Check every member before writing anything: no absolute paths, no `..`, no links leading out of root."""
+    base = os.path.abspath(root)
+    with tarfile.open(tarball) as tar:
+        members = tar.getmembers()
+        for member in members:
+            target = os.path.join(base, member.name)
+            safe = not os.path.isabs(member.name) and _within(base, target)
+            if member.issym():
+                safe = safe and _within(base, os.path.join(os.path.dirname(target), member.linkname))
+            if member.islnk():
+                safe = safe and _within(base, os.path.join(base, member.linkname))
+            if not safe:
+                raise UserError(f"{tarball} holds an unsafe member {member.name!r}; delete it and download again.")
+        # Python's own "data" filter (3.11.4+) also drops device files and odd permissions.
+        tar.extractall(base, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+
+
+def make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way (FileExistsError, NotADirectoryError), no permission, ...
+        in_the_way = isinstance(error, (FileExistsError, NotADirectoryError))
+        reason = "a file is in the way" if in_the_way else (error.strerror or str(error)).lower()
+        raise UserError(f"cannot make the folder {folder}: {reason}; pass --root a folder path (it is made if "
+                        "missing).") from None

@@ -1,0 +1,52 @@
+"""DataLoader construction: the samplers (bcnn.sampling), worker seeding, worker counts from the machine."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bcnn.sampling import ShardSampler, TrainSampler
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; numpy and random augmentations follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def default_num_workers() -> int:
+    """Loader workers per training process: the cores this process may use, shared with the other processes
+    torchrun started on this machine, minus one for the training loop itself; at most 8, past which the
+    workers' memory grows faster than their use (`python -m bcnn.bench` shows whether the loader keeps up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, cores // processes_here - 1))
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """This rank's loader. Train: TrainSampler, eval: ShardSampler (in order, each image on exactly one rank).
+
+    For training call loader.sampler.set_epoch(epoch, skip) before each epoch: order and augmentations are then
+    a function of (seed, epoch, sample index) alone, the same for any world_size, num_workers or resume point,
+    and the dataset must accept the (index, augment_seed) items the sampler yields, as _ImageDataset does.
+    num_workers=-1 picks default_num_workers(); workers persist across epochs and each keeps 4 batches ready.
+    pin_memory: for batches bound for a GPU (the copy then overlaps the step); a CPU run on a GPU machine
+    leaves it off, since pinning starts CUDA in the process for nothing.
+    """
+    if num_workers < 0:
+        num_workers = default_num_workers()
+    if train:
+        sampler = TrainSampler(dataset, rank, world_size, seed)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_seed_worker,
+                      generator=generator)
