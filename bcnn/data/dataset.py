@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from bcnn.data.transforms import IMAGENET_NORMALISATION
 from bcnn.errors import UserError
 
 SPLITS = ("train", "val", "trainval", "test")
@@ -114,6 +115,7 @@ class _ImageDataset(Dataset):
 
     ADD_TRAINING_IMAGES = ""  # what to do about a class without training images, in the layout's own terms
     HAS_BOXES = False  # whether the format has bounding boxes (its reader then takes crop_to_bbox)
+    normalisation = IMAGENET_NORMALISATION  # the (mean, std) of its transform; build_dataset sets the backbone's
 
     def __init__(self, root, split, classes, records, transform, target_transform):
         if not records:

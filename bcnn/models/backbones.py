@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.error import URLError
@@ -55,6 +55,9 @@ class Family:
     weights: str  # the torchvision weight enum, e.g. "VGG16_Weights.IMAGENET1K_V1"
     cuts: dict[str, Cut]
     file_prefix: str = ""
+    # build()'s options that skip its own weight init, for a model whose weights are read from a file next (VGG's
+    # init of a classifier the cut drops takes seconds)
+    no_init: dict = field(default_factory=dict)
 
 
 def _vgg(pool5: int) -> dict[str, Cut]:
@@ -89,18 +92,18 @@ def _convnext(widths: tuple[int, int]) -> dict[str, Cut]:
             "stage3": Cut(widths[0], 16, lambda model: model.features[:6])}
 
 
-models = torchvision.models
+tv = torchvision.models
 FAMILIES = {
-    "vgg16": Family(models.vgg16, "VGG16_Weights.IMAGENET1K_V1", _vgg(30), "features."),
-    "vgg19": Family(models.vgg19, "VGG19_Weights.IMAGENET1K_V1", _vgg(36), "features."),
-    "resnet50": Family(models.resnet50, "ResNet50_Weights.IMAGENET1K_V2", _resnet()),
-    "resnet101": Family(models.resnet101, "ResNet101_Weights.IMAGENET1K_V2", _resnet()),
-    "resnet152": Family(models.resnet152, "ResNet152_Weights.IMAGENET1K_V2", _resnet()),
-    "densenet121": Family(models.densenet121, "DenseNet121_Weights.IMAGENET1K_V1", _densenet(1024)),
-    "densenet201": Family(models.densenet201, "DenseNet201_Weights.IMAGENET1K_V1", _densenet(1920)),
-    "convnext_tiny": Family(models.convnext_tiny, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", _convnext((384, 768)),
+    "vgg16": Family(tv.vgg16, "VGG16_Weights.IMAGENET1K_V1", _vgg(30), "features.", {"init_weights": False}),
+    "vgg19": Family(tv.vgg19, "VGG19_Weights.IMAGENET1K_V1", _vgg(36), "features.", {"init_weights": False}),
+    "resnet50": Family(tv.resnet50, "ResNet50_Weights.IMAGENET1K_V2", _resnet()),
+    "resnet101": Family(tv.resnet101, "ResNet101_Weights.IMAGENET1K_V2", _resnet()),
+    "resnet152": Family(tv.resnet152, "ResNet152_Weights.IMAGENET1K_V2", _resnet()),
+    "densenet121": Family(tv.densenet121, "DenseNet121_Weights.IMAGENET1K_V1", _densenet(1024)),
+    "densenet201": Family(tv.densenet201, "DenseNet201_Weights.IMAGENET1K_V1", _densenet(1920)),
+    "convnext_tiny": Family(tv.convnext_tiny, "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", _convnext((384, 768)),
                             "features."),
-    "convnext_base": Family(models.convnext_base, "ConvNeXt_Base_Weights.IMAGENET1K_V1", _convnext((512, 1024)),
+    "convnext_base": Family(tv.convnext_base, "ConvNeXt_Base_Weights.IMAGENET1K_V1", _convnext((512, 1024)),
                             "features."),
 }
 BACKBONE_NAMES = (*FAMILIES, f"{TIMM_PREFIX}<name>")
@@ -129,25 +132,27 @@ def build_backbone(name: str, weights: str, cut: str = "auto") -> Backbone:
     cut, _ = resolve_cut(name, cut)
     family = FAMILIES[name]
     part = family.cuts[cut]
-    return Backbone(part.take(_torchvision_model(name, family, weights, part)), part.channels, part.stride)
-
-
-def _torchvision_model(name: str, family: Family, weights: str, part: Cut) -> nn.Module:
+    from_file = weights not in ("imagenet", "none")
     if weights == "imagenet":
-        return _imagenet_model(name, family)
-    if weights == "none":
-        return family.build()
-    state = read_backbone_file(Path(weights), name, family.file_prefix)
-    model = family.build()
+        model = _imagenet_model(name, family)
+    else:
+        model = family.build(**(family.no_init if from_file else {}))
     module = part.take(model)
+    if from_file:
+        _load_file(module, Path(weights), name, family)
+    return Backbone(module, part.channels, part.stride)
+
+
+def _load_file(module: nn.Module, path: Path, name: str, family: Family) -> None:
+    state = read_backbone_file(path, name, family.file_prefix)
     # Keys outside the cut part (a classifier, later stages) are not needed; every key inside it must fit.
-    state = {key: value for key, value in state.items() if key in module.state_dict()}
+    expected = module.state_dict()
+    state = {key: value for key, value in state.items() if key in expected}
     mismatch = describe_mismatch(module, state)
     if mismatch:
-        raise UserError(f"{weights} does not fit {name}'s features ({mismatch}); give "
+        raise UserError(f"{path} does not fit {name}'s features ({mismatch}); give "
                         f"{backbone_file_format(name, family.file_prefix)}.")
     module.load_state_dict(state)
-    return model
 
 
 def _imagenet_model(name: str, family: Family) -> nn.Module:
