@@ -3,7 +3,9 @@
 #   make test                      the test suite (what CI runs); OMP_NUM_THREADS=N sets its CPU threads
 #   make test-gpu                  the GPU tests alone (CUDA); PY=python3 runs them with a Python that has torch
 #   make data                      download + verify CUB-200-2011 into data/ (or verify your DATA=...)
+#   make data DATASET=aircraft     the same for aircraft, cars or nabirds (cars and nabirds: where to get them)
 #   make stage1 / make stage2      the recipe; DATA=/path/to/CUB_200_2011 DEVICE=cuda ARGS="--optim.lr=0.5"
+#   make stage1 DATASET=cars       its recipe (experiments/<DATASET>_vgg16_stage1.yaml) on data/stanford_cars
 #   make stage1 RECIPE=cub_vgg16_matrix_sqrt   another two-stage recipe: experiments/<RECIPE>_stage{1,2}.yaml
 #   make train CONFIG=experiments/cub_vgg16_isqrt_cov.yaml   any one config (a one-stage recipe)
 #   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
@@ -20,12 +22,18 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 VENV_DEP = $(if $(filter $(VENV)/bin/python,$(PY)),venv,)
 DATA_DIR ?= data
-DATA    ?= $(DATA_DIR)/CUB_200_2011
+DATASET ?= cub
+# Each dataset's folder under DATA_DIR, as its archive extracts.
+FOLDERS = cub:CUB_200_2011 aircraft:fgvc-aircraft-2013b cars:stanford_cars nabirds:nabirds
+DATASET_FOLDER = $(patsubst $(DATASET):%,%,$(filter $(DATASET):%,$(FOLDERS)))
+DEFAULT_DATA = $(DATA_DIR)/$(DATASET_FOLDER)
+DATA    ?= $(if $(DATASET_FOLDER),$(DEFAULT_DATA),$(error DATASET=$(DATASET) has no default folder (cub, aircraft, \
+	cars, nabirds have); pass DATA=/path/to/your/dataset))
 DEVICE  ?= auto
 ARGS    ?=
 GPUS    ?=
 RESTARTS ?= 0
-RECIPE  ?= cub_vgg16
+RECIPE  ?= $(DATASET)_vgg16
 CONFIG  ?=
 CHECKPOINT ?= runs/$(RECIPE)_stage2/best.pt
 SEEDS   ?=
@@ -54,12 +62,13 @@ test: $(VENV_DEP)
 test-gpu: $(VENV_DEP)
 	$(PY) -m pytest -q -m gpu tests
 
-# The default DATA is downloaded; a DATA=... of your own is only verified.
+# The default DATA is downloaded (or, for cars and nabirds, verified once placed by hand); a DATA=... of your own
+# is only verified, in DATASET's format.
 data: $(VENV_DEP)
-ifeq ($(DATA),$(DATA_DIR)/CUB_200_2011)
-	$(PY) -m bcnn.data download --root $(DATA_DIR)
+ifeq ($(DATA),$(DEFAULT_DATA))
+	$(PY) -m bcnn.data download --dataset $(DATASET) --root $(DATA_DIR)
 else
-	$(PY) -m bcnn.data verify --root $(DATA)
+	$(PY) -m bcnn.data verify --format $(DATASET) --root $(DATA)
 endif
 
 stage1: $(VENV_DEP)

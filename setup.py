@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="bcnn",
     version="0.1.0",
-    description="Bilinear CNNs (Lin et al.) for fine-grained recognition on CUB-200-2011, in PyTorch",
+    description=("Bilinear CNNs (Lin et al.) for fine-grained recognition (CUB, NABirds, FGVC-Aircraft, Stanford Cars) "
+                 "in PyTorch"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -17,6 +18,7 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "matplotlib>=3.7",  # confusion matrix and per-class accuracy figures
+        "scipy>=1.9",  # Stanford Cars' .mat annotations (torchvision's StanfordCars reads them with it)
     ],
     extras_require={
         "timm": ["timm>=0.9"],  # model.backbone=timm:<name>

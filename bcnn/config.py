@@ -25,11 +25,16 @@ from bcnn.models.backbones import resolve_cut
 
 @dataclass
 class DataConfig:
-    format: str = "cub"  # "cub": CUB-200-2011 layout; "folder": root/train/<class>/*, root/test/<class>/*
+    # cub | aircraft (fgvc-aircraft-2013b) | cars (torchvision's stanford_cars) | nabirds | folder:
+    # root/train/<class>/*, root/test/<class>/*. The layouts: bcnn/data/<format>.py and data/README.md.
+    format: str = "cub"
     root: str = "data/CUB_200_2011"
-    val_fraction: float = 0.1  # stratified hold-out from the official train split; 0 = train on all of it
+    # Stratified hold-out from the official train split; 0 = train on all of it. A format with its own val split
+    # (aircraft) uses that for any value > 0, and trains on train + val with 0.
+    val_fraction: float = 0.1
     split_seed: int = 0  # seeds the val hold-out only, so it stays fixed when train.seed changes
-    crop_to_bbox: bool = False  # CUB only: crop every image to its bounding box before the transform
+    crop_to_bbox: bool = False  # cub, cars, nabirds: crop every image to its bounding box before the transform
+    annotation_level: str = "variant"  # aircraft only: variant (100 classes) | family (70) | manufacturer (30)
     resize: int = 448  # shorter side, before the crop
     crop: int = 448  # square input size the model sees
     hflip: bool = True
@@ -104,7 +109,8 @@ class Config:
 
 
 CHOICES = {
-    ("data", "format"): ("cub", "folder"),
+    ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "folder"),
+    ("data", "annotation_level"): ("variant", "family", "manufacturer"),
     ("model", "pooling"): ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
@@ -345,6 +351,9 @@ def validate(cfg: Config) -> None:
                             f"{stride.bit_length() - 1} times), got {cfg.data.crop}.")
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
+    if cfg.data.annotation_level != "variant" and cfg.data.format != "aircraft":
+        raise UserError(f"data.annotation_level applies to data.format=aircraft only, and data.format is "
+                        f"{cfg.data.format}; remove data.annotation_level.")
     if cfg.schedule.name == "plateau" and cfg.data.val_fraction == 0:
         raise UserError(
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "

@@ -84,10 +84,10 @@ def cache_key(model, dataset, views: tuple[str, ...], precision: str) -> str:
     """16 hex digits naming the cache of `views` of `dataset` under `model` at `precision`.
 
     Covers the backbones' architecture (the cut) and weights, the pooling head (its options and fixed random
-    projections), the transform (resize, crop, normalisation), the samples in order (paths, labels and file
-    sizes: a replaced image of another size invalidates; one of the very same size does not), bounding boxes when
-    images are cropped to them, the class list, the views and the precision (bf16 features differ from fp32
-    ones). Another root, split or val hold-out changes the samples, hence the key.
+    projections), the transform (resize, crop, normalisation), the samples in order (paths, labels and file sizes: a
+    replaced image of another size invalidates; one of the very same size does not), bounding boxes when images are
+    cropped to them, a banner cut off the bottom (FGVC-Aircraft), the class list, the views and the precision (bf16
+    features differ from fp32 ones). Another root, split or val hold-out changes the samples, hence the key.
     """
     model = unwrap(model)
     crop_to_bbox = bool(getattr(dataset, "crop_to_bbox", False))
@@ -104,6 +104,8 @@ def cache_key(model, dataset, views: tuple[str, ...], precision: str) -> str:
         "views": list(views),
         "precision": precision,
     }
+    if getattr(dataset, "bottom_crop", 0):  # only where set, so the keys of existing caches stay as they were
+        material["bottom_crop"] = dataset.bottom_crop
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 

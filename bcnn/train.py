@@ -358,8 +358,9 @@ def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory,
             yaml.safe_dump(config_dict, f, sort_keys=False)
     log.info("run dir %s", run.path)
     log_environment(ctx, args.config, config_dict)
+    val = "no" if val_set is None else f"{len(val_set)}{' (the official)' if val_set.OFFICIAL_VAL else ''}"
     log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
-             "step(s) x %d", cfg.data.root, len(train_set), len(val_set) if val_set is not None else "no",
+             "step(s) x %d", cfg.data.root, len(train_set), val,
              len(train_set.classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
     return config_dict
 

@@ -102,10 +102,15 @@ TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fracti
         "--train.precision=fp32", "--model.freeze_backbone=false", "--optim.lr=0.01", "--optim.backbone_lr=0.001"]
 
 
+# One network per family (vgg16: tests/test_recipes.py); the deeper members build from the same code, and their
+# cuts, channels and strides are checked above.
 @pytest.mark.parametrize("backbone, options", [
+    ("vgg19", []),
     ("resnet50", ["--model.pooling=compact", "--model.compact_dim=1024"]),  # trains its batch norms too
+    ("densenet121", ["--model.pooling=compact", "--model.compact_dim=1024"]),
+    ("convnext_tiny", []),  # 768 channels: the full bilinear head, a 589,824-d vector
     ("timm:resnet18", []),  # 512 channels: the full bilinear head
-], ids=["resnet50", "timm"])
+], ids=["vgg19", "resnet50", "densenet121", "convnext_tiny", "timm"])
 def test_tiny_run_end_to_end(backbone, options, cub_3x13, tmp_path):
     if backbone.startswith("timm:"):
         pytest.importorskip("timm")

@@ -1,11 +1,15 @@
-"""Data: a reader per on-disk format (cub.py, folder.py), the dataset and splits they share (dataset.py), the
-recipe's transforms, loaders, download, and a synthetic writer per format; `python -m bcnn.data` is the CLI.
+"""Data: a reader per on-disk format (cub.py, aircraft.py, cars.py, nabirds.py, folder.py), the dataset and
+splits they share (dataset.py), the recipe's transforms, loaders, download, and a synthetic writer per format;
+`python -m bcnn.data` is the CLI.
 
 Splits: `trainval` is the official train split, `val` a stratified seeded hold-out of it (data.val_fraction,
-data.split_seed), `train` the rest, `test` the official test split, which training never reads.
+data.split_seed), `train` the rest, `test` the official test split, which training never reads. A format with its
+own val split (FGVC-Aircraft) uses it instead: `train` and `val` are the official ones, `trainval` both.
 
     python -m bcnn.data download --root data                  # -> data/CUB_200_2011, md5-checked, verified
+    python -m bcnn.data download --dataset aircraft --root data  # -> data/fgvc-aircraft-2013b
     python -m bcnn.data synth --root demo/mini_cub --classes 5 --per-class 12 --seed 0
+    python -m bcnn.data synth --format cars --root demo       # -> demo/stanford_cars, the .mat files included
     python -m bcnn.data verify --root data/CUB_200_2011       # per-split counts and number of classes
 
     train_set = build_dataset(cfg.data, "train")
@@ -16,19 +20,32 @@ data.split_seed), `train` the rest, `test` the official test split, which traini
 from __future__ import annotations
 
 from bcnn.config import DataConfig
+from bcnn.data.aircraft import AIRCRAFT_FOLDER, FGVCAircraftDataset, download_aircraft, write_synthetic_aircraft
+from bcnn.data.cars import CARS_FOLDER, GET_CARS, StanfordCarsDataset, write_synthetic_cars
 from bcnn.data.cub import CUB200, download_cub, write_synthetic_cub
 from bcnn.data.dataset import REPLACE_IMAGE, SPLITS, _ImageDataset, clean_class_name, describe_splits, load_rgb
 from bcnn.data.folder import FolderDataset
+from bcnn.data.nabirds import GET_NABIRDS, NABIRDS_FOLDER, NABirdsDataset, write_synthetic_nabirds
 from bcnn.data.loader import build_loader, default_num_workers
 from bcnn.data.transforms import IMAGENET_MEAN, IMAGENET_NORMALISATION, IMAGENET_STD, build_transforms
 from bcnn.errors import UserError
 
-# data.format -> the reader of that layout: Dataset(root, split, val_fraction, split_seed, transform=...)
-READERS = {"cub": CUB200, "folder": FolderDataset}
+# data.format -> the reader of that layout: Dataset(root, split, val_fraction, split_seed, *OPTIONS, transform=...)
+READERS = {"cub": CUB200, "aircraft": FGVCAircraftDataset, "cars": StanfordCarsDataset, "nabirds": NABirdsDataset,
+           "folder": FolderDataset}
+# data.format -> a synthetic writer in that layout: (root, classes, per_class, seed, image_size) -> dataset folder
+WRITERS = {"cub": write_synthetic_cub, "aircraft": write_synthetic_aircraft, "cars": write_synthetic_cars,
+           "nabirds": write_synthetic_nabirds}
+# data.format -> the downloader into root, or why there is none and what to do instead
+DOWNLOADS = {"cub": download_cub, "aircraft": download_aircraft, "cars": GET_CARS, "nabirds": GET_NABIRDS}
+# data.format -> the name of the dataset's own folder, as its archive extracts (the folder --data-root takes)
+FOLDERS = {"cub": "CUB_200_2011", "aircraft": AIRCRAFT_FOLDER, "cars": CARS_FOLDER, "nabirds": NABIRDS_FOLDER}
 
-__all__ = ["CUB200", "FolderDataset", "IMAGENET_MEAN", "IMAGENET_NORMALISATION", "IMAGENET_STD", "READERS",
-           "REPLACE_IMAGE", "SPLITS", "build_dataset", "build_loader", "build_transforms", "clean_class_name",
-           "default_num_workers", "describe", "download_cub", "load_rgb", "write_synthetic_cub"]
+__all__ = ["CUB200", "DOWNLOADS", "FGVCAircraftDataset", "FOLDERS", "FolderDataset", "IMAGENET_MEAN",
+           "IMAGENET_NORMALISATION", "IMAGENET_STD", "NABirdsDataset", "READERS", "REPLACE_IMAGE", "SPLITS",
+           "StanfordCarsDataset", "WRITERS", "build_dataset", "build_loader", "build_transforms",
+           "clean_class_name", "default_num_workers", "describe", "download_cub", "load_rgb",
+           "write_synthetic_cub"]
 
 
 def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = None,
@@ -37,14 +54,15 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
     dataset.normalisation is the (mean, std) its tensors were normalised with."""
     train = split in ("train", "trainval") if train_transform is None else train_transform
     transform = build_transforms(cfg, train, normalisation)
-    if cfg.format not in READERS:
-        raise UserError(f"unknown data.format {cfg.format!r}; use {' or '.join(READERS)}.")
-    if cfg.crop_to_bbox and not READERS[cfg.format].HAS_BOXES:
-        boxed = " or ".join(name for name, reader in READERS.items() if reader.HAS_BOXES)
+    reader = READERS.get(cfg.format)
+    if reader is None:
+        raise UserError(f"unknown data.format {cfg.format!r}; use {', '.join(READERS)}.")
+    if cfg.crop_to_bbox and not reader.HAS_BOXES:
+        boxed = " or ".join(name for name, other in READERS.items() if other.HAS_BOXES)
         raise UserError(f"data.crop_to_bbox needs bounding boxes, which only data.format={boxed} has; set it to "
                         "false.")
-    options = {"crop_to_bbox": cfg.crop_to_bbox} if READERS[cfg.format].HAS_BOXES else {}
-    dataset = READERS[cfg.format](cfg.root, split, cfg.val_fraction, cfg.split_seed, transform=transform, **options)
+    options = {name: getattr(cfg, name) for name in reader.OPTIONS}
+    dataset = reader(cfg.root, split, cfg.val_fraction, cfg.split_seed, transform=transform, **options)
     dataset.normalisation = normalisation
     return dataset
 

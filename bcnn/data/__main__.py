@@ -3,32 +3,48 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from bcnn.data import describe
-from bcnn.data.cub import download_cub, write_synthetic_cub
-from bcnn.errors import exit_on_user_error
+from bcnn.data import DOWNLOADS, FOLDERS, READERS, WRITERS, describe
+from bcnn.errors import UserError, exit_on_user_error
+
+
+def _download(args: argparse.Namespace) -> None:
+    download = DOWNLOADS[args.dataset]
+    if not isinstance(download, str):
+        download(args.root)
+        return
+    # No official download: verify a copy placed by hand, or say where to get one.
+    folder = Path(args.root) / FOLDERS[args.dataset]
+    if not folder.exists():
+        raise UserError(f"{download}.")
+    print(f"no download needed, verified: {describe(folder, args.dataset, 0.1)}")
+
 
 def _synth(args: argparse.Namespace) -> None:
-    path = write_synthetic_cub(args.root, args.classes, args.per_class, args.seed, args.image_size)
-    print(f"wrote {describe(path)}")
+    path = WRITERS[args.format](args.root, args.classes, args.per_class, args.seed, args.image_size)
+    print(f"wrote {describe(path, args.format)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bcnn.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    download = commands.add_parser("download", help="download, check and extract CUB-200-2011 into ROOT")
-    download.add_argument("--root", default="data", help="folder to hold CUB_200_2011/ and the tarball")
-    download.set_defaults(run=lambda args: download_cub(args.root))
-    synth = commands.add_parser("synth", help="write a small generated dataset in the CUB format")
-    synth.add_argument("--root", required=True, help="dataset folder to write: images/ and the text files")
+    download = commands.add_parser("download", help="download, check and extract a dataset into ROOT")
+    download.add_argument("--dataset", choices=tuple(DOWNLOADS), default="cub", help="which dataset")
+    download.add_argument("--root", default="data", help="folder to hold the dataset's folder and its archive")
+    download.set_defaults(run=_download)
+    synth = commands.add_parser("synth", help="write a small generated dataset in a real format's exact layout")
+    synth.add_argument("--format", choices=tuple(WRITERS), default="cub", help="dataset layout")
+    synth.add_argument("--root", required=True, help="for cub the dataset folder itself (images/ and the text "
+                                                     "files); for the others the folder to hold it")
     synth.add_argument("--classes", type=int, default=5, help="number of classes")
     synth.add_argument("--per-class", type=int, default=12, help="images per class, about half of them train")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same files")
     synth.add_argument("--image-size", type=int, default=96, help="typical image side in pixels")
     synth.set_defaults(run=_synth)
     verify = commands.add_parser("verify", help="check a dataset and print its per-split image counts")
-    verify.add_argument("--root", required=True, help="the CUB_200_2011 folder, or the folder dataset's root")
-    verify.add_argument("--format", choices=("cub", "folder"), default="cub", help="dataset layout")
+    verify.add_argument("--root", required=True, help="the dataset's folder (the one --data-root takes)")
+    verify.add_argument("--format", choices=tuple(READERS), default="cub", help="dataset layout")
     verify.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out as val")
     verify.add_argument("--split-seed", type=int, default=0, help="seed of the val hold-out")
     verify.set_defaults(run=lambda a: print(describe(a.root, a.format, a.val_fraction, a.split_seed)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bcnn.data.dataset import _ImageDataset, clean_class_name, describe_splits, select_split, synthetic_image
-from bcnn.data.download import fetch, make_folder, md5_of, safe_extract
+from bcnn.data.download import download_dataset, make_folder
 from bcnn.errors import UserError
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
@@ -32,28 +32,29 @@ CUB_TABLES = {  # file -> how to parse the fields after the leading id
 }
 
 
-def _read_table(root: Path, name: str) -> dict:
-    """`<id> <fields>` lines -> {id: parsed fields}; a line that does not parse is reported by number."""
+def read_id_table(root: Path, name: str, parse, complete: str, key=int) -> dict:
+    """`<id> <fields>` lines of root/name -> {key(id): parse(fields)}, the text-file format of CUB and NABirds;
+    a line that does not parse is reported by number. complete: what to do about a missing or damaged file."""
     path, table = root / name, {}
     if not path.is_file():
-        raise UserError(f"{path} is missing, so {root} is not a complete CUB_200_2011 folder; {GET_CUB}.")
+        raise UserError(f"{path} is missing, so {root} is not a complete dataset folder; {complete}.")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         number = data.count(b"\n", 0, error.start) + 1
-        raise UserError(f"line {number} of {path} is not UTF-8 text; {REEXTRACT}, saving it as UTF-8.") from None
+        raise UserError(f"line {number} of {path} is not UTF-8 text; {complete}, saving it as UTF-8.") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            key, *parts = line.split()
-            key, value = int(key), CUB_TABLES[name](parts)
+            identifier, *parts = line.split()
+            identifier, value = key(identifier), parse(parts)
         except (ValueError, KeyError):
-            raise UserError(f"line {number} of {path} is malformed ({line.strip()!r}); {REEXTRACT}.") from None
-        if key in table:
-            raise UserError(f"id {key} appears twice in {path} (line {number}); {REEXTRACT}.")
-        table[key] = value
+            raise UserError(f"line {number} of {path} is malformed ({line.strip()!r}); {complete}.") from None
+        if identifier in table:
+            raise UserError(f"id {identifier} appears twice in {path} (line {number}); {complete}.")
+        table[identifier] = value
     return table
 
 
@@ -82,7 +83,9 @@ def read_cub(root: Path) -> tuple[list[str], list, list]:
         raise UserError(f"CUB-200-2011 folder {root} does not exist; {GET_CUB}.")
     if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
         raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / 'CUB_200_2011'}.")
-    tables = {name: _read_table(root, name) for name in CUB_TABLES}
+    if not (root / "images.txt").is_file():
+        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a CUB_200_2011 folder; {GET_CUB}.")
+    tables = {name: read_id_table(root, name, parse, REEXTRACT) for name, parse in CUB_TABLES.items()}
     if not (root / "images").is_dir():
         raise UserError(f"{root / 'images'} does not exist; {GET_CUB}.")
     _check_tables(root, tables)
@@ -108,6 +111,7 @@ class CUB200(_ImageDataset):
 
     ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
     HAS_BOXES = True
+    OPTIONS = ("crop_to_bbox",)
 
     def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
                  transform=None, target_transform=None):
@@ -124,22 +128,8 @@ class CUB200(_ImageDataset):
 
 def download_cub(root: str, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
     """Fetch, md5-check, safely extract and verify CUB-200-2011 into root/CUB_200_2011; no-op once it verifies."""
-    root = Path(root)
-    dataset_dir, tarball = root / "CUB_200_2011", root / "CUB_200_2011.tgz"
-    if (dataset_dir / "images.txt").is_file():
-        try:
-            print(f"already present, nothing to do: {describe_splits(CUB200, dataset_dir)}")
-            return dataset_dir
-        except UserError as error:
-            print(f"{dataset_dir} is incomplete ({error}); extracting again")
-    make_folder(root)  # a --root that cannot be a folder fails now, not after a 1.1 GB download
-    if not tarball.is_file():
-        fetch(url, tarball)
-    if md5_of(tarball) != md5:
-        raise UserError(f"{tarball} has the wrong md5 (expected {md5}); delete it and run the download again.")
-    safe_extract(tarball, root)
-    print(f"extracted and verified: {describe_splits(CUB200, dataset_dir)}")
-    return dataset_dir
+    return download_dataset(root, "CUB_200_2011", "CUB_200_2011.tgz", url, md5, "images.txt",
+                            lambda folder: describe_splits(CUB200, folder))
 
 
 def write_synthetic_cub(root, classes: int = 5, per_class: int = 12, seed: int = 0, image_size: int = 96) -> Path:

@@ -67,10 +67,13 @@ def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) ->
         # Pillow raises ValueError for some malformed files, e.g. a PGM whose maxval or pixel is out of range.
         reason = "not an image" if isinstance(error, UnidentifiedImageError) else getattr(error, "strerror", None)
         raise _unreadable(path, (reason or str(error)).lower()) from None
-    if box is None:
-        return image
+    return image if box is None else crop_to_box(image, box)
+
+
+def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """Crop to (x, y, w, h). Boxes are floats and a few poke past the border: clamp, and keep the whole image if
+    nothing is left."""
     x, y, w, h = box
-    # Boxes are floats and a few poke past the border: clamp, and keep the whole image if nothing is left.
     left, top = max(0, math.floor(x)), max(0, math.floor(y))
     right, bottom = min(image.width, math.ceil(x + w)), min(image.height, math.ceil(y + h))
     return image.crop((left, top, right, bottom)) if right > left and bottom > top else image
@@ -94,18 +97,27 @@ def stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[
     return [i for i in range(len(targets)) if i not in held], sorted(holdout)
 
 
-def select_split(split: str, trainval: list, test: list, val_fraction: float, split_seed: int) -> list:
-    """Pick one split's records, (path, label, ...) tuples, from the official train and test records."""
+def select_split(split: str, trainval: list, test: list, val_fraction: float, split_seed: int,
+                 official_val: list | None = None) -> list:
+    """Pick one split's records, (path, label, ...) tuples, from the official train and test records.
+
+    Without official_val, val is a stratified hold-out of the official train split. With it (FGVC-Aircraft's own
+    val split), val_fraction > 0 means train = the official train and val = the official val; 0 trains on both.
+    """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; fix data.val_fraction.")
     if split == "test":
         return test
+    if official_val is not None:
+        trainval, official_train = trainval + official_val, trainval
     if split == "trainval" or (split == "train" and val_fraction == 0):
         return trainval
     if val_fraction == 0:
         raise UserError("there is no val split with val_fraction 0; set data.val_fraction > 0 (e.g. 0.1).")
+    if official_val is not None:
+        return official_val if split == "val" else official_train
     keep, holdout = stratified_holdout([record[1] for record in trainval], val_fraction, split_seed)
     return [trainval[i] for i in (holdout if split == "val" else keep)]
 
@@ -115,6 +127,9 @@ class _ImageDataset(Dataset):
 
     ADD_TRAINING_IMAGES = ""  # what to do about a class without training images, in the layout's own terms
     HAS_BOXES = False  # whether the format has bounding boxes (its reader then takes crop_to_bbox)
+    OFFICIAL_VAL = False  # whether the format has its own val split (then data.val_fraction > 0 selects it)
+    OPTIONS: tuple[str, ...] = ()  # the DataConfig fields its constructor takes besides the split's
+    bottom_crop = 0  # pixel rows cut off the bottom of every image (FGVC-Aircraft's copyright banner)
     normalisation = IMAGENET_NORMALISATION  # the (mean, std) of its transform; build_dataset sets the backbone's
 
     def __init__(self, root, split, classes, records, transform, target_transform):
@@ -144,11 +159,23 @@ class _ImageDataset(Dataset):
     def _box(self, index: int):
         return None
 
+    def load_image(self, index: int) -> Image.Image:
+        """Sample index as 8-bit RGB, the banner (if any) cut off, then cropped to its box when asked."""
+        path = self.samples[index][0]
+        if not self.bottom_crop:
+            return load_rgb(path, self._box(index))
+        image = load_rgb(path)
+        if image.height <= self.bottom_crop:
+            raise _unreadable(path, f"it is {image.height} px high, no more than the {self.bottom_crop}-px banner "
+                                    "this format cuts off its bottom")
+        image = image.crop((0, 0, image.width, image.height - self.bottom_crop))
+        box = self._box(index)
+        return image if box is None else crop_to_box(image, box)
+
     def __getitem__(self, item: int | tuple[int, int]):
         """item: an index, or (index, augment_seed) from TrainSampler, which fixes the random augmentation."""
         index, seed = item if isinstance(item, tuple) else (item, None)
-        path, target = self.samples[index]
-        image = load_rgb(path, self._box(index))
+        image, target = self.load_image(index), self.targets[index]
         if self.transform is not None:
             # torchvision's transforms draw from torch's global CPU RNG: seed it for this sample only, then give
             # the caller its state back. Not torch.manual_seed, which would also reseed (and lose) the CUDA RNG.
@@ -165,7 +192,8 @@ def describe_splits(dataset_class, root, val_fraction: float = 0.0, split_seed: 
     """One line for `python -m bcnn.data verify` and the download: classes and per-split image counts."""
     splits = ("trainval", "train", "val", "test") if val_fraction > 0 else ("trainval", "test")
     sets = {split: dataset_class(root, split, val_fraction, split_seed) for split in splits}
-    counts = ", ".join(f"{split} {len(dataset)}" for split, dataset in sets.items())
+    official = " (the official val split)" if dataset_class.OFFICIAL_VAL else ""
+    counts = ", ".join(f"{split} {len(dataset)}{official if split == 'val' else ''}" for split, dataset in sets.items())
     return f"{sets['test'].root}: {len(sets['test'].classes)} classes; images: {counts}"
 
 

@@ -1,4 +1,5 @@
-"""Fetching a dataset's archive: to a .part file then renamed, md5-checked, extracted without leaving the root."""
+"""Fetching a dataset's archive: to a .part file then renamed, md5-checked, extracted without leaving the root,
+then verified by the dataset's reader."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from bcnn.errors import UserError
 
@@ -69,3 +71,28 @@ def make_folder(folder: Path) -> None:
         reason = "a file is in the way" if in_the_way else (error.strerror or str(error)).lower()
         raise UserError(f"cannot make the folder {folder}: {reason}; pass --root a folder path (it is made if "
                         "missing).") from None
+
+
+def download_dataset(root: str, folder: str, archive: str, url: str, md5: str, marker: str,
+                     verify: Callable[[Path], str]) -> Path:
+    """Fetch, md5-check, safely extract and verify root/archive into root/folder; a no-op once it verifies.
+
+    marker: a file whose presence means the archive was extracted; verify(dataset folder) reads the whole dataset
+    (raising UserError if it is incomplete) and returns the line to print.
+    """
+    root = Path(root)
+    dataset_dir, tarball = root / folder, root / archive
+    if (dataset_dir / marker).is_file():
+        try:
+            print(f"already present, nothing to do: {verify(dataset_dir)}")
+            return dataset_dir
+        except UserError as error:
+            print(f"{dataset_dir} is incomplete ({error}); extracting again")
+    make_folder(root)  # a --root that cannot be a folder fails now, not after a large download
+    if not tarball.is_file():
+        fetch(url, tarball)
+    if md5_of(tarball) != md5:
+        raise UserError(f"{tarball} has the wrong md5 (expected {md5}); delete it and run the download again.")
+    safe_extract(tarball, root)
+    print(f"extracted and verified: {verify(dataset_dir)}")
+    return dataset_dir

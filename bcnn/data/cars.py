@@ -1,0 +1,154 @@
+"""Stanford Cars: torchvision's StanfordCars reads the devkit's .mat annotations (paths, labels, class names); we
+read the bounding boxes it drops from the same files, check everything, and write a synthetic copy in its layout.
+
+There is no working official download: Stanford took the files down. torchvision's layout, which we read:
+    stanford_cars/devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/*.jpg,
+    stanford_cars/cars_test/*.jpg, cars_test_annos_withlabels.mat
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from torchvision.datasets import StanfordCars
+
+from bcnn.data.dataset import _ImageDataset, select_split, synthetic_image
+from bcnn.data.download import make_folder
+from bcnn.errors import UserError
+
+CARS_FOLDER = "stanford_cars"  # torchvision only reads the dataset under this folder name
+CARS_FILES = {"train": ("devkit/cars_train_annos.mat", "cars_train"),
+              "test": ("cars_test_annos_withlabels.mat", "cars_test")}
+GET_CARS = (f"Stanford Cars has no official download any more: get cars_train/, cars_test/, devkit/ and "
+            f"cars_test_annos_withlabels.mat (from a mirror of the original release) and put them in "
+            f"data/{CARS_FOLDER}/, then pass --data-root data/{CARS_FOLDER}")
+REFETCH = "fetch that file again from your copy of the original release"
+
+
+def _path_only(path: str) -> str:
+    return path  # torchvision's loader hook: the (path, label) pairs without decoding anything
+
+
+def _load_mat(path: Path, key: str):
+    try:
+        return scipy.io.loadmat(path, squeeze_me=True)[key]
+    except KeyError:
+        raise UserError(f"{path} has no {key!r} table, so it is not the devkit's file; {REFETCH}.") from None
+    except Exception as error:  # scipy raises MatReadError, ValueError, TypeError, ... on a damaged file
+        raise UserError(f"cannot read {path} as a MATLAB file ({error}); {REFETCH}.") from None
+
+
+def _boxes(mat_path: Path) -> dict[str, tuple[float, float, float, float]]:
+    """fname -> (x, y, w, h) from the devkit's 1-based, corner-inclusive (x1, y1, x2, y2)."""
+    boxes = {}
+    for row in np.atleast_1d(_load_mat(mat_path, "annotations")):
+        try:
+            x1, y1, x2, y2 = (float(row[field]) for field in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
+            boxes[str(row["fname"])] = (x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1)
+        except (ValueError, TypeError, IndexError):
+            raise UserError(f"{mat_path} has an annotation without bbox_x1..bbox_y2 and fname; {REFETCH}.") from None
+    return boxes
+
+
+def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str, int, tuple]]:
+    mat_name, image_folder = CARS_FILES[split]
+    try:
+        listed = StanfordCars(root.parent, split, loader=_path_only)
+        pairs = [listed[index] for index in range(len(listed))]
+    except TypeError:  # a torchvision whose datasets take no loader=
+        raise UserError("data.format=cars reads the devkit with torchvision's StanfordCars(loader=...), which this "
+                        "torchvision lacks; upgrade it (pip install -U torchvision).") from None
+    except (ValueError, IndexError, KeyError) as error:
+        raise UserError(f"cannot read the annotations in {root / mat_name} ({error!r}); {REFETCH}.") from None
+    boxes = _boxes(root / mat_name)
+    records = []
+    for path, label in pairs:
+        label = int(label)
+        if not 0 <= label < num_classes:
+            raise UserError(f"{root / mat_name} gives {Path(path).name} class {label + 1}, but cars_meta.mat has "
+                            f"classes 1..{num_classes}; {REFETCH}.")
+        records.append((path, label, boxes[Path(path).name]))
+    missing = [path for path, *_ in records if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(records)} images in {root / mat_name} are missing from "
+                        f"{root / image_folder}, the first is {missing[0]}; {REFETCH}.")
+    return records
+
+
+def read_cars(root: Path) -> tuple[list[str], list, list]:
+    """Check a stanford_cars folder; return (class names, official train, test), records (path, label, bbox)."""
+    if not root.is_dir():
+        raise UserError(f"Stanford Cars folder {root} does not exist; {GET_CARS}.")
+    if not (root / "devkit").is_dir() and (root / CARS_FOLDER / "devkit").is_dir():
+        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / CARS_FOLDER}.")
+    if root.name != CARS_FOLDER:
+        raise UserError(f"torchvision's StanfordCars reads the dataset only from a folder named {CARS_FOLDER}, and "
+                        f"{root} is named {root.name!r}; rename it.")
+    for relative in ("devkit/cars_meta.mat", *(name for files in CARS_FILES.values() for name in files)):
+        if not (root / relative).exists():
+            raise UserError(f"{root / relative} is missing, so {root} is not a complete Stanford Cars folder; "
+                            f"{GET_CARS}.")
+    classes = [str(name) for name in np.atleast_1d(_load_mat(root / "devkit" / "cars_meta.mat", "class_names"))]
+    return classes, _official_split(root, "train", len(classes)), _official_split(root, "test", len(classes))
+
+
+class StanfordCarsDataset(_ImageDataset):
+    """Stanford Cars (196 classes) with its boxes; val is a stratified hold-out of the official train split."""
+
+    ADD_TRAINING_IMAGES = f"{REFETCH}: every class needs images in cars_train_annos.mat"
+    HAS_BOXES = True
+    OPTIONS = ("crop_to_bbox",)
+
+    def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
+                 transform=None, target_transform=None):
+        root = Path(root).absolute()
+        classes, trainval, test = read_cars(root)
+        records = select_split(split, trainval, test, val_fraction, split_seed)
+        super().__init__(root, split, classes, records, transform, target_transform)
+        self.bboxes = [box for _, _, box in records]
+        self.crop_to_bbox = crop_to_bbox
+
+    def _box(self, index: int):
+        return self.bboxes[index] if self.crop_to_bbox else None
+
+
+def _annotations(rows: list[tuple[int, int, int, int, int, str]], with_class: bool = True) -> np.ndarray:
+    """A 1xN MATLAB struct array with the devkit's fields and integer types."""
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"] + (["class"] if with_class else []) + ["fname"]
+    table = np.zeros((1, len(rows)), dtype=[(field, object) for field in fields])
+    for column, (x1, y1, x2, y2, label, fname) in enumerate(rows):
+        values = [np.array([[v]], dtype=np.uint16) for v in (x1, y1, x2, y2)]
+        values += [np.array([[label]], dtype=np.uint8)] if with_class else []
+        table[0, column] = tuple(values + [np.array([fname])])
+    return table
+
+
+def write_synthetic_cars(root, classes: int = 5, per_class: int = 12, seed: int = 0, image_size: int = 96) -> Path:
+    """Write a mini Stanford Cars in torchvision's stanford_cars layout, .mat files included, deterministically
+    from seed; returns the stanford_cars folder under root. About half of each class is train, as in the real set;
+    train and test images are numbered 00001.jpg.. separately, and image 1 of train is grayscale."""
+    if classes < 1 or per_class < 3 or image_size < 16:
+        raise UserError("a synthetic Stanford Cars needs classes >= 1, per-class >= 3 and image-size >= 16; raise "
+                        "them.")
+    dataset_dir, rng = Path(root) / CARS_FOLDER, np.random.default_rng(seed)
+    for folder in ("devkit", "cars_train", "cars_test"):
+        make_folder(dataset_dir / folder)
+    rows = {"train": [], "test": []}
+    for label in range(classes):
+        for index in range(per_class):
+            split = "train" if index % 2 == 0 else "test"
+            fname = f"{len(rows[split]) + 1:05d}.jpg"
+            image, (x, y, w, h) = synthetic_image(rng, label / classes, np.pi * label / classes, image_size)
+            mode = "L" if split == "train" and not rows["train"] else "RGB"
+            image.convert(mode).save(dataset_dir / CARS_FILES[split][1] / fname, quality=92)
+            rows[split].append((x + 1, y + 1, x + w, y + h, label + 1, fname))
+    names = np.array([[f"Synthetic Car {k + 1} 2012" for k in range(classes)]], dtype=object)
+    scipy.io.savemat(dataset_dir / "devkit" / "cars_meta.mat", {"class_names": names})
+    scipy.io.savemat(dataset_dir / "devkit" / "cars_train_annos.mat", {"annotations": _annotations(rows["train"])})
+    scipy.io.savemat(dataset_dir / "devkit" / "cars_test_annos.mat",
+                     {"annotations": _annotations(rows["test"], with_class=False)})
+    scipy.io.savemat(dataset_dir / "cars_test_annos_withlabels.mat", {"annotations": _annotations(rows["test"])})
+    return dataset_dir

@@ -1,0 +1,252 @@
+"""FGVC-Aircraft, Stanford Cars and NABirds beside CUB: each reader on data its synthetic writer made in the real
+layout (Cars' .mat files included), checked against the images' own content and the official list files; the
+official val split of Aircraft; the 20-px banner; one-sentence errors; `make data DATASET=`; and each dataset's
+recipe trained (both stages) and evaluated through the same commands, its test images unreadable during training.
+"""
+
+import hashlib
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from bcnn import eval as eval_cli
+from bcnn import train as train_cli
+from bcnn.config import CHOICES, load_config
+from bcnn.data import DOWNLOADS, FOLDERS, READERS, WRITERS, build_dataset
+from bcnn.data.__main__ import main as data_cli_main
+from bcnn.data.aircraft import BANNER, download_aircraft
+from bcnn.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = REPO / "experiments"
+CLASSES, PER_CLASS = 3, 6
+NEW_FORMATS = ("aircraft", "cars", "nabirds")
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """Each format's synthetic dataset folder (3 classes x 6 images): read them, never change them."""
+    base = tmp_path_factory.mktemp("formats")
+    return {name: writer(base / name, CLASSES, PER_CLASS, seed=3, image_size=48) if name != "cub" else
+            writer(base / name / "CUB_200_2011", CLASSES, PER_CLASS, seed=3, image_size=48)
+            for name, writer in WRITERS.items()}
+
+
+def writable(datasets, name: str, tmp_path: Path) -> Path:
+    """A private copy of one format's dataset, under the folder name its reader requires."""
+    return Path(shutil.copytree(datasets[name], tmp_path / datasets[name].name))
+
+
+def stripe_hue(image: Image.Image) -> float | None:
+    """Mean hue (on the circle: red is near 0 and 1) of the saturated pixels, the synthetic object's, which is
+    class k's k / CLASSES (jittered); None for a grayscale image (the writers save one such, as in CUB)."""
+    hsv = np.array(image.convert("HSV"), dtype=np.float32) / 255
+    saturated = (hsv[..., 1] > 0.45) & (hsv[..., 2] > 0.25)
+    if saturated.sum() < 20:
+        return None
+    return float(np.angle(np.exp(2j * np.pi * hsv[..., 0][saturated]).mean()) / (2 * np.pi) % 1.0)
+
+
+def saturated_box(image: Image.Image) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the saturated pixels: where the writer drew the object, inscribed in its box."""
+    hsv = np.array(image.convert("HSV"), dtype=np.float32) / 255
+    rows, cols = np.nonzero((hsv[..., 1] > 0.45) & (hsv[..., 2] > 0.25))
+    return cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_each_reader_gives_the_images_their_own_class_and_box(datasets, name):
+    trainval, test = (READERS[name](datasets[name], split) for split in ("trainval", "test"))
+    assert len(trainval.classes) == CLASSES and trainval.classes == test.classes
+    assert len(trainval) + len(test) == CLASSES * PER_CLASS
+    assert not {path for path, _ in trainval.samples} & {path for path, _ in test.samples}
+    grayscale = 0
+    for dataset in (trainval, test):
+        for index, (path, label) in enumerate(dataset.samples):
+            image = dataset.load_image(index)
+            hue = stripe_hue(image)
+            if hue is None:
+                grayscale += 1
+                continue
+            # Hue distance on the circle, against the writer's class hues 0, 1/3, 2/3 (jitter sd 0.02).
+            distance = abs((hue - label / CLASSES + 0.5) % 1.0 - 0.5)
+            assert distance < 0.08, f"{path} has the hue of another class than its label {label}"
+            if READERS[name].HAS_BOXES:
+                # The box read from the annotation files against where the object really is. 2 px: JPEG's 2x2
+                # chroma subsampling smears the colour edge by up to a pixel each side.
+                assert np.allclose(saturated_box(image), dataset.bboxes[index], atol=2), path
+    assert grayscale <= 1
+
+
+def test_aircraft_cuts_the_banner_off_every_image(datasets):
+    dataset = READERS["aircraft"](datasets["aircraft"], "test")
+    for index, (path, _) in enumerate(dataset.samples):
+        with Image.open(path) as photo:
+            whole = np.array(photo.convert("RGB"))
+        loaded = np.array(dataset.load_image(index))
+        assert loaded.shape[0] == whole.shape[0] - BANNER
+        assert np.array_equal(loaded, whole[:-BANNER]), "the image must be the file's top, unchanged"
+        assert (whole[-BANNER:] > 200).mean() > 0.5, "the writer's banner is mostly white"
+
+
+def official_list(root: Path, split: str) -> dict[str, str]:
+    """images_variant_<split>.txt as {image name: variant}, read without torchvision."""
+    lines = (root / "data" / f"images_variant_{split}.txt").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines)
+
+
+def by_name(dataset) -> dict[str, str]:
+    return {Path(path).stem: dataset.classes[label] for path, label in dataset.samples}
+
+
+def test_aircraft_uses_its_official_val_split(datasets):
+    root = datasets["aircraft"]
+    for fraction in (0.1, 0.5):  # any fraction: the split is the official one, whatever split_seed says
+        assert by_name(READERS["aircraft"](root, "train", fraction, split_seed=7)) == official_list(root, "train")
+        assert by_name(READERS["aircraft"](root, "val", fraction)) == official_list(root, "val")
+    assert by_name(READERS["aircraft"](root, "test", 0.1)) == official_list(root, "test")
+    # val_fraction 0: train on train + val (the official trainval list), with no val split.
+    assert by_name(READERS["aircraft"](root, "train", 0.0)) == official_list(root, "trainval")
+    with pytest.raises(UserError, match="no val split with val_fraction 0"):
+        READERS["aircraft"](root, "val", 0.0)
+    families = READERS["aircraft"](root, "trainval", annotation_level="family")
+    assert families.classes == ["Synthetic-1", "Synthetic-2"]  # variants 1 and 2 share a family, as in the data
+
+
+def test_nabirds_labels_the_leaves_and_names_their_ancestors(datasets):
+    dataset = READERS["nabirds"](datasets["nabirds"], "trainval")
+    classes = dict(line.split(" ", 1) for line in (datasets["nabirds"] / "classes.txt").read_text().splitlines())
+    leaves = sorted({int(line.split()[1]) for line in
+                     (datasets["nabirds"] / "image_class_labels.txt").read_text().splitlines()})
+    assert dataset.classes == [classes[str(leaf)] for leaf in leaves]
+    assert dataset.ancestors[0] == ["Synthetic group 1", "Birds"]
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as file:
+        file.write(text)
+
+
+def edit_mat(path: Path, key: str, edit) -> None:
+    table = scipy.io.loadmat(path)
+    scipy.io.savemat(path, {key: edit(table[key])})
+
+
+BROKEN = {  # format -> problem -> (change to the dataset folder, returning the root to read; the message)
+    "aircraft": {
+        "one level down": (lambda root: root.parent, r"holds the dataset one level down; pass --data-root .*2013b"),
+        "renamed": (lambda root: root.rename(root.with_name("aircraft")),
+                    r"only from a folder named fgvc-aircraft-2013b, .* is named 'aircraft'; rename it"),
+        "unknown variant": (lambda root: (root / "data" / "variants.txt").write_text("Synthetic-100\n") and root,
+                            r"names the variant 'Synthetic-200', which is not in .*variants\.txt; re-extract"),
+        "missing list": (lambda root: (root / "data" / "images_variant_val.txt").unlink() or root,
+                         r"images_variant_val\.txt is missing, so .* is not a complete fgvc-aircraft-2013b folder"),
+        "missing image": (lambda root: next((root / "data" / "images").iterdir()).unlink() or root,
+                          r"1 of 18 images in the variant lists are missing, the first is"),
+    },
+    "cars": {
+        "no test labels": (lambda root: (root / "cars_test_annos_withlabels.mat").unlink() or root,
+                           r"cars_test_annos_withlabels\.mat is missing, .*no official download any more"),
+        "class past the list": (lambda root: edit_mat(root / "devkit" / "cars_meta.mat", "class_names",
+                                                      lambda names: names[:, :2]) or root,
+                                r"gives \d+\.jpg class 3, but cars_meta\.mat has classes 1\.\.2"),
+        "damaged .mat": (lambda root: (root / "devkit" / "cars_meta.mat").write_bytes(b"MATLAB? no") and root,
+                         r"cannot read .*cars_meta\.mat as a MATLAB file"),
+    },
+    "nabirds": {
+        "inner class labelled": (lambda root: append(root / "hierarchy.txt", "7 100\n") or root,
+                                 r"labels images with class 100 \(Synthetic bird 1 \(adult\)\), which hierarchy\.txt "
+                                 r"says is not a leaf"),
+        "uuid missing": (lambda root: (root / "bounding_boxes.txt").write_text(
+            "".join((root / "bounding_boxes.txt").read_text().splitlines(keepends=True)[1:])) and root,
+                         r"bounding_boxes\.txt lists 17 image ids but images\.txt lists 18"),
+    },
+}
+
+
+@pytest.mark.parametrize("name,problem", [(name, problem) for name in BROKEN for problem in BROKEN[name]])
+def test_a_broken_dataset_is_one_clear_sentence(datasets, tmp_path, name, problem):
+    change, message = BROKEN[name][problem]
+    root = change(writable(datasets, name, tmp_path))
+    with pytest.raises(UserError, match=message):
+        READERS[name](root, "train", 0.1)
+
+
+def test_every_format_is_a_config_choice_and_the_aircraft_level_only_applies_to_aircraft():
+    assert set(CHOICES["data", "format"]) == set(READERS)
+    with pytest.raises(UserError, match="data.annotation_level applies to data.format=aircraft only"):
+        load_config(EXPERIMENTS / "cub_vgg16_stage1.yaml", ["--data.annotation_level=family"])
+
+
+def test_download_says_where_to_get_a_dataset_without_one_and_verifies_a_copy_placed_by_hand(datasets, tmp_path,
+                                                                                             capsys):
+    for name in ("cars", "nabirds"):
+        with pytest.raises(UserError, match="no (official|direct) download"):
+            data_cli_main(["download", "--dataset", name, "--root", str(tmp_path)])
+        writable(datasets, name, tmp_path)
+        data_cli_main(["download", "--dataset", name, "--root", str(tmp_path)])
+        assert f"no download needed, verified: {tmp_path / FOLDERS[name]}: 3 classes" in capsys.readouterr().out
+
+
+def test_aircraft_downloads_checks_md5_and_extracts(datasets, tmp_path, capsys):
+    archive = tmp_path / "server" / "fgvc-aircraft-2013b.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(datasets["aircraft"], arcname="fgvc-aircraft-2013b")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="wrong md5"):
+        download_aircraft(str(tmp_path / "bad"), url=archive.as_uri(), md5="0" * 32)
+    folder = download_aircraft(str(tmp_path / "data"), url=archive.as_uri(), md5=md5)
+    assert folder == tmp_path / "data" / "fgvc-aircraft-2013b"
+    assert "extracted and verified" in capsys.readouterr().out
+    assert download_aircraft(str(tmp_path / "data"), url="file:///nowhere", md5="0" * 32) == folder
+    assert "already present, nothing to do" in capsys.readouterr().out
+
+
+def test_make_data_and_the_recipes_follow_dataset():
+    def make(*args):
+        result = subprocess.run(["make", "-s", *args, "PY=echo"], cwd=REPO, capture_output=True, text=True)
+        return result.returncode, result.stdout.strip() + result.stderr.strip()
+
+    assert make("data", "DATASET=aircraft") == (0, "-m bcnn.data download --dataset aircraft --root data")
+    assert make("data", "DATASET=cars", "DATA=/x/stanford_cars") == (
+        0, "-m bcnn.data verify --format cars --root /x/stanford_cars")
+    assert make("stage2", "DATASET=nabirds") == (
+        0, "-m bcnn.train --config experiments/nabirds_vgg16_stage2.yaml --data-root data/nabirds --device auto")
+    code, output = make("data", "DATASET=birds")
+    assert code != 0 and "DATASET=birds has no default folder" in output
+    for name in DOWNLOADS:
+        assert (EXPERIMENTS / f"{name}_vgg16_stage1.yaml").is_file() and load_config(
+            EXPERIMENTS / f"{name}_vgg16_stage1.yaml").data.format == name
+
+
+TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
+        "--model.backbone_weights=none", "--train.batch_size=4", "--train.eval_batch_size=8", "--train.log_every=0",
+        "--train.precision=fp32", "--train.epochs=1"]
+
+
+@pytest.mark.parametrize("name", NEW_FORMATS)
+def test_each_dataset_recipe_trains_both_stages_and_evaluates_without_reading_test(datasets, tmp_path, name):
+    root = writable(datasets, name, tmp_path)
+    test_files = {path: Path(path).read_bytes() for path, _ in READERS[name](root, "test").samples}
+    for path in test_files:  # any read of a test image while training now fails
+        Path(path).write_bytes(b"not an image")
+    for stage in (1, 2):
+        init = [f"--train.init_from={tmp_path / 'stage1' / 'best.pt'}"] if stage == 2 else []
+        train_cli.main(["--config", str(EXPERIMENTS / f"{name}_vgg16_stage{stage}.yaml"), f"--data-root={root}",
+                        f"--run-dir={tmp_path / f'stage{stage}'}", *TINY, *init])
+    log = (tmp_path / "stage2" / "train.log").read_text()
+    assert ("val images" in log) and (("(the official)" in log) == (name == "aircraft"))
+    for path, data in test_files.items():
+        Path(path).write_bytes(data)
+    result = eval_cli.main(["--checkpoint", str(tmp_path / "stage2" / "best.pt"), "--split", "test",
+                            "--device", "cpu", "--no-figures"])
+    assert result["count"] == len(test_files)
+    cfg = load_config(EXPERIMENTS / f"{name}_vgg16_stage1.yaml", [f"--data.root={root}"])
+    assert len(build_dataset(cfg.data, "test")) == len(test_files)
