@@ -1,8 +1,11 @@
 """Every registered backbone: its feature map's shape and channels, its weights from a file and from torch's hub
 cache, frozen means frozen for the batch-norm families; a full bilinear head on 2,048 channels refused; tiny runs
-end to end on a ResNet and on a timm network (random weights: nothing is downloaded)."""
+end to end on one network of each family, on a timm network and of the ResNet-50 recipe (random weights: nothing
+is downloaded)."""
 
+import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +143,17 @@ def test_timm_missing_or_unknown_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
     with pytest.raises(UserError, match="needs timm, an optional extra: pip install timm"):
         build_backbone("timm:resnet18", "none")
+
+
+def test_the_resnet50_isqrt_cov_recipe_trains_and_evaluates(cub_3x13, tmp_path):
+    # 64 px: layer4's stride of 32 leaves 2 x 2 positions, the fewest a covariance of centred features needs.
+    recipe = Path(STAGE1).parent / "cub_resnet50_isqrt_cov.yaml"
+    options = [option for option in TINY if not option.startswith(("--data.resize", "--data.crop"))]
+    train_cli.main(["--config", str(recipe), f"--data-root={cub_3x13}", f"--run-dir={tmp_path}", *options,
+                    "--data.resize=72", "--data.crop=64", "--model.isqrt_reduce_dim=32"])
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert best["config"]["model"]["backbone"] == "resnet50" and best["config"]["model"]["pooling"] == "isqrt_cov"
+    assert math.isfinite(best["metrics"]["train_loss"])
+    evaluated = eval_cli.main(["--checkpoint", str(tmp_path / "best.pt"), "--split", "test", "--device", "cpu",
+                               "--no-figures"])
+    assert evaluated["count"] == 21
