@@ -3,6 +3,7 @@
     python -m bcnn.bench                                  # CPU: 224 px, batch 8; CUDA: 448 px, batch 64
     python -m bcnn.bench --device cuda --precision fp16 --steps 50
     python -m bcnn.bench --json                           # the same figures as JSON, nothing else on stdout
+    python -m bcnn.bench --recipe --device cuda           # the whole recipe's wall time at CUB's scale
     make bench ARGS="--batch-size 16"
 
 Random weights (nothing is downloaded), random device-resident input batches for the steps, and a generated
@@ -123,6 +124,17 @@ def parse_args(argv):
                         help="batch of the cached-vs-live stage 1 epochs, and their number of train images "
                         "(default: 64, the recipe's batch: the live epoch is one step)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON and nothing else")
+    recipe = parser.add_argument_group("the whole recipe at CUB's scale (bcnn/bench_recipe.py)")
+    recipe.add_argument("--recipe", action="store_true",
+                        help="time an epoch of each stage and the evaluations on generated photo-like JPEGs, and "
+                        "project the full recipe's wall time")
+    recipe.add_argument("--recipe-images", type=int,
+                        help="train images to generate (default: CUB's 5,394 on CUDA, 48 on a CPU); val and test "
+                        "in the recipe's proportions")
+    recipe.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="data.decode for the recipe's loaders (default: auto, batched on a GPU)")
+    recipe.add_argument("--photo-side", type=int, default=0,
+                        help="height of the generated photos (default 0: 500 x 375, CUB's typical size)")
     return parser.parse_args(argv)
 
 
@@ -747,6 +759,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     settings = resolve_settings(args)
     # With --json, stdout carries the JSON alone: anything else printed on the way goes to stderr.
+    if args.recipe:
+        from bcnn import bench_recipe  # it imports this module
+        images = args.recipe_images or (bench_recipe.CUB_IMAGES["train"] if settings.device.type == "cuda" else 48)
+        bench_recipe.check_recipe_arguments(images, args.photo_side)
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = bench_recipe.run_recipe(settings, images, args.decode, args.photo_side)
+        print(json.dumps(result, indent=2) if args.json else bench_recipe.format_recipe(result))
+        return result
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = run(settings)
     print(json.dumps(result, indent=2) if args.json else format_report(result))

@@ -43,6 +43,10 @@ class DataConfig:
     rotation: float = 0.0  # degrees; 0 = off
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     num_workers: int = -1  # loader worker processes per training process; -1 = from the machine's cores
+    # Where images are decoded and augmented: cpu (PIL, in the loader workers); gpu (whole batches on the training
+    # device, nvjpeg on a GPU: bcnn/data/gpu.py); auto (gpu when training on CUDA). The default stays cpu until the
+    # GPU path's speed is measured on a GPU.
+    decode: str = "cpu"
 
 
 @dataclass
@@ -108,9 +112,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Augmentations only the CPU (PIL) decode path does; data.decode=auto falls back to it when one is on.
+CPU_ONLY_AUGMENTATIONS = ("random_resized_crop", "rotation", "color_jitter")
+
 CHOICES = {
     ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "folder"),
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
+    ("data", "decode"): ("cpu", "gpu", "auto"),
     ("model", "pooling"): ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
@@ -354,6 +362,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.annotation_level != "variant" and cfg.data.format != "aircraft":
         raise UserError(f"data.annotation_level applies to data.format=aircraft only, and data.format is "
                         f"{cfg.data.format}; remove data.annotation_level.")
+    off_device = [name for name in CPU_ONLY_AUGMENTATIONS if getattr(cfg.data, name)]
+    if cfg.data.decode == "gpu" and off_device:
+        raise UserError(f"data.decode=gpu does the recipe's resize, crop and flip only, not data.{off_device[0]}; "
+                        "set data.decode=cpu (or auto, which then decodes on the CPU).")
     if cfg.schedule.name == "plateau" and cfg.data.val_fraction == 0:
         raise UserError(
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "

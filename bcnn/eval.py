@@ -28,7 +28,7 @@ import torch
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
-from bcnn.data import build_dataset, build_loader
+from bcnn.data import build_dataset, build_image_loader
 from bcnn.engine import evaluate
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
@@ -97,9 +97,9 @@ def run(args, ctx: distributed.Context) -> dict:
             f"the classes of {cfg.data.root} differ from those the checkpoint was trained on; "
             "pass the --data-root of the dataset it was trained on."
         )
-    loader = build_loader(dataset, args.batch_size or cfg.train.eval_batch_size, train=False,
-                          num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
-                          seed=0, rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    loader = build_image_loader(cfg.data, dataset, args.batch_size or cfg.train.eval_batch_size, train=False, seed=0,
+                                device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+                                num_workers=args.num_workers)
     model = build_model(cfg.model, num_classes=len(state["classes"]))
     load_model_weights(model, state["model"])
     model.to(ctx.device, memory_format=torch.channels_last)

@@ -42,7 +42,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from bcnn.data import build_loader
+from bcnn.config import DataConfig
+from bcnn.data import DeviceDecodeLoader, build_loader, decode_on_device
+from bcnn.sampling import ShardSampler, TrainSampler
 from bcnn.distributed import barrier, unwrap
 from bcnn.errors import UserError
 from bcnn.precision import DTYPES, autocast
@@ -80,14 +82,15 @@ def _file_size(path: str) -> int:
         return -1  # the build itself then fails with load_rgb's clear error
 
 
-def cache_key(model, dataset, views: tuple[str, ...], precision: str) -> str:
+def cache_key(model, dataset, views: tuple[str, ...], precision: str, batched_decode: bool = False) -> str:
     """16 hex digits naming the cache of `views` of `dataset` under `model` at `precision`.
 
     Covers the backbones' architecture (the cut) and weights, the pooling head (its options and fixed random
     projections), the transform (resize, crop, normalisation), the samples in order (paths, labels and file sizes: a
     replaced image of another size invalidates; one of the very same size does not), bounding boxes when images are
     cropped to them, a banner cut off the bottom (FGVC-Aircraft), the class list, the views and the precision (bf16
-    features differ from fp32 ones). Another root, split or val hold-out changes the samples, hence the key.
+    features differ from fp32 ones), and whether the images were decoded in batches on the device (data.decode:
+    its rounding differs from PIL's). Another root, split or val hold-out changes the samples, hence the key.
     """
     model = unwrap(model)
     crop_to_bbox = bool(getattr(dataset, "crop_to_bbox", False))
@@ -106,6 +109,8 @@ def cache_key(model, dataset, views: tuple[str, ...], precision: str) -> str:
     }
     if getattr(dataset, "bottom_crop", 0):  # only where set, so the keys of existing caches stay as they were
         material["bottom_crop"] = dataset.bottom_crop
+    if batched_decode:  # likewise
+        material["decode"] = "batched"
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,6 +148,46 @@ class FeatureCache(Dataset):
     def __getitem__(self, item: int | tuple[int, int]):
         index = item[0] if isinstance(item, tuple) else item
         return torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)), self.targets[index]
+
+
+class ResidentFeatureLoader:
+    """A cache's rows held in device memory (float16, as stored) and gathered into batches there: the same batches
+    as a DataLoader over the FeatureCache with the same sampler, without reading the disk every epoch. A
+    DataLoader's face: dataset, sampler (set_epoch as usual), batch_size, len, iter of (features, labels)."""
+
+    def __init__(self, cache: FeatureCache, batch_size: int, train: bool, seed: int, device, rank: int = 0,
+                 world_size: int = 1):
+        self.dataset, self.batch_size, self.device = cache, batch_size, torch.device(device)
+        self.sampler = (TrainSampler(cache, rank, world_size, seed) if train
+                        else ShardSampler(len(cache), rank, world_size))
+        # Copied in chunks of 4,096 rows (2 GB at 448 px): the whole file never sits in host memory twice.
+        self.rows = torch.empty(cache.features.shape, dtype=torch.float16, device=self.device)
+        for start in range(0, len(self.rows), 4096):
+            self.rows[start:start + 4096] = torch.from_numpy(np.array(cache.features[start:start + 4096]))
+        self.labels = torch.tensor(cache.targets, device=self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        order = [item[0] if isinstance(item, tuple) else item for item in self.sampler]
+        order = torch.tensor(order, dtype=torch.long, device=self.device)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.rows[batch].float(), self.labels[batch]
+
+
+def feature_loader(cache: FeatureCache, batch_size: int, train: bool, seed: int, device, rank: int = 0,
+                   world_size: int = 1):
+    """The loader of a cache's rows: held in GPU memory when they fit in half of what is free (CUB's stage 1 at
+    448 px: 5.6 GB), else memory-mapped and read in this process (a DataLoader without workers)."""
+    device = torch.device(device)
+    if device.type == "cuda" and cache.features.nbytes <= torch.cuda.mem_get_info(device)[0] // 2:
+        log.info("feature cache: %.2f GB held in GPU memory", cache.features.nbytes / 1e9)
+        return ResidentFeatureLoader(cache, batch_size, train, seed, device, rank, world_size)
+    # Rows are memory-mapped: reading them in the main process beats shipping 0.5 MB vectors from workers.
+    return build_loader(cache, batch_size, train=train, num_workers=0, seed=seed, rank=rank, world_size=world_size,
+                        pin_memory=device.type == "cuda")
 
 
 def classifier_logits(model, features: torch.Tensor) -> torch.Tensor:
@@ -217,10 +262,15 @@ def _plan(final: Path, key: str, shape: tuple[int, int]) -> dict:
 
 @torch.no_grad()
 def _compute_rows(model, dataset, views, features: np.memmap, device, precision, batch_size, num_workers, rank,
-                  world_size) -> None:
-    """Write the rows of this rank's shard of the images: every view of images rank, rank + W, ..."""
-    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, seed=0, rank=rank,
-                          world_size=world_size, pin_memory=torch.device(device).type == "cuda")
+                  world_size, batched_cfg: DataConfig | None = None) -> None:
+    """Write the rows of this rank's shard of the images: every view of images rank, rank + W, ...
+    batched_cfg: decode them in batches on the device (bcnn/data/gpu.py) as it says; else by PIL in workers."""
+    if batched_cfg is not None:
+        loader = DeviceDecodeLoader(dataset, batched_cfg, batch_size, False, num_workers, 0, torch.device(device),
+                                    rank, world_size)
+    else:
+        loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, seed=0, rank=rank,
+                              world_size=world_size, pin_memory=torch.device(device).type == "cuda")
     shard, num_images = list(loader.sampler), len(dataset)
     report_every = max(1, len(shard) // 10)
     start, done, next_report = time.perf_counter(), 0, report_every
@@ -269,20 +319,22 @@ def _finish(tmp: Path, final: Path, key: str, dataset, views, precision: str, sh
 
 def build_feature_cache(model, dataset, views: tuple[str, ...], cache_root: str | Path, device: torch.device,
                         precision: str = "fp32", batch_size: int = 32, num_workers: int = 0, rank: int = 0,
-                        world_size: int = 1) -> FeatureCache:
+                        world_size: int = 1, data_cfg: DataConfig | None = None) -> FeatureCache:
     """Open the cache of `views` of `dataset` under `model`, computing it first unless a run already did.
 
     Every rank calls this with the same arguments (the model already on `device`, unwrapped or not); each
     computes the images of its shard (ShardSampler), and all return the same FeatureCache. `precision` is the
-    backbone's autocast (fp32, bf16, fp16); the head runs in float32 regardless.
+    backbone's autocast (fp32, bf16, fp16); the head runs in float32 regardless. data_cfg: its data.decode
+    decides where the images are decoded (bcnn.data.build_image_loader); without it, by PIL in the workers.
     """
     views = tuple(views)
+    batched = data_cfg is not None and decode_on_device(data_cfg, device)
     _check_arguments(dataset, views, precision)
     model = unwrap(model)
     if not (model.backbone_frozen and model.pooling.cacheable):
         raise UserError("the feature cache needs a frozen backbone and a pooling head without trainable layers; "
                         "set train.cache_features=false.")
-    key = cache_key(model, dataset, views, precision)
+    key = cache_key(model, dataset, views, precision, batched)
     final = Path(cache_root) / key
     shape = (len(views) * len(dataset), model.classifier.in_features)  # (rows, output_dim)
     if rank == 0:
@@ -309,7 +361,7 @@ def build_feature_cache(model, dataset, views: tuple[str, ...], cache_root: str 
         model.eval()
         try:
             _compute_rows(model, dataset, views, features, device, precision, batch_size, num_workers, rank,
-                          world_size)
+                          world_size, data_cfg if batched else None)
         finally:
             model.train(was_training)
             del features

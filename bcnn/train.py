@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, rng_states
 from bcnn.config import Config, config_to_dict, load_config
-from bcnn.data import build_dataset, build_loader
+from bcnn.data import build_dataset, build_image_loader, decode_on_device
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
-from bcnn.feature_cache import build_feature_cache
+from bcnn.feature_cache import build_feature_cache, feature_loader
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.backbones import resolve_cut
@@ -185,7 +185,7 @@ def restore_training_state(state: dict, path: Path, model, optimizer, scheduler,
 
 
 def cached_feature_loaders(cfg: Config, model, with_val: bool, micro_batch: int, precision: str,
-                           ctx: distributed.Context, loader_args: dict):
+                           ctx: distributed.Context):
     """Stage 1 as the original authors ran it: the frozen backbone's normalised bilinear features of every train
     image and its mirror (no random crop), and of the val images, computed once into cfg.train.cache_dir and
     reused by every later run with the same backbone, image size and data. An epoch then visits each image
@@ -200,9 +200,9 @@ def cached_feature_loaders(cfg: Config, model, with_val: bool, micro_batch: int,
                                   normalisation=input_normalisation(cfg.model.backbone))
         cache = build_feature_cache(model, eval_view, views_of[split], cfg.train.cache_dir, ctx.device, precision,
                                     batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers,
-                                    rank=ctx.rank, world_size=ctx.world_size)
-        # Rows are memory-mapped: reading them in the main process beats shipping 0.5 MB vectors from workers.
-        loaders.append(build_loader(cache, batch, train=shuffle, num_workers=0, **loader_args))
+                                    rank=ctx.rank, world_size=ctx.world_size, data_cfg=cfg.data)
+        loaders.append(feature_loader(cache, batch, train=shuffle, seed=cfg.train.seed, device=ctx.device,
+                                      rank=ctx.rank, world_size=ctx.world_size))
     return tuple(loaders)
 
 
@@ -274,16 +274,15 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
             backbone.compile()  # in place: the state dict keys stay as they are (no _orig_mod. prefix)
 
     # The data, and what the steps run: the whole model, or the classifier alone on cached features.
-    loader_args = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size, pin_memory=device.type == "cuda")
     if cfg.train.cache_features:  # float32, on the 2-d vectors the loader reads
         train_loader, val_loader = cached_feature_loaders(cfg, model, val_set is not None, micro_batch, precision,
-                                                          ctx, loader_args)
+                                                          ctx)
         step_model, step_precision, step_channels_last = model.classifier, "fp32", False
     else:
-        train_loader = build_loader(train_set, micro_batch, train=True, num_workers=cfg.data.num_workers,
-                                    **loader_args)
-        val_loader = (build_loader(val_set, cfg.train.eval_batch_size, train=False,
-                                   num_workers=cfg.data.num_workers, **loader_args) if val_set is not None else None)
+        shard = dict(seed=cfg.train.seed, device=device, rank=ctx.rank, world_size=ctx.world_size)
+        train_loader = build_image_loader(cfg.data, train_set, micro_batch, train=True, **shard)
+        val_loader = (build_image_loader(cfg.data, val_set, cfg.train.eval_batch_size, train=False, **shard)
+                      if val_set is not None else None)
         step_model, step_precision, step_channels_last = model, precision, cfg.train.channels_last
     # DDP all-reduces the gradients of the trainable parameters; a frozen backbone takes no part.
     ddp_model = (DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -362,6 +361,10 @@ def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory,
     log.info("data %s: %d train, %s val images, %d classes; batch %d = %d process(es) x %d accumulation "
              "step(s) x %d", cfg.data.root, len(train_set), val,
              len(train_set.classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
+    if not cfg.train.cache_features:
+        on_device = decode_on_device(cfg.data, ctx.device)
+        where = f"in batches on {ctx.device.type}" if on_device else "by PIL in the workers"
+        log.info("images decoded and augmented %s (data.decode=%s)", where, cfg.data.decode)
     return config_dict
 
 

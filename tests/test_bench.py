@@ -94,3 +94,33 @@ def test_human_form_prints_the_table_and_the_targets():
 def test_fp16_on_the_cpu_is_refused_before_any_work():
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         bench.main([*TOY, "--precision", "fp16"])
+
+
+def test_the_recipe_bench_times_each_part_and_projects_cubs_size(tmp_path):
+    """`--recipe` at a toy size: photo-like JPEGs in the CUB layout, each part of the recipe timed, and the
+    projection to CUB's counts recomputed here from the rates it reports."""
+    result = json.loads(run_bench([*TOY, "--num-workers", "0", "--recipe", "--recipe-images", "8", "--photo-side",
+                                   "40", "--decode", "gpu", "--json"]))
+    assert result["decode"] == "batched on cpu"
+    data = result["data"]
+    assert data["train"] + data["val"] == math.ceil(8 / 0.9) and data["test"] == data["train"] + data["val"]
+    cases = result["cases"]
+    assert list(cases) == ["stage1_live_epoch", "cache_build", "stage1_cached_epoch", "stage2_epoch", "val_eval",
+                           "test_eval"]
+    assert cases["stage1_cached_epoch"]["images"] == 2 * data["train"]  # rows: center and flip of each image
+    for case in cases.values():
+        assert case["seconds"] > 0 and case["images_per_sec"] == pytest.approx(case["images"] / case["seconds"])
+    rate = {name: case["images_per_sec"] for name, case in cases.items()}
+    train, val, test = 5394, 600, 5794
+    stage1 = (train + val) / rate["cache_build"] + 55 * (2 * train + val) / rate["stage1_cached_epoch"]
+    stage2 = 25 * (train / rate["stage2_epoch"] + val / rate["val_eval"])
+    projection = result["projection"]
+    assert projection["stage1_cached_seconds"] == pytest.approx(stage1)
+    assert projection["stage2_seconds"] == pytest.approx(stage2)
+    assert projection["total_seconds"] == pytest.approx(stage1 + stage2 + test / rate["test_eval"])
+
+
+def test_photo_like_images_compress_like_photos(tmp_path):
+    from bcnn.bench_recipe import write_photo_cub
+    _, mean_kb = write_photo_cub(tmp_path / "cub", trainval=4, test=2)
+    assert 40 <= mean_kb <= 65  # CUB's photos: about 500 x 375 and 45 KB; the stripes of `synth` are a few KB

@@ -524,7 +524,7 @@ def test_train_cli_reports_an_image_broken_in_a_worker_in_one_line(writable_cub,
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("cores, processes, expected", [(16, 4, 3), (64, 1, 8), (1, 1, 0), (16, 8, 1)])
+@pytest.mark.parametrize("cores, processes, expected", [(16, 4, 3), (16, 1, 15), (64, 1, 16), (1, 1, 0), (16, 8, 1)])
 def test_default_loader_workers_share_the_cores_between_processes(monkeypatch, cores, processes, expected):
     from bcnn.data import loader
     monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)

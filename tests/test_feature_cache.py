@@ -246,3 +246,30 @@ def test_a_cache_folder_opens_by_itself(cache, train_set):
     assert len(opened) == 2 * len(train_set) and opened.views == ("center", "flip")
     assert opened.num_images == len(train_set) and opened.classes == train_set.classes
     assert opened[len(opened) - 1][0].equal(cache[len(cache) - 1][0])
+
+
+def test_rows_held_in_device_memory_give_the_data_loaders_batches(cache):
+    """ResidentFeatureLoader (the GPU's loader when the rows fit) against a DataLoader over the cache, on the CPU:
+    the same sampler, so the same batches, bit for bit."""
+    from bcnn.feature_cache import ResidentFeatureLoader
+    for train in (True, False):
+        resident = ResidentFeatureLoader(cache, 4, train, seed=2, device=CPU)
+        reference = build_loader(cache, 4, train, num_workers=0, seed=2)
+        if train:
+            resident.sampler.set_epoch(3)
+            reference.sampler.set_epoch(3)
+        pairs = list(zip(resident, reference))
+        assert len(resident) == len(reference) == len(pairs)
+        for (features, labels), (expected, expected_labels) in pairs:
+            assert torch.equal(features, expected) and torch.equal(labels, expected_labels)
+
+
+def test_a_cache_built_from_batched_decoding_has_its_own_key_and_close_rows(model, train_set, cache, cub, tmp_path):
+    batched = build_feature_cache(model, train_set, ("center", "flip"), tmp_path, CPU,
+                                  data_cfg=data_config(cub, decode="gpu"))
+    assert batched.folder.name != cache.folder.name  # PIL's rounding and torch's: another key
+    # Inputs within one grey level of each other (tests/test_gpu_decode.py): the unit-norm rows (elements up to
+    # about 1e-2 here) differ by at most 1.5e-4 as measured on these images; 1e-3 leaves room for other CPUs'
+    # rounding, while another crop or flip would move elements by their own size.
+    for view in ("center", "flip"):
+        assert torch.allclose(rows(batched, view), rows(cache, view), rtol=0, atol=1e-3)

@@ -172,3 +172,28 @@ def test_bench_on_cuda_emits_its_json(capsys):
     assert all(case["peak_memory_mib"] > 0 for name, case in result["cases"].items() if name != "loader")
     assert all(check["value"] is not None for check in result["targets"])
 
+
+
+def test_nvjpeg_batches_match_the_pil_path(data):
+    """data.decode=gpu on the GPU (nvjpeg, the side stream) against the PIL path on the same images and seeds.
+    On the CPU the two agree within one grey level (tests/test_gpu_decode.py); nvjpeg's IDCT and chroma
+    upsampling may round differently. These bounds were written without a GPU to measure on: the mean within
+    one level, no pixel past 16 (a wrong crop or flip is tens of levels off on the stripes). Measure, then tighten."""
+    from bcnn.config import DataConfig
+    from bcnn.data import build_dataset, build_loader
+    from bcnn.data.gpu import DeviceDecodeLoader
+
+    cfg = DataConfig(root=str(data), resize=72, crop=64, val_fraction=0.0, num_workers=0)
+    dataset = build_dataset(cfg, "trainval")
+    reference = build_loader(dataset, 8, True, num_workers=0, seed=1)
+    batched = DeviceDecodeLoader(dataset, cfg, 8, True, num_workers=0, seed=1, device=CUDA)
+    reference.sampler.set_epoch(1)
+    batched.sampler.set_epoch(1)
+    std = torch.tensor(dataset.normalisation[1]).view(1, 3, 1, 1) * 255
+    differences = []
+    for (expected, labels), (images, batched_labels) in zip(reference, batched):
+        assert images.device.type == "cuda" and torch.equal(labels, batched_labels.cpu())
+        differences.append(((images.cpu() - expected).abs() * std).flatten())
+    levels = torch.cat(differences)
+    print(f"nvjpeg vs PIL: mean {levels.mean():.3f}, max {levels.max():.2f} grey levels")
+    assert levels.mean() <= 1.0 and levels.max() <= 16

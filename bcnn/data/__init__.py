@@ -19,12 +19,15 @@ own val split (FGVC-Aircraft) uses it instead: `train` and `val` are the officia
 
 from __future__ import annotations
 
-from bcnn.config import DataConfig
+import torch
+
+from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
 from bcnn.data.aircraft import AIRCRAFT_FOLDER, FGVCAircraftDataset, download_aircraft, write_synthetic_aircraft
 from bcnn.data.cars import CARS_FOLDER, GET_CARS, StanfordCarsDataset, write_synthetic_cars
 from bcnn.data.cub import CUB200, download_cub, write_synthetic_cub
 from bcnn.data.dataset import REPLACE_IMAGE, SPLITS, _ImageDataset, clean_class_name, describe_splits, load_rgb
 from bcnn.data.folder import FolderDataset
+from bcnn.data.gpu import DeviceDecodeLoader
 from bcnn.data.nabirds import GET_NABIRDS, NABIRDS_FOLDER, NABirdsDataset, write_synthetic_nabirds
 from bcnn.data.loader import build_loader, default_num_workers
 from bcnn.data.transforms import IMAGENET_MEAN, IMAGENET_NORMALISATION, IMAGENET_STD, build_transforms
@@ -43,7 +46,7 @@ FOLDERS = {"cub": "CUB_200_2011", "aircraft": AIRCRAFT_FOLDER, "cars": CARS_FOLD
 
 __all__ = ["CUB200", "DOWNLOADS", "FGVCAircraftDataset", "FOLDERS", "FolderDataset", "IMAGENET_MEAN",
            "IMAGENET_NORMALISATION", "IMAGENET_STD", "NABirdsDataset", "READERS", "REPLACE_IMAGE", "SPLITS",
-           "StanfordCarsDataset", "WRITERS", "build_dataset", "build_loader", "build_transforms",
+           "StanfordCarsDataset", "WRITERS", "build_dataset", "build_image_loader", "build_loader", "build_transforms",
            "clean_class_name", "default_num_workers", "describe", "download_cub", "load_rgb",
            "write_synthetic_cub"]
 
@@ -70,3 +73,21 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
 def describe(root, data_format: str = "cub", val_fraction: float = 0.0, split_seed: int = 0) -> str:
     """One line: the dataset at root in data_format, its classes and per-split image counts (reading checks it)."""
     return describe_splits(READERS[data_format], root, val_fraction, split_seed)
+
+
+def decode_on_device(cfg: DataConfig, device) -> bool:
+    """Whether data.decode puts decoding and augmentation on the training device (bcnn/data/gpu.py)."""
+    if cfg.decode == "auto":
+        return torch.device(device).type == "cuda" and not any(getattr(cfg, name) for name in CPU_ONLY_AUGMENTATIONS)
+    return cfg.decode == "gpu"
+
+
+def build_image_loader(cfg: DataConfig, dataset: _ImageDataset, batch_size: int, train: bool, seed: int, device,
+                       rank: int = 0, world_size: int = 1, num_workers: int | None = None):
+    """This rank's loader of dataset's images for steps on `device`, decoded where data.decode says: by PIL in
+    the loader workers (a DataLoader), or in batches on the device (a DeviceDecodeLoader, the same face)."""
+    device = torch.device(device)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    if decode_on_device(cfg, device):
+        return DeviceDecodeLoader(dataset, cfg, batch_size, train, workers, seed, device, rank, world_size)
+    return build_loader(dataset, batch_size, train, workers, seed, rank, world_size, pin_memory=device.type == "cuda")

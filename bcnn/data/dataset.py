@@ -70,13 +70,18 @@ def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) ->
     return image if box is None else crop_to_box(image, box)
 
 
-def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
-    """Crop to (x, y, w, h). Boxes are floats and a few poke past the border: clamp, and keep the whole image if
-    nothing is left."""
+def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) pixels of an (x, y, w, h) box in a width x height image. Boxes are floats and a
+    few poke past the border: clamp, and keep the whole image if nothing is left."""
     x, y, w, h = box
     left, top = max(0, math.floor(x)), max(0, math.floor(y))
-    right, bottom = min(image.width, math.ceil(x + w)), min(image.height, math.ceil(y + h))
-    return image.crop((left, top, right, bottom)) if right > left and bottom > top else image
+    right, bottom = min(width, math.ceil(x + w)), min(height, math.ceil(y + h))
+    return (left, top, right, bottom) if right > left and bottom > top else (0, 0, width, height)
+
+
+def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """Crop to (x, y, w, h), clamped to the image (box_pixels)."""
+    return image.crop(box_pixels(image.width, image.height, box))
 
 
 def stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -159,18 +164,21 @@ class _ImageDataset(Dataset):
     def _box(self, index: int):
         return None
 
-    def load_image(self, index: int) -> Image.Image:
-        """Sample index as 8-bit RGB, the banner (if any) cut off, then cropped to its box when asked."""
-        path = self.samples[index][0]
-        if not self.bottom_crop:
-            return load_rgb(path, self._box(index))
-        image = load_rgb(path)
-        if image.height <= self.bottom_crop:
-            raise _unreadable(path, f"it is {image.height} px high, no more than the {self.bottom_crop}-px banner "
-                                    "this format cuts off its bottom")
-        image = image.crop((0, 0, image.width, image.height - self.bottom_crop))
+    def region(self, index: int, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of sample index's decoded width x height file that the model sees: the banner
+        (if any) cut off the bottom, then the box when cropping to boxes. The CPU and the GPU decode paths share it."""
+        if height <= self.bottom_crop:
+            raise _unreadable(self.samples[index][0], f"it is {height} px high, no more than the {self.bottom_crop}-px "
+                                                      "banner this format cuts off its bottom")
+        height -= self.bottom_crop
         box = self._box(index)
-        return image if box is None else crop_to_box(image, box)
+        return (0, 0, width, height) if box is None else box_pixels(width, height, box)
+
+    def load_image(self, index: int) -> Image.Image:
+        """Sample index as 8-bit RGB, cut to its region (banner off, box when asked)."""
+        image = load_rgb(self.samples[index][0])
+        region = self.region(index, image.width, image.height)
+        return image if region == (0, 0, image.width, image.height) else image.crop(region)
 
     def __getitem__(self, item: int | tuple[int, int]):
         """item: an index, or (index, augment_seed) from TrainSampler, which fixes the random augmentation."""

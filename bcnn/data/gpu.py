@@ -1,0 +1,187 @@
+"""Batched decoding and augmentation on the training device (data.decode=gpu).
+
+Loader workers only read each file's bytes. The main process decodes a whole batch at once with
+torchvision.io.decode_jpeg on the device (nvjpeg on a GPU), then resizes, cuts, flips and normalises every image
+there, and hands the step a channels_last batch; on a GPU the next batch is prepared on a side stream while the
+step runs. Files the device's decoder refuses (PNGs, some CMYK or grayscale JPEGs) are decoded with PIL on the
+CPU, as the CPU path does, and named once in the log.
+
+The crop and flip are drawn exactly as the CPU path's torchvision transforms draw them, from a generator seeded
+with the sampler's per-image seed, so for a given (seed, epoch, image) both paths choose the same crop and flip:
+DDP, resume and their equivalence tests hold on either path. The pixels differ only by decode and resize rounding
+(PIL's fixed-point antialiased resize against torch's); tests/test_gpu_decode.py runs this code on CPU tensors
+against the PIL path and bounds the difference.
+
+    loader = DeviceDecodeLoader(dataset, cfg.data, batch_size=64, train=True, num_workers=8, seed=0,
+                                device=torch.device("cuda"))
+    loader.sampler.set_epoch(epoch)                 # as for a DataLoader
+    for images, labels in loader: ...               # on the device, normalised, channels_last
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms.functional import pil_to_tensor
+
+from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
+from bcnn.data.dataset import _ImageDataset, load_rgb
+from bcnn.data.loader import build_loader
+
+log = logging.getLogger("bcnn")
+JPEG_START = (0xFF, 0xD8)  # every JPEG file's first two bytes (SOI)
+
+
+class EncodedFiles(Dataset):
+    """A dataset's image files as raw bytes: items (uint8 1-d tensor, label, index, augment seed or -1)."""
+
+    def __init__(self, dataset: _ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = item if isinstance(item, tuple) else (item, -1)
+        path, label = self.dataset.samples[index]
+        try:
+            data = read_file(path)
+        except RuntimeError:  # missing or unreadable: PIL's reading gives the one-sentence error
+            load_rgb(path)
+            raise
+        return data, label, index, seed
+
+
+def collate_encoded(items):
+    """A batch of files of different lengths: a list of byte tensors, then labels, indices and seeds as tensors."""
+    data, labels, indices, seeds = zip(*items)
+    return list(data), torch.tensor(labels), torch.tensor(indices), torch.tensor(seeds, dtype=torch.int64)
+
+
+def resized_size(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """The (height, width) torchvision's Resize(shorter) gives: the shorter side to `shorter`, the longer scaled
+    and truncated to an int, as torchvision computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shorter * long / short)
+    return (new_long, shorter) if width <= height else (shorter, new_long)
+
+
+def train_draws(seed: int, height: int, width: int, crop: int, hflip: bool) -> tuple[bool, int, int]:
+    """(flip, top, left) as the CPU path draws them after Resize: RandomHorizontalFlip's torch.rand(1) < 0.5, then
+    RandomCrop's randint(0, height - crop + 1) for top and randint(0, width - crop + 1) for left, all from torch's
+    CPU generator seeded with the sampler's seed."""
+    generator = torch.Generator().manual_seed(seed)
+    flip = bool(torch.rand(1, generator=generator) < 0.5) if hflip else False
+    top = int(torch.randint(0, height - crop + 1, size=(1,), generator=generator))
+    left = int(torch.randint(0, width - crop + 1, size=(1,), generator=generator))
+    return flip, top, left
+
+
+@dataclass
+class BatchTransform:
+    """The recipe's transforms on decoded uint8 (3, H, W) tensors, on whatever device they are: train Resize ->
+    flip -> RandomCrop, eval Resize -> CenterCrop, then /255 and normalisation with the backbone's mean and std."""
+
+    resize: int
+    crop: int
+    hflip: bool
+    train: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def one(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        height, width = resized_size(image.shape[1], image.shape[2], self.resize)
+        # Antialiased bilinear, as PIL resizes; rounded to whole values, as PIL's 8-bit output is.
+        resized = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False,
+                                antialias=True).round_().clamp_(0, 255)[0]
+        if self.train:
+            flip, top, left = train_draws(seed, height, width, self.crop, self.hflip)
+            if flip:
+                resized = resized.flip(-1)
+        else:  # CenterCrop's rounding
+            top, left = int(round((height - self.crop) / 2.0)), int(round((width - self.crop) / 2.0))
+        return resized[:, top:top + self.crop, left:left + self.crop]
+
+    def __call__(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
+        batch = torch.stack([self.one(image, seed) for image, seed in zip(images, seeds)])
+        device = batch.device
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255
+        return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+class DeviceDecodeLoader:
+    """A DataLoader's face (dataset, sampler, batch_size, len, iter) over batches decoded and augmented on
+    `device`; yields (images, labels), both already on the device."""
+
+    def __init__(self, dataset: _ImageDataset, cfg: DataConfig, batch_size: int, train: bool, num_workers: int,
+                 seed: int, device: torch.device, rank: int = 0, world_size: int = 1):
+        unsupported = [name for name in CPU_ONLY_AUGMENTATIONS if getattr(cfg, name)]
+        if unsupported and train:
+            raise ValueError(f"data.decode=gpu does not do data.{unsupported[0]}")  # the config refuses it first
+        self.dataset, self.device, self.batch_size = dataset, torch.device(device), batch_size
+        self.loader = build_loader(EncodedFiles(dataset), batch_size, train, num_workers, seed, rank, world_size,
+                                   collate_fn=collate_encoded)
+        self.sampler = self.loader.sampler
+        self.transform = BatchTransform(cfg.resize, cfg.crop, cfg.hflip, train, *dataset.normalisation)
+        self._named: set[str] = set()  # files already logged as decoded on the CPU
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def decode(self, data: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
+        """uint8 (3, H, W) images on the device, each cut to its dataset region (banner, box)."""
+        images: list[torch.Tensor | None] = [None] * len(data)
+        jpegs = [i for i, raw in enumerate(data) if raw.numel() > 2 and tuple(raw[:2].tolist()) == JPEG_START]
+        try:
+            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        except RuntimeError:  # one refused file (or a damaged one: PIL then says so in a sentence) fails the batch
+            for i in jpegs:
+                try:
+                    images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError:
+                    pass
+        for i, image in enumerate(images):
+            if image is None:
+                path = self.dataset.samples[indices[i]][0]
+                if path not in self._named:
+                    self._named.add(path)
+                    log.info("decoded on the CPU (the %s decoder refused it): %s", self.device.type, path)
+                images[i] = pil_to_tensor(load_rgb(path)).to(self.device)
+        cut = []
+        for image, index in zip(images, indices):
+            left, top, right, bottom = self.dataset.region(index, image.shape[2], image.shape[1])
+            cut.append(image[:, top:bottom, left:right])
+        return cut
+
+    def prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        data, labels, indices, seeds = batch
+        images = self.decode(data, indices.tolist())
+        return self.transform(images, seeds.tolist()), labels.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self.prepare(batch)
+            return
+        # One batch ahead on a side stream: its decode and transforms overlap the step on the current stream.
+        side, current = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        ready = None
+        for batch in self.loader:
+            with torch.cuda.stream(side):
+                upcoming = self.prepare(batch)
+            if ready is not None:
+                yield ready
+            current.wait_stream(side)
+            for tensor in upcoming:
+                tensor.record_stream(current)
+            ready = upcoming
+        if ready is not None:
+            yield ready
