@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torchvision.datasets import FGVCAircraft
 
-from bcnn.data.dataset import _ImageDataset, describe_splits, select_split, synthetic_image
+from bcnn.data.dataset import (_ImageDataset, check_images_exist, check_torchvision_folder, describe_splits,
+                                select_split, synthetic_image)
 from bcnn.data.download import download_dataset, make_folder
 from bcnn.errors import UserError
 
@@ -47,13 +47,7 @@ def read_aircraft(root: Path, level: str = "variant") -> tuple[list[str], list, 
     """Check an fgvc-aircraft-2013b folder; return (class names, official train, val, test), records (path, label)."""
     if level not in LEVELS:
         raise UserError(f"unknown data.annotation_level {level!r}; use {', '.join(LEVELS)}.")
-    if not root.is_dir():
-        raise UserError(f"FGVC-Aircraft folder {root} does not exist; {GET_AIRCRAFT}.")
-    if not (root / "data").is_dir() and (root / AIRCRAFT_FOLDER / "data").is_dir():
-        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / AIRCRAFT_FOLDER}.")
-    if root.name != AIRCRAFT_FOLDER:
-        raise UserError(f"torchvision's FGVCAircraft reads the dataset only from a folder named {AIRCRAFT_FOLDER}, "
-                        f"and {root} is named {root.name!r}; rename it.")
+    check_torchvision_folder(root, "FGVC-Aircraft", AIRCRAFT_FOLDER, "data", "FGVCAircraft", GET_AIRCRAFT)
     needed = [LEVELS[level]] + [f"images_{level}_{split}.txt" for split in ("train", "val", "test")]
     for name in needed:
         if not (root / "data" / name).is_file():
@@ -66,10 +60,7 @@ def read_aircraft(root: Path, level: str = "variant") -> tuple[list[str], list, 
     if len(set(seen)) != len(seen):
         twice = next(path for path in seen if seen.count(path) > 1)
         raise UserError(f"image {Path(twice).stem} is listed twice in the {level} train/val/test lists; {REEXTRACT}.")
-    missing = [path for path in seen if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(records)} images in the {level} lists are missing, the first is "
-                        f"{missing[0]}; {REEXTRACT}.")
+    check_images_exist(seen, f"in the {level} lists", REEXTRACT)
     return classes, splits["train"][0], splits["val"][0], splits["test"][0]
 
 

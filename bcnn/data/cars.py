@@ -8,14 +8,13 @@ There is no working official download: Stanford took the files down. torchvision
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 from torchvision.datasets import StanfordCars
 
-from bcnn.data.dataset import _ImageDataset, select_split, synthetic_image
+from bcnn.data.dataset import _BoxedDataset, check_images_exist, check_torchvision_folder, synthetic_image
 from bcnn.data.download import make_folder
 from bcnn.errors import UserError
 
@@ -71,22 +70,13 @@ def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str,
             raise UserError(f"{root / mat_name} gives {Path(path).name} class {label + 1}, but cars_meta.mat has "
                             f"classes 1..{num_classes}; {REFETCH}.")
         records.append((path, label, boxes[Path(path).name]))
-    missing = [path for path, *_ in records if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(records)} images in {root / mat_name} are missing from "
-                        f"{root / image_folder}, the first is {missing[0]}; {REFETCH}.")
+    check_images_exist([path for path, *_ in records], f"in {root / mat_name}", REFETCH)
     return records
 
 
 def read_cars(root: Path) -> tuple[list[str], list, list]:
     """Check a stanford_cars folder; return (class names, official train, test), records (path, label, bbox)."""
-    if not root.is_dir():
-        raise UserError(f"Stanford Cars folder {root} does not exist; {GET_CARS}.")
-    if not (root / "devkit").is_dir() and (root / CARS_FOLDER / "devkit").is_dir():
-        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / CARS_FOLDER}.")
-    if root.name != CARS_FOLDER:
-        raise UserError(f"torchvision's StanfordCars reads the dataset only from a folder named {CARS_FOLDER}, and "
-                        f"{root} is named {root.name!r}; rename it.")
+    check_torchvision_folder(root, "Stanford Cars", CARS_FOLDER, "devkit", "StanfordCars", GET_CARS)
     for relative in ("devkit/cars_meta.mat", *(name for files in CARS_FILES.values() for name in files)):
         if not (root / relative).exists():
             raise UserError(f"{root / relative} is missing, so {root} is not a complete Stanford Cars folder; "
@@ -95,24 +85,11 @@ def read_cars(root: Path) -> tuple[list[str], list, list]:
     return classes, _official_split(root, "train", len(classes)), _official_split(root, "test", len(classes))
 
 
-class StanfordCarsDataset(_ImageDataset):
+class StanfordCarsDataset(_BoxedDataset):
     """Stanford Cars (196 classes) with its boxes; val is a stratified hold-out of the official train split."""
 
     ADD_TRAINING_IMAGES = f"{REFETCH}: every class needs images in cars_train_annos.mat"
-    HAS_BOXES = True
-    OPTIONS = ("crop_to_bbox",)
-
-    def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
-                 transform=None, target_transform=None):
-        root = Path(root).absolute()
-        classes, trainval, test = read_cars(root)
-        records = select_split(split, trainval, test, val_fraction, split_seed)
-        super().__init__(root, split, classes, records, transform, target_transform)
-        self.bboxes = [box for _, _, box in records]
-        self.crop_to_bbox = crop_to_bbox
-
-    def _box(self, index: int):
-        return self.bboxes[index] if self.crop_to_bbox else None
+    read = staticmethod(read_cars)
 
 
 def _annotations(rows: list[tuple[int, int, int, int, int, str]], with_class: bool = True) -> np.ndarray:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from bcnn.data.dataset import _ImageDataset, clean_class_name, describe_splits, select_split, synthetic_image
+from bcnn.data.dataset import _BoxedDataset, check_images_exist, clean_class_name, describe_splits, synthetic_image
 from bcnn.data.download import download_dataset, make_folder
 from bcnn.errors import UserError
 
@@ -94,36 +93,18 @@ def read_cub(root: Path) -> tuple[list[str], list, list]:
                    tables["bounding_boxes.txt"][image_id])
         for image_id, rel_path in sorted(tables["images.txt"].items())
     }
-    missing = [path for path, *_ in records.values() if not os.path.isfile(path)]
-    if missing:
-        raise UserError(
-            f"{len(missing)} of {len(records)} images listed in images.txt are missing, the first is "
-            f"{missing[0]}; {REEXTRACT}."
-        )
+    check_images_exist([path for path, *_ in records.values()], "listed in images.txt", REEXTRACT)
     is_train = tables["train_test_split.txt"]
     trainval = [record for image_id, record in records.items() if is_train[image_id]]
     test = [record for image_id, record in records.items() if not is_train[image_id]]
     return [clean_class_name(name) for _, name in sorted(tables["classes.txt"].items())], trainval, test
 
 
-class CUB200(_ImageDataset):
+class CUB200(_BoxedDataset):
     """CUB-200-2011 read from its text files; labels are class_id - 1; `bboxes` are (x, y, w, h) per sample."""
 
     ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
-    HAS_BOXES = True
-    OPTIONS = ("crop_to_bbox",)
-
-    def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
-                 transform=None, target_transform=None):
-        root = Path(root).absolute()
-        classes, trainval, test = read_cub(root)
-        records = select_split(split, trainval, test, val_fraction, split_seed)
-        super().__init__(root, split, classes, records, transform, target_transform)
-        self.bboxes = [box for _, _, box in records]
-        self.crop_to_bbox = crop_to_bbox
-
-    def _box(self, index: int):
-        return self.bboxes[index] if self.crop_to_bbox else None
+    read = staticmethod(read_cub)
 
 
 def download_cub(root: str, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import colorsys
 import math
+import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,6 +84,26 @@ def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) 
 def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
     """Crop to (x, y, w, h), clamped to the image (box_pixels)."""
     return image.crop(box_pixels(image.width, image.height, box))
+
+
+def check_torchvision_folder(root: Path, title: str, folder: str, marker: str, reader: str, get: str) -> None:
+    """Before torchvision's `reader` reads a dataset, which it finds only under its archive's folder name: root
+    exists, is not the folder above the dataset, and has that name. marker: a path inside the dataset folder."""
+    if not root.is_dir():
+        raise UserError(f"{title} folder {root} does not exist; {get}.")
+    if not (root / marker).exists() and (root / folder / marker).exists():
+        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / folder}.")
+    if root.name != folder:
+        raise UserError(f"torchvision's {reader} reads the dataset only from a folder named {folder}, and {root} is "
+                        f"named {root.name!r}; rename it.")
+
+
+def check_images_exist(paths: list[str], listed_in: str, fix: str) -> None:
+    """One sentence for images a dataset's annotation files list but the disk lacks: how many, the first one."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(paths)} images {listed_in} are missing, the first is {missing[0]}; "
+                        f"{fix}.")
 
 
 def stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -194,6 +216,29 @@ class _ImageDataset(Dataset):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
+
+
+class _BoxedDataset(_ImageDataset):
+    """A format whose records carry an (x, y, w, h) box per image: `bboxes` per sample, and crop_to_bbox crops
+    every image to its box. A subclass reads its layout: read(root) -> (class names, official train, test)."""
+
+    HAS_BOXES = True
+    OPTIONS = ("crop_to_bbox",)
+
+    def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
+                 transform=None, target_transform=None):
+        root = Path(root).absolute()
+        classes, trainval, test = self.read(root)
+        records = select_split(split, trainval, test, val_fraction, split_seed)
+        super().__init__(root, split, classes, records, transform, target_transform)
+        self.bboxes = [box for _, _, box in records]
+        self.crop_to_bbox = crop_to_bbox
+
+    def read(self, root: Path) -> tuple[list[str], list, list]:
+        raise NotImplementedError
+
+    def _box(self, index: int):
+        return self.bboxes[index] if self.crop_to_bbox else None
 
 
 def describe_splits(dataset_class, root, val_fraction: float = 0.0, split_seed: int = 0) -> str:

@@ -4,14 +4,13 @@ writer in its exact layout. NABirds is downloaded by hand, after accepting Corne
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
 import numpy as np
 
 from bcnn.data.cub import read_id_table
-from bcnn.data.dataset import _ImageDataset, select_split, synthetic_image
+from bcnn.data.dataset import _BoxedDataset, check_images_exist, synthetic_image
 from bcnn.data.download import make_folder
 from bcnn.errors import UserError
 
@@ -91,10 +90,7 @@ def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
     label_of = {class_id: label for label, class_id in enumerate(used)}
     records = [(str(root / "images" / rel_path), label_of[tables["image_class_labels.txt"][image_id]],
                 tables["bounding_boxes.txt"][image_id]) for image_id, rel_path in sorted(tables["images.txt"].items())]
-    missing = [path for path, *_ in records if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(records)} images listed in images.txt are missing, the first is "
-                        f"{missing[0]}; {REEXTRACT}.")
+    check_images_exist([path for path, *_ in records], "listed in images.txt", REEXTRACT)
     is_train = [tables["train_test_split.txt"][image_id] for image_id in sorted(tables["images.txt"])]
     trainval = [record for record, train in zip(records, is_train) if train]
     test = [record for record, train in zip(records, is_train) if not train]
@@ -102,24 +98,14 @@ def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
     return [names[class_id] for class_id in used], ancestors, trainval, test
 
 
-class NABirdsDataset(_ImageDataset):
+class NABirdsDataset(_BoxedDataset):
     """NABirds over its leaf classes; `ancestors[label]` names the class's coarser groups, nearest first."""
 
     ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
-    HAS_BOXES = True
-    OPTIONS = ("crop_to_bbox",)
 
-    def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
-                 transform=None, target_transform=None):
-        root = Path(root).absolute()
+    def read(self, root: Path) -> tuple[list[str], list, list]:
         classes, self.ancestors, trainval, test = read_nabirds(root)
-        records = select_split(split, trainval, test, val_fraction, split_seed)
-        super().__init__(root, split, classes, records, transform, target_transform)
-        self.bboxes = [box for _, _, box in records]
-        self.crop_to_bbox = crop_to_bbox
-
-    def _box(self, index: int):
-        return self.bboxes[index] if self.crop_to_bbox else None
+        return classes, trainval, test
 
 
 def write_synthetic_nabirds(root, classes: int = 5, per_class: int = 12, seed: int = 0,
