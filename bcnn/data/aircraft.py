@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.datasets import FGVCAircraft
 
 from bcnn.data.dataset import (_ImageDataset, check_images_exist, check_torchvision_folder, describe_splits,
-                                select_split, synthetic_image)
+                                path_only, select_split, synthetic_image)
 from bcnn.data.download import download_dataset, make_folder
 from bcnn.errors import UserError
 
@@ -24,13 +24,9 @@ GET_AIRCRAFT = (f"run `make data DATASET=aircraft` or pass --data-root /path/to/
 REEXTRACT = f"re-extract {AIRCRAFT_FOLDER}.tar.gz (delete the folder and run `make data DATASET=aircraft`)"
 
 
-def _path_only(path: str) -> str:
-    return path  # torchvision's loader hook: gives us the list's (path, label) pairs without decoding anything
-
-
 def _official_split(root: Path, split: str, level: str) -> tuple[list[tuple[str, int]], list[str]]:
     try:
-        listed = FGVCAircraft(root.parent, split, annotation_level=level, loader=_path_only)
+        listed = FGVCAircraft(root.parent, split, annotation_level=level, loader=path_only)
     except TypeError:  # a torchvision whose datasets take no loader=
         raise UserError("data.format=aircraft reads the lists with torchvision's FGVCAircraft(loader=...), which "
                         "this torchvision lacks; upgrade it (pip install -U torchvision).") from None

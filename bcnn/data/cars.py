@@ -14,7 +14,7 @@ import numpy as np
 import scipy.io
 from torchvision.datasets import StanfordCars
 
-from bcnn.data.dataset import _BoxedDataset, check_images_exist, check_torchvision_folder, synthetic_image
+from bcnn.data.dataset import _BoxedDataset, check_images_exist, check_torchvision_folder, path_only, synthetic_image
 from bcnn.data.download import make_folder
 from bcnn.errors import UserError
 
@@ -25,10 +25,6 @@ GET_CARS = (f"Stanford Cars has no official download any more: get cars_train/, 
             f"cars_test_annos_withlabels.mat (from a mirror of the original release) and put them in "
             f"data/{CARS_FOLDER}/, then pass --data-root data/{CARS_FOLDER}")
 REFETCH = "fetch that file again from your copy of the original release"
-
-
-def _path_only(path: str) -> str:
-    return path  # torchvision's loader hook: the (path, label) pairs without decoding anything
 
 
 def _load_mat(path: Path, key: str):
@@ -55,7 +51,7 @@ def _boxes(mat_path: Path) -> dict[str, tuple[float, float, float, float]]:
 def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str, int, tuple]]:
     mat_name, image_folder = CARS_FILES[split]
     try:
-        listed = StanfordCars(root.parent, split, loader=_path_only)
+        listed = StanfordCars(root.parent, split, loader=path_only)
         pairs = [listed[index] for index in range(len(listed))]
     except TypeError:  # a torchvision whose datasets take no loader=
         raise UserError("data.format=cars reads the devkit with torchvision's StanfordCars(loader=...), which this "

@@ -47,8 +47,8 @@ def _to_rgb(image: Image.Image, path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
-    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as 8-bit RGB, optionally cropped to (x, y, w, h).
+def load_rgb(path: str) -> Image.Image:
+    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as 8-bit RGB (a dataset cuts it to its region).
 
     16-bit images are scaled by their range; 32-bit integer and float images are refused, as are images over
     Pillow's decompression-bomb limit, twice Image.MAX_IMAGE_PIXELS.
@@ -69,7 +69,12 @@ def load_rgb(path: str, box: tuple[float, float, float, float] | None = None) ->
         # Pillow raises ValueError for some malformed files, e.g. a PGM whose maxval or pixel is out of range.
         reason = "not an image" if isinstance(error, UnidentifiedImageError) else getattr(error, "strerror", None)
         raise _unreadable(path, (reason or str(error)).lower()) from None
-    return image if box is None else crop_to_box(image, box)
+    return image
+
+
+def path_only(path: str) -> str:
+    """A torchvision dataset's loader= hook that decodes nothing: its items are then its (path, label) pairs."""
+    return path
 
 
 def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
@@ -79,11 +84,6 @@ def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) 
     left, top = max(0, math.floor(x)), max(0, math.floor(y))
     right, bottom = min(width, math.ceil(x + w)), min(height, math.ceil(y + h))
     return (left, top, right, bottom) if right > left and bottom > top else (0, 0, width, height)
-
-
-def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
-    """Crop to (x, y, w, h), clamped to the image (box_pixels)."""
-    return image.crop(box_pixels(image.width, image.height, box))
 
 
 def check_torchvision_folder(root: Path, title: str, folder: str, marker: str, reader: str, get: str) -> None:

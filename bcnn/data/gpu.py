@@ -21,7 +21,7 @@ against the PIL path and bounds the difference.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,7 @@ class BatchTransform:
     train: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    _scales: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def one(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         height, width = resized_size(image.shape[1], image.shape[2], self.resize)
@@ -109,10 +110,15 @@ class BatchTransform:
 
     def __call__(self, images: list[torch.Tensor], seeds: list[int]) -> torch.Tensor:
         batch = torch.stack([self.one(image, seed) for image, seed in zip(images, seeds)])
-        device = batch.device
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255
+        mean, std = self._scale(batch.device)
         return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    def _scale(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std in 0..255 units as (1, 3, 1, 1) tensors on device: made once, not copied every batch."""
+        if device not in self._scales:
+            self._scales[device] = tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) * 255
+                                         for values in (self.mean, self.std))
+        return self._scales[device]
 
 
 class DeviceDecodeLoader:
