@@ -52,7 +52,9 @@ from bcnn.precision import DTYPES, autocast
 log = logging.getLogger("bcnn")
 
 # Part of every key: bump it when the head's maths or the file layout changes, and old caches stop matching.
-FORMAT_VERSION = 2  # 2: pooling heads; the signed square root of 0 is sqrt(eps), as the reference ports
+# 2: pooling heads; the signed square root of 0 is sqrt(eps), as the reference ports. 3: the authors' continuous
+# signed square root wherever a head's values can be negative; matrix_sqrt's default of 5 steps.
+FORMAT_VERSION = 3
 VIEWS = ("center", "flip")
 PRECISIONS = ("fp32", *DTYPES)  # the backbone's autocast, as bcnn.precision names it
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.f16", "labels.npy", "meta.json"

@@ -20,7 +20,7 @@ from bcnn.config import ModelConfig
 from bcnn.errors import UserError
 from bcnn.models import BilinearCNN, build_model, load_model_weights
 from bcnn.models.backbones import vgg16_features
-from bcnn.models.pooling import AveragePooling, BilinearPooling, build_pooling, signed_sqrt
+from bcnn.models.pooling import AveragePooling, BilinearPooling, build_pooling, ported_sqrt, signed_sqrt
 from helpers.numerics import summation_rtol
 
 IMAGENET_FILE_NAME = os.path.basename(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url)  # vgg16-397923af.pth
@@ -32,7 +32,8 @@ def numpy_bilinear_features(x: np.ndarray, eps: float) -> np.ndarray:
     flat = x.astype(np.float64).reshape(batch, channels, height * width)
     gram = np.einsum("bcn,bdn->bcd", flat, flat) / (height * width)
     vector = gram.reshape(batch, channels * channels)
-    vector = np.where(vector < 0, -1.0, 1.0) * np.sqrt(np.abs(vector) + eps)  # the sign of 0 taken as +
+    # The authors' signed square root (cvl-umass/bilinear-cnn BCNN.py): odd, 0 at 0.
+    vector = np.sqrt(np.maximum(vector, 0) + eps) - np.sqrt(np.maximum(-vector, 0) + eps)
     return vector / np.linalg.norm(vector, axis=1, keepdims=True)
 
 
@@ -90,11 +91,51 @@ def test_head_matches_numpy_reference():
     np.testing.assert_allclose(logits.numpy(), expected @ weight.T + bias, rtol=rtol, atol=1e-6)
 
 
-def test_signed_sqrt_is_the_ports_sqrt_on_non_negative_input_and_keeps_the_sign():
-    x = torch.tensor([0.0, 1e-12, 0.25, 4.0, -0.0, -0.25])
+def test_signed_sqrt_is_the_authors_odd_continuous_form_and_ported_sqrt_the_ports():
+    x = torch.tensor([0.0, -0.0, 1e-12, -1e-12, 0.25, -0.25, 4.0], dtype=torch.float64)
     y = signed_sqrt(x, eps=1e-5)
-    assert torch.equal(y[:4], torch.sqrt(x[:4] + 1e-5)), "bit for bit what the reference ports compute"
-    assert torch.equal(y[4], torch.sqrt(torch.tensor(1e-5))) and y[5] == -torch.sqrt(torch.tensor(0.25 + 1e-5))
+    root_eps = 1e-5 ** 0.5
+    # sqrt(relu(x) + eps) - sqrt(relu(-x) + eps): 0 at 0 and a step of x / (2 sqrt(eps)) next to it, no jump.
+    assert y[0] == 0 and y[1] == 0 and abs(float(y[2]) - 1e-12 / (2 * root_eps)) < 1e-15
+    assert torch.equal(y, -signed_sqrt(-x, eps=1e-5)), "odd"
+    assert float(y[4]) == (0.25 + 1e-5) ** 0.5 - root_eps
+    ported = ported_sqrt(x.float(), eps=1e-5)
+    non_negative = torch.tensor([0, 2, 4, 6])
+    assert torch.equal(ported[non_negative], torch.sqrt(x.float()[non_negative] + 1e-5)), "the ports' bit for bit"
+
+
+@pytest.mark.parametrize("backbone, backbone_b, ported", [
+    ("vgg16", "", True),  # relu5_3
+    ("densenet121", "", True),  # the cut adds the ReLU its forward() applies
+    ("convnext_tiny", "", False),  # stage 4 ends in a residual sum: negative values
+    ("vgg16", "convnext_tiny", False),  # an asymmetric B-CNN over one map that can be negative
+])
+def test_the_bilinear_head_takes_the_ports_sqrt_only_on_maps_that_are_never_negative(backbone, backbone_b, ported):
+    model = build_model(ModelConfig(backbone=backbone, backbone_b=backbone_b, backbone_weights="none",
+                                    backbone_b_weights="none"), num_classes=2).eval()
+    assert model.pooling.nonnegative_maps is ported
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps = [network(images) for network in model.backbones()]
+        vectors = model.embed(images)
+    assert all((found.min() >= 0) for found in maps) or not ported
+    gram = numpy_gram(maps)
+    expected = np.sqrt(gram + 1e-5) if ported else np.sqrt(np.maximum(gram, 0) + 1e-5) - np.sqrt(
+        np.maximum(-gram, 0) + 1e-5)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    # float32 against float64: the Gram's sums over at most 4 x 4 positions, the L2 over C^2 entries.
+    np.testing.assert_allclose(vectors.double().numpy(), expected, rtol=1e-4, atol=1e-7)
+
+
+def numpy_gram(maps: list[torch.Tensor]) -> np.ndarray:
+    """X_a X_bᵀ / (H W), flattened, in float64 (the smaller map first resized to the larger, as the head does)."""
+    a, b = maps[0], maps[-1]
+    if a.shape[-1] < b.shape[-1]:
+        a = nn.functional.interpolate(a, size=b.shape[-2:], mode="bilinear", align_corners=False)
+    elif b.shape[-1] < a.shape[-1]:
+        b = nn.functional.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+    a, b = a.flatten(2).double().numpy(), b.flatten(2).double().numpy()  # (B, C, HW)
+    return np.einsum("bcn,bdn->bcd", a, b).reshape(len(a), -1) / a.shape[2]
 
 
 class HaoMoodBCNN(nn.Module):
@@ -193,10 +234,17 @@ def test_gradients_are_finite_at_zero(feature_map):
     assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
-    # Without the eps the same inputs give NaN, which is what the eps is for.
+    # What the eps is for: without it the ports' form gives NaN at 0 (0 * inf), and the authors' a slope of
+    # 1 / (2 sqrt(x)) that is unbounded next to 0; with it the slope is at most 1 / (2 sqrt(eps)) = 158.
     zero = torch.zeros(3, requires_grad=True)
-    signed_sqrt(zero, eps=0.0).sum().backward()
+    ported_sqrt(zero, eps=0.0).sum().backward()
     assert not torch.isfinite(zero.grad).all()
+    tiny = torch.full((3,), 1e-30, requires_grad=True)
+    signed_sqrt(tiny, eps=0.0).sum().backward()
+    assert (tiny.grad > 1e14).all()
+    tiny.grad = None
+    signed_sqrt(tiny, eps=1e-5).sum().backward()
+    assert torch.allclose(tiny.grad, torch.tensor(0.5 / 1e-5 ** 0.5))  # float32 rounding of 158.11
 
 
 def test_classifier_init_is_kaiming_normal():

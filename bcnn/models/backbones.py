@@ -38,6 +38,9 @@ class Backbone:
     stride: int  # input pixels per output pixel
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Its map never holds a negative value (it ends in a ReLU, or a max-pool of one): the bilinear head then keeps
+    # the public ports' sqrt(x + eps) (bcnn/models/pooling.py). False where unknown (timm), which is always safe.
+    nonnegative: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Cut:
     channels: int
     stride: int
     take: Callable[[nn.Module], nn.Module]  # the full torchvision model -> the part up to this cut
+    nonnegative: bool = True  # the part ends in a ReLU (ConvNeXt's stages end in a residual sum: False)
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,8 @@ def _densenet(channels: int) -> dict[str, Cut]:
 
 def _convnext(widths: tuple[int, int]) -> dict[str, Cut]:
     # model.features: stem, stage 1, downsample, stage 2, downsample, stage 3, downsample, stage 4.
-    return {"stage4": Cut(widths[1], 32, lambda model: model.features),
-            "stage3": Cut(widths[0], 16, lambda model: model.features[:6])}
+    return {"stage4": Cut(widths[1], 32, lambda model: model.features, nonnegative=False),
+            "stage3": Cut(widths[0], 16, lambda model: model.features[:6], nonnegative=False)}
 
 
 tv = torchvision.models
@@ -140,7 +144,7 @@ def build_backbone(name: str, weights: str, cut: str = "auto") -> Backbone:
     module = part.take(model)
     if from_file:
         _load_file(module, Path(weights), name, family)
-    return Backbone(module, part.channels, part.stride)
+    return Backbone(module, part.channels, part.stride, nonnegative=part.nonnegative)
 
 
 def _load_file(module: nn.Module, path: Path, name: str, family: Family) -> None:

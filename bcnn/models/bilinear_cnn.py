@@ -89,7 +89,8 @@ def build_model(cfg, num_classes: int) -> BilinearCNN:
         raise UserError(f"model.backbone_b={cfg.backbone_b} expects images normalised with mean {backbone_b.mean} and "
                         f"std {backbone_b.std}, model.backbone={cfg.backbone} with {backbone.mean} and {backbone.std}; "
                         "the two networks of an asymmetric B-CNN read one input: pick two that agree.")
-    pooling = build_pooling(cfg, backbone.channels, backbone_b.channels if backbone_b else None)
+    nonnegative = backbone.nonnegative and (backbone_b is None or backbone_b.nonnegative)
+    pooling = build_pooling(cfg, backbone.channels, backbone_b.channels if backbone_b else None, nonnegative)
     if pooling.output_dim > MAX_POOLED_DIM:
         raise UserError(
             f"model.pooling={cfg.pooling} on {cfg.backbone}'s {backbone.channels} channels would be a "
