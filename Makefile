@@ -39,10 +39,17 @@ CHECKPOINT ?= runs/$(RECIPE)_stage2/best.pt
 SEEDS   ?=
 # SEEDS=N: train.seed 0 .. N-1, one run directory each; stage 2 of seed k starts from stage 1 of seed k. The val
 # split (data.split_seed) stays the same, so the seeds differ in initialisation and batch order only.
-SEED_LIST = $(if $(SEEDS),$(shell seq 0 $$(( $(SEEDS) - 1 ))))
+# $(call whole,NAME,LEAST,WAY OUT): variable NAME's value when it is a whole number of at least LEAST, else one line
+# that says so (0 or "abc" must not quietly mean "not given").
+whole = $(if $(shell [ "$($(1))" -ge $(2) ] 2>/dev/null && echo yes),$($(1)),$(error $(1)=$($(1)) is not a whole \
+	number of at least $(2); $(3)))
+SEED_LIST = $(if $(SEEDS),$(shell seq 0 $$(( $(call whole,SEEDS,1,pass SEEDS=3 for three seeds or leave it out for \
+	one run) - 1 ))))
 SEEDED  = runs/$(RECIPE)_stage$(1)_seed$$seed
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
-LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS),$(PY))
+LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(call whole,GPUS,1,pass \
+	the number of GPUs to use or leave it out for one process) --max-restarts=$(call whole,RESTARTS,0,pass how \
+	often torchrun may restart a failed run),$(PY))
 
 .PHONY: venv demo test test-gpu data stage1 stage2 train eval report bench tensorboard screenshots clean
 

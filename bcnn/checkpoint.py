@@ -87,10 +87,13 @@ def _no_space(path: Path, needed: int, free: int, then: str) -> str:
             f"{free / 2**20:,.1f} MB are free; {_previous(path)}; free some space, then {then}.")
 
 
-def _read(path: Path):
+def _read(path: Path, option: str):
+    """option: the setting that named the file (--checkpoint, --resume, train.init_from), for the error to name."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give the checkpoint file in it (best.pt or last.pt).")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train first (make stage1 / make stage2) or pass "
-                        "--checkpoint.")
+        raise UserError(f"checkpoint {path} does not exist; train first (make stage1 / make stage2), or give "
+                        f"{option} a checkpoint that exists.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -111,10 +114,11 @@ def _first_line(error: Exception) -> str:
     return lines[0].rstrip(". ") if lines else type(error).__name__
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load on the CPU; refuse anything that is not plain tensors and values (no pickled code runs)."""
+def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
+    """Load on the CPU; refuse anything that is not plain tensors and values (no pickled code runs). option: the
+    command's setting that named the file, which an error names."""
     path = Path(path)
-    state = _read(path)
+    state = _read(path, option)
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"checkpoint {path} has no 'model' entry; it was not written by bcnn.train.")
     return state
@@ -124,7 +128,7 @@ def load_weights(path: str | Path) -> dict:
     """Model weights for `train.init_from`: a bcnn checkpoint, or a bare state dict, as other codebases save
     with torch.save(model.state_dict()); returned as a checkpoint dict, with only `model` for a bare one."""
     path = Path(path)
-    state = _read(path)
+    state = _read(path, "train.init_from")
     if isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values()):
         return {"model": state}
     if not isinstance(state, dict) or "model" not in state:

@@ -322,6 +322,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--config {path} is a folder; pass a YAML file, e.g. one of experiments/*.yaml.")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass one of the files in experiments/.")
         apply_dict(cfg, _read_yaml(path) or {}, str(path))

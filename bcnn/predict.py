@@ -6,7 +6,10 @@
     python -m bcnn.predict my_birds/test/                             # class folders: true classes, top-1
 
 Everything comes from the checkpoint: the model, the class names and the eval transform of the run's config
-(resize, centre crop, normalise; no bounding-box crop). No dataset and no ImageNet weights are needed.
+(resize, centre crop, normalise), and what its dataset's reader cut from every image first: FGVC-Aircraft's
+20-px banner comes off the bottom, as in training and bcnn.eval (a note on stderr says so once). A run trained
+on bounding-box crops (data.crop_to_bbox) is given whole images, since files carry no boxes: a note says that
+too; crop your images to the object for the trained model's view. No dataset and no ImageNet weights are needed.
 
 A folder with no image files at its top level, as a dataset's class-per-folder images/, train/ or test/, means
 every image below it, sorted by path; a note on stderr says so. An image whose folder names one of the
@@ -31,7 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
-from bcnn.data import REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
+from bcnn.data import READERS, REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
 from bcnn.models import build_model, input_normalisation, load_model_weights
@@ -76,15 +79,16 @@ def run(args, device: torch.device) -> list[dict]:
     classes = state["classes"]
     cfg = config_from_dict(state["config"])
     cfg.model.backbone_weights = "none"  # every weight comes from the checkpoint
-    model = build_model(cfg.model, num_classes=len(classes))
+    model = build_model(cfg.model, num_classes=len(classes), input_size=cfg.data.crop)
     load_model_weights(model, state["model"])
     model.to(device).eval()
     configure_device(device, tf32=False)  # IEEE float32 on a GPU too, as bcnn.eval's default: the same numbers
     transform = build_transforms(cfg.data, train=False, normalisation=input_normalisation(cfg.model.backbone))
+    banner = training_cut(cfg.data)
 
     results = []
     for result in predict(expand_inputs(args.images), model, transform, classes, device,
-                          topk=min(args.topk, len(classes)), batch_size=args.batch_size):
+                          topk=min(args.topk, len(classes)), batch_size=args.batch_size, banner=banner):
         results.append(result)
         if "error" in result:
             print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
@@ -157,16 +161,40 @@ def true_class_finder(classes: list[str]) -> Callable[[str], str | None]:
     return true_class
 
 
+def training_cut(data_cfg) -> int:
+    """Pixel rows the run's dataset reader cut off the bottom of every image (FGVC-Aircraft's banner), for files
+    given by hand to get the same view; notes on stderr say what is and what cannot be applied."""
+    reader = READERS.get(data_cfg.format)
+    banner = getattr(reader, "bottom_crop", 0)
+    if banner:
+        print(f"note: cutting {banner} px off the bottom of every image, as training on data.format="
+              f"{data_cfg.format} did (its copyright banner).", file=sys.stderr)
+    if data_cfg.crop_to_bbox:
+        print("note: this model was trained on bounding-box crops (data.crop_to_bbox); image files carry no boxes, "
+              "so whole images are given: crop them to the object for the view it was trained on.", file=sys.stderr)
+    return banner
+
+
+def cut_banner(image, banner: int, path: str):
+    if not banner:
+        return image
+    if image.height <= banner:
+        raise UserError(f"cannot read image {path}: it is {image.height} px high, no more than the {banner}-px "
+                        f"banner the model's training cut off; {REPLACE_IMAGE}.")
+    return image.crop((0, 0, image.width, image.height - banner))
+
+
 def predict(inputs: Iterable[tuple[str, str | None]], model: torch.nn.Module, transform, classes: list[str],
-            device: torch.device, topk: int, batch_size: int) -> Iterator[dict]:
-    """One result per input, in input order, as soon as the batch holding it has run."""
+            device: torch.device, topk: int, batch_size: int, banner: int = 0) -> Iterator[dict]:
+    """One result per input, in input order, as soon as the batch holding it has run; banner: pixel rows cut off
+    the bottom of each image first (training_cut)."""
     true_class = true_class_finder(classes)
     waiting, batch = [], []  # results not yet yielded; (result, image tensor) pairs not yet through the model
     for path, problem in inputs:
         result = {"image": path}
         if problem is None:
             try:
-                image = transform(load_rgb(path))
+                image = transform(cut_banner(load_rgb(path), banner, path))
             except UserError as error:
                 problem = _what_is_wrong(error, path)
             else:

@@ -8,6 +8,10 @@ run directory this reads what `python -m bcnn.eval` wrote beside its checkpoint 
 and eval_<checkpoint>_<split>_flip.json when evaluated with --tta flip) and its config.yaml, and prints per run
 top-1, top-5 and mean per-class accuracy, single view and flip side by side, then the mean and the sample
 standard deviation over the runs. It evaluates nothing itself, and says which runs lack an evaluation.
+
+A run directory given twice (or through a link) counts once. An evaluation of another epoch than the run's
+checkpoint now holds (best.pt was replaced after bcnn.eval ran) is refused, naming the command that renews it; one
+whose checkpoint was moved away is reported with a note that it could not be checked.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from bcnn.errors import UserError, exit_on_user_error
@@ -41,20 +46,89 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
     """One run's row: its seed and, per view, its metrics (None for a view it was not evaluated with)."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a run directory; give the folders bcnn.train wrote (runs/...).")
-    views = {}
-    for suffix, _ in VIEWS:
-        path = run_dir / f"eval_{checkpoint}_{split}{suffix}.json"
-        views[suffix] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    checkpoint_file = run_dir / f"{checkpoint}.pt"
+    evaluate = f"python -m bcnn.eval --checkpoint {checkpoint_file} --split {split}"
+    views = {suffix: read_evaluation(run_dir / f"eval_{checkpoint}_{split}{suffix}.json",
+                                     evaluate + (" --tta flip" if suffix else ""))
+             for suffix, _ in VIEWS}
     if views[""] is None and views["_flip"] is None:
-        raise UserError(f"{run_dir} has no evaluation of {checkpoint}.pt on {split}; run python -m bcnn.eval "
-                        f"--checkpoint {run_dir / (checkpoint + '.pt')} --split {split} (add --tta flip for the "
-                        "flip column) first.")
-    config_file = run_dir / "config.yaml"
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    return {"run": str(run_dir), "seed": (config.get("train") or {}).get("seed"), "config": config,
+        raise UserError(f"{run_dir} has no evaluation of {checkpoint}.pt on {split}; run {evaluate} (add --tta flip "
+                        "for the flip column) first.")
+    current = checkpoint_epoch(checkpoint_file)
+    for suffix, result in views.items():
+        if result is not None and current is not None and result.get("epoch") != current:
+            name = f"eval_{checkpoint}_{split}{suffix}.json"
+            raise UserError(f"{run_dir / name} evaluates epoch {result.get('epoch')}, but {checkpoint_file} now "
+                            f"holds epoch {current}; run {evaluate}{' --tta flip' if suffix else ''} again.")
+    if current is None:
+        print(f"note: {checkpoint_file} is not there, so {run_dir}'s evaluation could not be checked against it",
+              file=sys.stderr)
+    return {"run": str(run_dir), "seed": (read_config(run_dir).get("train") or {}).get("seed"),
+            "config": read_config(run_dir),
             "views": {suffix: {key: result[key] for key, _ in METRICS} if result else None
                       for suffix, result in views.items()},
             "images": next(result["count"] for result in views.values() if result)}
+
+
+def read_evaluation(path: Path, evaluate: str) -> dict | None:
+    """An eval JSON bcnn.eval wrote, or None when there is none; a damaged one is one sentence."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else f"not JSON: {error}"
+        raise UserError(f"{path} cannot be read ({reason}); delete it and run {evaluate} again.") from None
+    needed = ("count", "epoch", *(key for key, _ in METRICS))
+    if not isinstance(result, dict) or any(key not in result for key in needed) or not all(
+            isinstance(result[key], (int, float)) for key in ("count", *(key for key, _ in METRICS))):
+        raise UserError(f"{path} is not an evaluation bcnn.eval wrote (it needs {', '.join(needed)} with numbers); "
+                        f"delete it and run {evaluate} again.")
+    return result
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint holds, read without its tensors (memory-mapped); None when it is not there."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return state["epoch"]
+    except Exception:  # noqa: BLE001 - any damage to the file reads the same to the user
+        raise UserError(f"{path} cannot be read as a bcnn checkpoint (damaged or not one), so its evaluation cannot "
+                        "be checked against it; move it out of the run directory or train the run again.") from None
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's config.yaml as a dict of sections ({} when there is none); a damaged one is one sentence."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else "not valid YAML"
+        raise UserError(f"{path} cannot be read ({reason}); restore the config.yaml bcnn.train wrote there, or "
+                        "remove it (the table then shows no seed for this run).") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict) or not all(isinstance(values, dict) for values in config.values()):
+        raise UserError(f"{path} is not a config bcnn.train wrote (it needs sections such as train: with keys); "
+                        "restore it, or remove it (the table then shows no seed for this run).")
+    return config
+
+
+def unique_runs(runs: list[str]) -> list[Path]:
+    """The run directories in the order given, each once, however it was spelled (a link, a trailing slash)."""
+    seen, unique = set(), []
+    for run in runs:
+        key = Path(run).resolve()
+        if key in seen:
+            print(f"note: {run} was given more than once; it counts once", file=sys.stderr)
+            continue
+        seen.add(key)
+        unique.append(Path(run))
+    return unique
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -119,7 +193,7 @@ def format_table(rows: list[dict], summary: dict, split: str, checkpoint: str, d
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rows = [read_run(Path(run), args.split, args.checkpoint) for run in args.runs]
+    rows = [read_run(run, args.split, args.checkpoint) for run in unique_runs(args.runs)]
     summary, differing = summarise(rows), config_differences(rows)
     result = {"split": args.split, "checkpoint": args.checkpoint, "config_differences": differing,
               "runs": [{key: value for key, value in row.items() if key != "config"} for row in rows],

@@ -91,6 +91,19 @@ def test_a_full_bilinear_head_on_2048_channels_is_refused_with_the_ways_out():
     message = str(refused.value)
     assert "4,194,304-d vector and a 839M-parameter classifier" in message
     assert all(way in message for way in ("model.pooling=compact", "model.pooling=isqrt_cov", "model.cut"))
+    assert message.startswith("model.pooling=bilinear on model.backbone=resnet50")  # the setting, not the network
+
+
+@pytest.mark.parametrize("options, refused, way_out", [
+    ({"pooling": "compact", "compact_dim": 2**21}, "model.compact_dim=2,097,152", "model.compact_dim to at most"),
+    ({"pooling": "isqrt_cov", "isqrt_reduce_dim": 0}, "model.isqrt_reduce_dim=0", "model.isqrt_reduce_dim=256"),
+])
+def test_a_refused_head_names_its_setting_and_never_suggests_the_refused_value(options, refused, way_out):
+    with pytest.raises(UserError) as error:
+        build_model(ModelConfig(backbone="resnet50", backbone_weights="none", **options), 200)
+    message = str(error.value)
+    assert message.startswith(refused) and way_out in message
+    assert f"model.pooling={options['pooling']}" not in message  # the head it refused is no way out
 
 
 def test_unknown_backbones_and_cuts_are_one_sentence():
@@ -157,3 +170,16 @@ def test_the_resnet50_isqrt_cov_recipe_trains_and_evaluates(cub_3x13, tmp_path):
     evaluated = eval_cli.main(["--checkpoint", str(tmp_path / "best.pt"), "--split", "test", "--device", "cpu",
                                "--no-figures"])
     assert evaluated["count"] == 21
+
+
+@pytest.mark.parametrize("backbone, crop, expected", [
+    ("timm:vit_tiny_patch16_224", 64, "model.backbone=timm:vit_tiny_patch16_224 takes 224 x 224 px images only, but "
+                                      "data.crop is 64; set --data.crop=224"),
+    ("timm:resnet18", 16, "data.crop=16 is too small for model.backbone=timm:resnet18, whose feature map is 1/32 of "
+                          "the image; set data.crop to at least 32."),
+])
+def test_a_backbone_that_cannot_take_the_input_size_names_the_size_it_needs(backbone, crop, expected):
+    with pytest.raises(UserError) as error:
+        build_model(ModelConfig(backbone=backbone, backbone_weights="none", pooling="avg"), 3, input_size=crop)
+    assert str(error.value).startswith(expected)
+    build_model(ModelConfig(backbone=backbone, backbone_weights="none", pooling="avg"), 3, input_size=224)

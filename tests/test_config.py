@@ -196,3 +196,24 @@ def test_train_cli_names_the_config_file_yaml_cannot_read(tmp_path):
     assert result.stderr.splitlines() == [f"error: config file {config}, line 2, column 1: a tab, which YAML does "
                                           "not allow there (it indents with spaces only); use spaces."]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_where_a_file_belongs_and_a_file_where_a_folder_belongs_are_one_sentence(tmp_path, mini_cub):
+    from bcnn import eval as eval_cli
+    from bcnn.config import ModelConfig
+    from bcnn.models import build_model
+
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    file.write_text("x")
+    with pytest.raises(UserError, match=r"^--config .*folder is a folder; pass a YAML file"):
+        load_config(folder)
+    with pytest.raises(UserError, match=r"^model.backbone_weights .*folder is a folder; give the file in it"):
+        build_model(ModelConfig(backbone_weights=str(folder)), 3)
+    with pytest.raises(UserError, match=r"^--checkpoint .*folder is a folder; give the checkpoint file in it"):
+        eval_cli.main(["--checkpoint", str(folder), "--device", "cpu"])
+    for cache_dir, where in ((file, "is a file"), (file / "features", "lies under")):
+        with pytest.raises(UserError, match=rf"^train.cache_dir .* {where}.*; give a folder for the feature cache"):
+            train_cli.main(["--config", STAGE1, f"--data-root={mini_cub}", f"--run-dir={tmp_path / 'run'}",
+                            "--device=cpu", "--data.resize=40", "--data.crop=32", "--model.backbone_weights=none",
+                            "--train.cache_features=true", f"--train.cache_dir={cache_dir}", "--data.num_workers=0"])

@@ -288,3 +288,35 @@ def test_no_readable_input_or_a_bad_checkpoint_is_a_user_error(trained, tmp_path
     truncated.write_bytes(Path(trained["checkpoint"]).read_bytes()[:1000])
     with pytest.raises(UserError, match="cannot be read"):
         predict_cli.main([photo_paths(trained)[0], "--checkpoint", str(truncated)])
+
+
+def test_predict_cuts_the_aircraft_banner_as_training_and_eval_do(tmp_path, capsys):
+    # The probabilities of each FGVC-Aircraft test file equal the softmax of the model on what the dataset (the
+    # path training and bcnn.eval read) makes of that file: its banner cut, then the eval transform.
+    from bcnn.data import build_dataset, write_synthetic_aircraft
+
+    root = write_synthetic_aircraft(tmp_path / "data", classes=3, per_class=4, seed=0, image_size=64)
+    cfg = load_config(REPO / "experiments" / "demo_stage1.yaml", ["--data.format=aircraft", f"--data.root={root}",
+                                                                  "--data.crop=32", "--data.resize=40"])
+    test_set = build_dataset(cfg.data, "test")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(test_set.classes)).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 5)  # probabilities spread, not saturated, so another view shows
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "classes": test_set.classes,
+                     "epoch": 1, "metrics": {}}, checkpoint)
+    paths = [path for path, _ in test_set.samples]
+    results = predict_cli.main([*paths, "--checkpoint", str(checkpoint), "--json", "--topk", "3"])
+    assert capsys.readouterr().err.count("cutting 20 px off the bottom") == 1
+    for index, result in enumerate(results):
+        with torch.no_grad():
+            logits = model(test_set[index][0][None])[0]
+        expected = logits.softmax(dim=0)
+        for prediction in result["predictions"]:
+            assert abs(prediction["probability"] - expected[prediction["index"]].item()) <= (
+                2 * FORWARD_RTOL * logits.abs().max().item() + 1e-7)
+    with torch.no_grad():  # the uncut file is another view: the comparison above could tell the difference
+        whole = model(eval_transform(paths[0])[None])[0]
+        cut = model(test_set[0][0][None])[0]
+    assert (whole - cut).abs().max() > 10 * 2 * FORWARD_RTOL * cut.abs().max(), (whole, cut)

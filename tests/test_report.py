@@ -113,3 +113,64 @@ def test_make_trains_evaluates_and_reports_each_seed_in_its_own_run_directory():
                                                                       for seed in range(3))]
     assert make("stage1") == ["-m bcnn.train --config experiments/cub_vgg16_stage1.yaml --data-root "
                               "data/CUB_200_2011 --device auto"]
+
+
+def test_a_run_given_twice_counts_once(runs, capsys):
+    result = report.main([str(runs / "seed0"), str(runs / "seed1"), str(runs / "seed0") + "/", "--json"])
+    assert [row["seed"] for row in result["runs"]] == [0, 1] and result["summary"]["top1"]["n"] == 2
+    assert "given more than once; it counts once" in capsys.readouterr().err
+
+
+def test_an_evaluation_of_an_older_best_pt_is_refused_with_the_command_that_renews_it(runs, tmp_path):
+    run = shutil.copytree(runs / "seed0", tmp_path / "seed0")
+    path = run / "eval_best_test_flip.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["epoch"] -= 1  # what a best.pt replaced after bcnn.eval ran leaves behind
+    path.write_text(json.dumps(evaluation))
+    with pytest.raises(UserError, match=r"eval_best_test_flip.json evaluates epoch 0, but .*best.pt now holds epoch "
+                                        r"1; run python -m bcnn.eval --checkpoint .*best.pt --split test --tta flip "
+                                        r"again\.$"):
+        report.main([str(run)])
+
+
+def test_evaluations_whose_checkpoint_moved_away_are_reported_with_a_note(runs, tmp_path, capsys):
+    run = tmp_path / "kept"
+    run.mkdir()
+    for name in ("eval_best_test.json", "config.yaml"):
+        shutil.copy(runs / "seed0" / name, run / name)
+    result = report.main([str(run), "--json"])
+    assert result["runs"][0]["seed"] == 0
+    assert "could not be checked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("eval_best_test.json", b'{"top1": 3', "cannot be read (not JSON"),
+    ("eval_best_test.json", b"\xff\xfe{}", "cannot be read (not UTF-8)"),
+    ("eval_best_test.json", b"[1, 2]", "is not an evaluation bcnn.eval wrote"),
+    ("eval_best_test.json", b'{"top1": 1, "top5": 2, "mean_class_acc": 3, "epoch": 1}', "needs count, epoch"),
+    ("config.yaml", b"train: {seed: [", "cannot be read (not valid YAML)"),
+    ("config.yaml", b"\xff\xfetrain: 1", "cannot be read (not UTF-8)"),
+    ("config.yaml", b"- a list\n", "is not a config bcnn.train wrote"),
+    ("config.yaml", b"train: 3\n", "is not a config bcnn.train wrote"),
+    ("best.pt", b"PK\x03\x04 truncated", "cannot be read as a bcnn checkpoint"),
+])
+def test_a_damaged_file_of_a_run_is_one_sentence(runs, tmp_path, name, content, expected):
+    run = tmp_path / "run"
+    run.mkdir()
+    for kept in ("eval_best_test.json", "config.yaml"):
+        shutil.copy(runs / "seed0" / kept, run / kept)
+    (run / name).write_bytes(content)
+    # In-process (the CLI prints a UserError as its one line: tests/test_config.py runs that path).
+    with pytest.raises(UserError) as error:
+        report.main([str(run)])
+    assert expected in str(error.value) and str(name) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("variables", [["SEEDS=0"], ["SEEDS=three"], ["SEEDS=-2"], ["GPUS=0"],
+                                       ["GPUS=2", "RESTARTS=x"]])
+def test_make_refuses_a_count_that_is_not_a_whole_number_instead_of_training_nothing(variables):
+    result = subprocess.run(["make", "-s", "stage1", "stage2", "eval", *variables, "PY=echo"], cwd=REPO,
+                            capture_output=True, text=True)
+    name = variables[-1].split("=")[0]
+    assert result.returncode != 0 and result.stdout == "", result.stdout  # nothing ran
+    assert f"{variables[-1]} is not a whole number of at least" in result.stderr and name in result.stderr

@@ -41,6 +41,19 @@ class Backbone:
     # Its map never holds a negative value (it ends in a ReLU, or a max-pool of one): the bilinear head then keeps
     # the public ports' sqrt(x + eps) (bcnn/models/pooling.py). False where unknown (timm), which is always safe.
     nonnegative: bool = False
+    fixed_size: int | None = None  # the only input side it takes (a timm ViT's patch grid), or None: any from stride
+
+
+def input_size_problem(name: str, backbone: Backbone, crop: int) -> str | None:
+    """Why backbone `name` cannot take data.crop x data.crop images, naming the size it needs; None when it can."""
+    if backbone.fixed_size is not None and crop != backbone.fixed_size:
+        size = backbone.fixed_size
+        return (f"model.backbone={name} takes {size} x {size} px images only, but data.crop is {crop}; set "
+                f"--data.crop={size} (and --data.resize to at least {size}).")
+    if crop < backbone.stride:
+        return (f"data.crop={crop} is too small for model.backbone={name}, whose feature map is 1/{backbone.stride} "
+                f"of the image; set data.crop to at least {backbone.stride}.")
+    return None
 
 
 @dataclass(frozen=True)
@@ -214,7 +227,8 @@ def _timm_backbone(name: str, weights: str) -> Backbone:
         options["pretrained"] = True
     elif weights != "none":
         if not Path(weights).is_file():
-            raise UserError(f"model.backbone_weights file {weights} does not exist; give a timm state dict of "
+            problem = "is a folder" if Path(weights).is_dir() else "does not exist"
+            raise UserError(f"model.backbone_weights {weights} {problem}; give the file of a timm state dict of "
                             f"{name}, or use imagenet or none.")
         options.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
     try:
@@ -228,8 +242,9 @@ def _timm_backbone(name: str, weights: str) -> Backbone:
     info = network.feature_info
     config = network.pretrained_cfg
     mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    fixed = config.get("input_size", (0, 0, 0))[-1] if config.get("fixed_input_size") else None
     return Backbone(_LastFeatureMap(network), channels=info.channels()[-1], stride=info.reduction()[-1], mean=mean,
-                    std=std)
+                    std=std, fixed_size=fixed)
 
 
 def vgg16_features(cut: str = "relu5_3", weights: str = "none") -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bcnn.errors import UserError
-from bcnn.models.backbones import build_backbone
+from bcnn.models.backbones import build_backbone, input_size_problem
 from bcnn.models.pooling import Pooling, build_pooling
 
 
@@ -80,11 +80,15 @@ class BilinearCNN(nn.Module):
         return groups
 
 
-def build_model(cfg, num_classes: int) -> BilinearCNN:
+def build_model(cfg, num_classes: int, input_size: int | None = None) -> BilinearCNN:
     """The model the config describes (cfg: bcnn.config.ModelConfig); its backbone(s) frozen when
-    cfg.freeze_backbone (stage 1)."""
+    cfg.freeze_backbone (stage 1). input_size: data.crop, refused in one sentence when a backbone cannot take it."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.cut)
     backbone_b = build_backbone(cfg.backbone_b, cfg.backbone_b_weights, cfg.cut) if cfg.backbone_b else None
+    for name, built in ((cfg.backbone, backbone), (cfg.backbone_b, backbone_b)):
+        problem = built and input_size and input_size_problem(name, built, input_size)
+        if problem:
+            raise UserError(problem)
     if backbone_b is not None and (backbone_b.mean, backbone_b.std) != (backbone.mean, backbone.std):
         raise UserError(f"model.backbone_b={cfg.backbone_b} expects images normalised with mean {backbone_b.mean} and "
                         f"std {backbone_b.std}, model.backbone={cfg.backbone} with {backbone.mean} and {backbone.std}; "
@@ -92,12 +96,23 @@ def build_model(cfg, num_classes: int) -> BilinearCNN:
     nonnegative = backbone.nonnegative and (backbone_b is None or backbone_b.nonnegative)
     pooling = build_pooling(cfg, backbone.channels, backbone_b.channels if backbone_b else None, nonnegative)
     if pooling.output_dim > MAX_POOLED_DIM:
-        raise UserError(
-            f"model.pooling={cfg.pooling} on {cfg.backbone}'s {backbone.channels} channels would be a "
-            f"{pooling.output_dim:,}-d vector and a {pooling.output_dim * num_classes / 1e6:,.0f}M-parameter "
-            f"classifier; use model.pooling=compact (a {cfg.compact_dim:,}-d sketch), model.pooling=isqrt_cov with "
-            "its 1x1 reduction (model.isqrt_reduce_dim=256), or a cut with fewer channels (model.cut).")
+        raise UserError(too_large(cfg, backbone.channels, pooling.output_dim, num_classes))
     model = BilinearCNN(backbone.module, pooling, num_classes, backbone_b.module if backbone_b else None)
     if cfg.freeze_backbone:
         model.freeze_backbone()
     return model
+
+
+def too_large(cfg, channels: int, output_dim: int, num_classes: int) -> str:
+    """Why a head's vector is refused, naming the setting that made it so and a way out that is not that setting."""
+    size = f"a {output_dim:,}-d vector and a {output_dim * num_classes / 1e6:,.0f}M-parameter classifier"
+    if cfg.pooling == "compact":
+        return (f"model.compact_dim={cfg.compact_dim:,} would make {size}; set model.compact_dim to at most "
+                f"{MAX_POOLED_DIM:,} (8192 is the paper's).")
+    if cfg.pooling == "isqrt_cov":
+        return (f"model.isqrt_reduce_dim={cfg.isqrt_reduce_dim} leaves model.backbone={cfg.backbone}'s {channels} "
+                f"channels unreduced: {size}; set model.isqrt_reduce_dim=256, as iSQRT-COV does.")
+    return (f"model.pooling={cfg.pooling} on model.backbone={cfg.backbone} ({channels} channels at model.cut="
+            f"{cfg.cut}) would make {size}; use model.pooling=compact (a {cfg.compact_dim:,}-d sketch), "
+            "model.pooling=isqrt_cov (its 1x1 reduction to 256 channels), or a model.cut with fewer channels.")
+

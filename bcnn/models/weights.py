@@ -30,6 +30,9 @@ def read_backbone_file(path: Path, name: str, prefix: str) -> dict:
     """A backbone's weights file, its keys as the cut part names them: a whole torchvision model's state dict has
     its `prefix` stripped (VGG's "features."), keys of the rest (the classifier) are left for the caller to drop."""
     what = backbone_file_format(name, prefix)
+    if path.is_dir():
+        raise UserError(f"model.backbone_weights {path} is a folder; give the file in it that holds {what}, or use "
+                        "imagenet or none.")
     if not path.is_file():
         raise UserError(f"model.backbone_weights file {path} does not exist; give {what}, or use imagenet or none.")
     try:
