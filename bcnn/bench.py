@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 from bcnn import distributed
 from bcnn.config import Config, DataConfig, ModelConfig
 from bcnn.data import build_dataset, build_loader, default_num_workers, write_synthetic_cub
+from bcnn.data.loader import worker_errors
 from bcnn.engine import TrainingDiverged, train_one_epoch
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.models import BilinearCNN
@@ -118,9 +119,9 @@ def parse_args(argv):
     parser.add_argument("--classes", type=int, default=200, help="classifier outputs (default: 200, CUB's)")
     parser.add_argument("--num-workers", type=int,
                         help="loader worker processes (default: data.num_workers's default for this machine)")
-    parser.add_argument("--cache-image-size", type=int, default=448,
+    parser.add_argument("--cache-image-size", type=int,
                         help="input side of the cached-vs-live stage 1 epochs (default: 448, the recipe's)")
-    parser.add_argument("--cache-batch-size", type=int, default=64,
+    parser.add_argument("--cache-batch-size", type=int,
                         help="batch of the cached-vs-live stage 1 epochs, and their number of train images "
                         "(default: 64, the recipe's batch: the live epoch is one step)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON and nothing else")
@@ -131,27 +132,42 @@ def parse_args(argv):
     recipe.add_argument("--recipe-images", type=int,
                         help="train images to generate (default: CUB's 5,394 on CUDA, 48 on a CPU); val and test "
                         "in the recipe's proportions")
-    recipe.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+    recipe.add_argument("--decode", choices=("auto", "cpu", "gpu"),
                         help="data.decode for the recipe's loaders (default: auto, batched on a GPU)")
-    recipe.add_argument("--photo-side", type=int, default=0,
+    recipe.add_argument("--photo-side", type=int,
                         help="height of the generated photos (default 0: 500 x 375, CUB's typical size)")
     return parser.parse_args(argv)
 
 
+RECIPE_ONLY = ("recipe_images", "decode", "photo_side")  # options of --recipe alone
+STEPS_ONLY = ("cache_image_size", "cache_batch_size")  # options of the step benchmark alone
+
+
+def check_combination(args) -> None:
+    """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
+    ignored = [name for name in (STEPS_ONLY if args.recipe else RECIPE_ONLY) if getattr(args, name) is not None]
+    if ignored:
+        options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
+        raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply "
+                        f"{'with' if args.recipe else 'without'} --recipe; "
+                        f"{'drop --recipe' if args.recipe else 'add --recipe'} or leave {options} out.")
+
+
 def resolve_settings(args) -> Settings:
+    check_combination(args)
     device = distributed.setup(args.device).device
     cuda = device.type == "cuda"
     settings = Settings(
         device=device,
-        image_size=args.image_size or (448 if cuda else 224),
-        batch_size=args.batch_size or (64 if cuda else 8),
+        image_size=args.image_size if args.image_size is not None else (448 if cuda else 224),
+        batch_size=args.batch_size if args.batch_size is not None else (64 if cuda else 8),
         precision=resolve_precision(args.precision, device),
         steps=args.steps if args.steps is not None else (20 if cuda else 3),
         warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
         classes=args.classes,
         num_workers=args.num_workers if args.num_workers is not None else default_workers(),
-        cache_image_size=args.cache_image_size,
-        cache_batch_size=args.cache_batch_size,
+        cache_image_size=args.cache_image_size if args.cache_image_size is not None else 448,
+        cache_batch_size=args.cache_batch_size if args.cache_batch_size is not None else 64,
     )
     for name, least in (("image_size", 32), ("batch_size", 1), ("steps", 1), ("warmup", 0), ("classes", 2),
                         ("num_workers", 0), ("cache_image_size", 32), ("cache_batch_size", 2)):
@@ -492,6 +508,7 @@ def measure_loader(settings: Settings, data_root: Path) -> dict:
                           pin_memory=settings.device.type == "cuda")
     probe.ready()
 
+    @worker_errors()
     def read_epoch(loader, _epoch):
         for images, _targets in loader:
             images.to(settings.device, non_blocking=True)
@@ -761,10 +778,12 @@ def main(argv=None) -> dict:
     # With --json, stdout carries the JSON alone: anything else printed on the way goes to stderr.
     if args.recipe:
         from bcnn import bench_recipe  # it imports this module
-        images = args.recipe_images or (bench_recipe.CUB_IMAGES["train"] if settings.device.type == "cuda" else 48)
-        bench_recipe.check_recipe_arguments(images, args.photo_side)
+        images = args.recipe_images if args.recipe_images is not None else (
+            bench_recipe.CUB_IMAGES["train"] if settings.device.type == "cuda" else 48)
+        photo_side = args.photo_side if args.photo_side is not None else 0
+        bench_recipe.check_recipe_arguments(images, photo_side)
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = bench_recipe.run_recipe(settings, images, args.decode, args.photo_side)
+            result = bench_recipe.run_recipe(settings, images, args.decode or "auto", photo_side)
         print(json.dumps(result, indent=2) if args.json else bench_recipe.format_recipe(result))
         return result
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

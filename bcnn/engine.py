@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bcnn.data.loader import worker_errors
 from bcnn.distributed import all_reduce_
 from bcnn.precision import autocast
 from bcnn.errors import UserError
@@ -80,6 +81,7 @@ def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
 
 
+@worker_errors()
 def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps: int = 1, scaler=None,
                     meter: EpochMeter | None = None, first_step: int = 0, after_step=None, on_report=None,
                     log_every: int = 20, diverged_hint: str = "", precision: str = "fp32",
@@ -153,6 +155,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             "seconds": seconds, "images_per_sec": (totals["seen"] - at_start["seen"]) / seconds}
 
 
+@worker_errors()
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusion: bool = False,
              precision: str = "fp32", channels_last: bool = False) -> dict:

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from bcnn.config import DataConfig
 from bcnn.data import DeviceDecodeLoader, build_loader, decode_on_device
+from bcnn.data.loader import worker_errors
 from bcnn.sampling import ShardSampler, TrainSampler
 from bcnn.distributed import barrier, unwrap
 from bcnn.errors import UserError
@@ -215,6 +216,15 @@ def _check_arguments(dataset, views: tuple[str, ...], precision: str) -> None:
         raise ValueError(f"feature caches need the eval transform, but the dataset's has {random_steps}")
 
 
+def _check_cache_root(root: Path) -> None:
+    """Every rank, before any work: the cache folder (or the nearest part of it that exists) must be a folder."""
+    existing = next((path for path in (root, *root.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == root else f"lies under {existing}, which is a file"
+        raise UserError(f"train.cache_dir {root} {where}; give a folder for the feature cache (the default is "
+                        "cache/features).")
+
+
 def _is_complete(folder: Path, key: str, shape: tuple[int, int]) -> bool:
     """A folder named after the key holds a finished cache of the expected shape (not a hand-edited one)."""
     try:
@@ -262,6 +272,7 @@ def _plan(final: Path, key: str, shape: tuple[int, int]) -> dict:
     return {"reuse": False, "tmp": str(final.parent / f"{key}.tmp-{secrets.token_hex(4)}")}
 
 
+@worker_errors()
 @torch.no_grad()
 def _compute_rows(model, dataset, views, features: np.memmap, device, precision, batch_size, num_workers, rank,
                   world_size, batched_cfg: DataConfig | None = None) -> None:
@@ -332,6 +343,7 @@ def build_feature_cache(model, dataset, views: tuple[str, ...], cache_root: str 
     views = tuple(views)
     batched = data_cfg is not None and decode_on_device(data_cfg, device)
     _check_arguments(dataset, views, precision)
+    _check_cache_root(Path(cache_root))
     model = unwrap(model)
     if not (model.backbone_frozen and model.pooling.cacheable):
         raise UserError("the feature cache needs a frozen backbone and a pooling head without trainable layers; "

@@ -99,7 +99,9 @@ def test_fp16_on_the_cpu_is_refused_before_any_work():
 def test_the_recipe_bench_times_each_part_and_projects_cubs_size(tmp_path):
     """`--recipe` at a toy size: photo-like JPEGs in the CUB layout, each part of the recipe timed, and the
     projection to CUB's counts recomputed here from the rates it reports."""
-    result = json.loads(run_bench([*TOY, "--num-workers", "0", "--recipe", "--recipe-images", "8", "--photo-side",
+    steps_only = {"--cache-image-size", "--cache-batch-size"}  # refused with --recipe, which does not use them
+    toy = [arg for i, arg in enumerate(TOY) if arg not in steps_only and (i == 0 or TOY[i - 1] not in steps_only)]
+    result = json.loads(run_bench([*toy, "--recipe", "--recipe-images", "8", "--photo-side",
                                    "40", "--decode", "gpu", "--json"]))
     assert result["decode"] == "batched on cpu"
     data = result["data"]
@@ -124,3 +126,17 @@ def test_photo_like_images_compress_like_photos(tmp_path):
     from bcnn.bench_recipe import write_photo_cub
     _, mean_kb = write_photo_cub(tmp_path / "cub", trainval=4, test=2)
     assert 40 <= mean_kb <= 65  # CUB's photos: about 500 x 375 and 45 KB; the stripes of `synth` are a few KB
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--image-size", "0"], "--image-size must be at least 32, got 0."),  # 0 is a value, not "the default"
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0."),
+    (["--recipe", "--recipe-images", "0"], "--recipe-images must be at least 4"),
+    (["--photo-side", "200"], "--photo-side does not apply without --recipe; add --recipe or leave --photo-side out."),
+    (["--decode", "gpu", "--recipe-images", "8"], "--recipe-images and --decode do not apply without --recipe"),
+    (["--recipe", "--cache-batch-size", "8"], "--cache-batch-size does not apply with --recipe; drop --recipe"),
+])
+def test_bench_options_out_of_range_or_combined_badly_are_one_sentence_before_any_work(argv, expected):
+    with pytest.raises(UserError) as error:
+        bench.main(["--device", "cpu", *argv])
+    assert expected in str(error.value) and "\n" not in str(error.value)

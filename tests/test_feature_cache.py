@@ -56,9 +56,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def cache(model, train_set, tmp_path_factory):
-    """Both views of the train split, fp32, built in batches of 4 (a partial last batch): shared, read-only."""
+    """Both views of the train split, fp32, built in batches of 4 (a partial last batch) read by a loader worker:
+    shared, read-only."""
     return build_feature_cache(model, train_set, ("center", "flip"), tmp_path_factory.mktemp("cache"), CPU,
-                               batch_size=4)
+                               batch_size=4, num_workers=1)
 
 
 def eval_images(dataset) -> torch.Tensor:
@@ -265,7 +266,7 @@ def test_rows_held_in_device_memory_give_the_data_loaders_batches(cache):
 
 
 def test_a_cache_built_from_batched_decoding_has_its_own_key_and_close_rows(model, train_set, cache, cub, tmp_path):
-    batched = build_feature_cache(model, train_set, ("center", "flip"), tmp_path, CPU,
+    batched = build_feature_cache(model, train_set, ("center", "flip"), tmp_path, CPU, num_workers=1,
                                   data_cfg=data_config(cub, decode="gpu"))
     assert batched.folder.name != cache.folder.name  # PIL's rounding and torch's: another key
     # Inputs within one grey level of each other (tests/test_gpu_decode.py): the unit-norm rows (elements up to

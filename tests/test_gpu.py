@@ -183,10 +183,10 @@ def test_nvjpeg_batches_match_the_pil_path(data):
     from bcnn.data import build_dataset, build_loader
     from bcnn.data.gpu import DeviceDecodeLoader
 
-    cfg = DataConfig(root=str(data), resize=72, crop=64, val_fraction=0.0, num_workers=0)
+    cfg = DataConfig(root=str(data), resize=72, crop=64, val_fraction=0.0, num_workers=1)
     dataset = build_dataset(cfg, "trainval")
-    reference = build_loader(dataset, 8, True, num_workers=0, seed=1)
-    batched = DeviceDecodeLoader(dataset, cfg, 8, True, num_workers=0, seed=1, device=CUDA)
+    reference = build_loader(dataset, 8, True, num_workers=1, seed=1)
+    batched = DeviceDecodeLoader(dataset, cfg, 8, True, num_workers=1, seed=1, device=CUDA)
     reference.sampler.set_epoch(1)
     batched.sampler.set_epoch(1)
     std = torch.tensor(dataset.normalisation[1]).view(1, 3, 1, 1) * 255

@@ -40,11 +40,11 @@ def grey_levels(batch: torch.Tensor, normalisation) -> torch.Tensor:
     ("cub", True, False), ("cub", False, False), ("cub", True, True), ("aircraft", True, False)],
     ids=["cub-train", "cub-eval", "cub-boxes", "aircraft-train"])
 def test_batches_match_the_pil_path(photos, name, train, crop_to_bbox):
-    cfg = DataConfig(format=name, root=str(photos[name]), resize=112, crop=96, val_fraction=0.0, num_workers=0,
+    cfg = DataConfig(format=name, root=str(photos[name]), resize=112, crop=96, val_fraction=0.0, num_workers=1,
                      crop_to_bbox=crop_to_bbox)
     dataset = build_dataset(cfg, "trainval", train_transform=train)
-    reference = build_loader(dataset, 5, train, num_workers=0, seed=3)
-    batched = DeviceDecodeLoader(dataset, cfg, 5, train, num_workers=0, seed=3, device=torch.device("cpu"))
+    reference = build_loader(dataset, 5, train, num_workers=1, seed=3)
+    batched = DeviceDecodeLoader(dataset, cfg, 5, train, num_workers=1, seed=3, device=torch.device("cpu"))
     assert len(batched) == len(reference) and batched.batch_size == 5
     for loader in (reference, batched):
         if train:
@@ -87,11 +87,13 @@ def test_files_the_decoder_refuses_are_decoded_by_pil_and_named_once(photos, tmp
         for label in ("a", "b"):
             (root / split / label).mkdir(parents=True)
             for k in range(2):
-                pixels = np.full((40, 50, 3), 60 * k + (100 if label == "b" else 0), dtype=np.uint8)
+                # Every file its own colour: the reader refuses a test image that is also a train image.
+                pixels = np.full((40, 50, 3), 60 * k + (100 if label == "b" else 0) + (20 if split == "test" else 0),
+                                 dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / label / f"{k}.png")  # PNG: decode_jpeg refuses it
-    cfg = DataConfig(format="folder", root=str(root), resize=40, crop=32, val_fraction=0.0, num_workers=0)
+    cfg = DataConfig(format="folder", root=str(root), resize=40, crop=32, val_fraction=0.0, num_workers=1)
     dataset = build_dataset(cfg, "test", train_transform=False)
-    batched = DeviceDecodeLoader(dataset, cfg, 4, False, num_workers=0, seed=0, device=torch.device("cpu"))
+    batched = DeviceDecodeLoader(dataset, cfg, 4, False, num_workers=1, seed=0, device=torch.device("cpu"))
     with caplog.at_level(logging.INFO, logger="bcnn"):
         for _ in range(2):
             [(images, _)] = list(batched)
@@ -116,12 +118,16 @@ def test_training_on_batched_decode_follows_the_pil_path(cub_3x13, tmp_path):
     for decode in ("cpu", "gpu"):
         results[decode] = train_cli.main([
             "--config", STAGE1, f"--data-root={cub_3x13}", f"--run-dir={tmp_path / decode}", "--device=cpu",
-            "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
+            "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=1",
             "--model.backbone_weights=none", "--train.batch_size=4", "--train.epochs=2", "--train.log_every=0",
             "--train.precision=fp32", f"--data.decode={decode}"])
     assert "images decoded and augmented in batches on cpu" in (tmp_path / "gpu" / "train.log").read_text()
     for key in ("train_loss", "val_loss"):
         assert results["gpu"][key] == pytest.approx(results["cpu"][key], rel=1e-4)
-    evaluated = eval_cli.main(["--checkpoint", str(tmp_path / "gpu" / "best.pt"), "--split", "val", "--device", "cpu",
-                               "--no-figures"])
-    assert evaluated["count"] == results["gpu"]["val_count"]
+    # bcnn.eval of a checkpoint trained with data.decode=gpu: the same numbers with a worker as without
+    in_workers, alone = (eval_cli.main(["--checkpoint", str(tmp_path / "gpu" / "best.pt"), "--split", "val",
+                                        "--device", "cpu", "--no-figures", "--num-workers", workers,
+                                        "--output", str(tmp_path / f"eval_{workers}_workers.json")])
+                         for workers in ("1", "0"))
+    assert in_workers["count"] == results["gpu"]["val_count"]
+    assert [in_workers[key] for key in ("top1", "top5", "loss")] == [alone[key] for key in ("top1", "top5", "loss")]

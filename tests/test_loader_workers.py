@@ -1,0 +1,118 @@
+"""Loaders with workers on, as users run them: every loader path (train, val and eval, on either decode path, and
+the feature cache's build) gives the batches it gives without workers, bit for bit, and a worker that dies or
+stalls ends the command with one sentence instead of a traceback or a wait for ever."""
+
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import get_worker_info
+
+from bcnn import train as train_cli
+from bcnn.config import DataConfig, ModelConfig
+from bcnn.data import build_dataset, build_image_loader, write_synthetic_cub
+from bcnn.data.dataset import _ImageDataset
+from bcnn.data.gpu import EncodedFiles
+from bcnn.errors import exit_on_user_error
+from bcnn.feature_cache import build_feature_cache
+from bcnn.models import build_model
+from helpers.runs import STAGE1
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    """3 classes x 5 images: 8 train, 2 val, 5 test; batches of 4 leave a partial last batch in each."""
+    return write_synthetic_cub(tmp_path_factory.mktemp("workers") / "cub", classes=3, per_class=5, seed=1)
+
+
+def data_config(cub, decode: str) -> DataConfig:
+    return DataConfig(root=str(cub), resize=40, crop=32, val_fraction=0.2, decode=decode)
+
+
+def epochs_of_batches(cfg: DataConfig, dataset, train: bool, num_workers: int) -> list:
+    """Two epochs of the loader a run builds, read as the engine reads it: the workers persist between them."""
+    loader = build_image_loader(cfg, dataset, 4, train, seed=3, device=CPU, num_workers=num_workers)
+    batches = []
+    for epoch in (1, 2):
+        if train:
+            loader.sampler.set_epoch(epoch)
+        batches += list(loader)
+    return batches
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"], ids=["decode-cpu", "decode-gpu"])  # id "gpu" marks CUDA tests
+def test_workers_give_the_batches_the_main_process_gives(cub, decode):
+    cfg = data_config(cub, decode)
+    for split, train in (("train", True), ("val", False), ("test", False)):
+        dataset = build_dataset(cfg, split)
+        alone, in_workers = (epochs_of_batches(cfg, dataset, train, workers) for workers in (0, 2))
+        assert len(alone) == len(in_workers) == 2 * -(-len(dataset) // 4)
+        for (images, labels), (expected, expected_labels) in zip(in_workers, alone):
+            assert torch.equal(images, expected) and torch.equal(labels, expected_labels)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"], ids=["decode-cpu", "decode-gpu"])  # id "gpu" marks CUDA tests
+def test_a_feature_cache_built_in_workers_is_the_one_built_without(cub, decode, tmp_path):
+    cfg = data_config(cub, decode)
+    views = build_dataset(cfg, "train", train_transform=False)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone_weights="none"), 3)
+    caches = [build_feature_cache(model, views, ("center", "flip"), tmp_path / str(workers), CPU, batch_size=4,
+                                  num_workers=workers, data_cfg=cfg) for workers in (0, 1)]
+    assert np.array_equal(caches[0].features, caches[1].features)
+
+
+def run_train(cub, run_dir, *extra) -> None:
+    """`python -m bcnn.train` in this process (its loader workers are forked from it, patches included), which
+    must exit with status 2."""
+    command = exit_on_user_error(train_cli.main)
+    with pytest.raises(SystemExit) as stop:
+        command(["--config", STAGE1, f"--data-root={cub}", f"--run-dir={run_dir}", "--device=cpu", "--data.resize=40",
+                 "--data.crop=32", "--data.val_fraction=0.2", "--data.num_workers=1", "--model.backbone_weights=none",
+                 "--train.batch_size=4", "--train.epochs=1", "--train.log_every=0", "--train.precision=fp32",
+                 f"--train.cache_dir={run_dir.parent / 'cache'}", *extra])
+    assert stop.value.code == 2
+
+
+@pytest.mark.parametrize("path, dataset, options", [
+    ("live training, decode gpu", EncodedFiles, ["--data.decode=gpu"]),
+    ("feature cache build", _ImageDataset, ["--train.cache_features=true"])], ids=["live-gpu", "cache"])
+def test_a_worker_that_dies_ends_the_run_with_one_sentence(cub, tmp_path, monkeypatch, capsys, path, dataset, options):
+    read = dataset.__getitem__
+
+    def die_in_a_worker(self, item):
+        if get_worker_info() is not None:
+            os._exit(3)  # as a crash in a C library, or the out-of-memory killer, ends a worker: no exception
+        return read(self, item)
+
+    monkeypatch.setattr(dataset, "__getitem__", die_in_a_worker)
+    start = time.perf_counter()
+    run_train(cub, tmp_path / "run", *options)
+    assert time.perf_counter() - start < 60
+    # torch names the exit code when its SIGCHLD handler sees the worker go first, not when the main process does
+    assert re.fullmatch(r"error: a data loader worker \(pid \d+\) exited unexpectedly( with exit code 3)?; lower "
+                        r"data.num_workers \(--num-workers in bcnn.eval and bcnn.bench\), or set it to 0 to see any "
+                        r"error in the main process.\n", capsys.readouterr().err)
+
+
+def test_a_worker_that_stalls_ends_the_run_after_the_timeout(cub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("bcnn.data.loader.WORKER_TIMEOUT_S", 1)
+    read = _ImageDataset.__getitem__
+
+    def stall_in_validation(self, item):
+        if not isinstance(item, tuple):  # val and eval loaders ask for plain indices, TrainSampler for pairs
+            time.sleep(3)  # past the timeout, as a read from a dead network disk; short, as the test waits for it
+        return read(self, item)
+
+    monkeypatch.setattr(_ImageDataset, "__getitem__", stall_in_validation)
+    run_train(cub, tmp_path / "run")
+    error = capsys.readouterr().err
+    assert error == ("error: no batch came from the data loader workers in 1 s (a worker stalled reading the data or "
+                     "could not send its batch); check that the data folder's disk responds, or lower "
+                     "data.num_workers (--num-workers in bcnn.eval and bcnn.bench), or set it to 0 to see any error "
+                     "in the main process.\n")
