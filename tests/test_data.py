@@ -155,10 +155,12 @@ def delete_first_image(root: Path) -> Path:
 
 
 CORRUPTIONS = {  # problem: (corrupt the copy and return the root to open, what the error must say)
-    "missing root": (lambda root: shutil.rmtree(root) or root, r"CUB-200-2011 folder .* does not exist; run `make"),
-    "parent folder passed": (lambda root: root.parent, r"one level down; pass --data-root .*CUB_200_2011"),
+    "missing root": (lambda root: shutil.rmtree(root) or root,
+                     r"CUB-200-2011 folder .* does not exist; check the path or fetch the dataset with "
+                     r"`python -m bcnn.data download --root .*`\.$"),
+    "parent folder passed": (lambda root: root.parent, r"one level down; use .*CUB_200_2011\.$"),
     "missing images.txt": (lambda root: (root / "images.txt").unlink() or root, r"images\.txt is missing"),
-    "missing images folder": (lambda root: shutil.rmtree(root / "images") or root, r"images does not exist"),
+    "missing images folder": (lambda root: shutil.rmtree(root / "images") or root, r"images is not a folder"),
     "missing image file": (delete_first_image,
                            r"1 of 60 images listed in images\.txt are missing, the first is .*_0001"),
     "ids disagree": (lambda root: edit_line(root, "image_class_labels.txt", 7, "99 2"),
@@ -172,7 +174,8 @@ CORRUPTIONS = {  # problem: (corrupt the copy and return the root to open, what 
     "duplicate id": (lambda root: edit_line(root, "images.txt", 2, "1 x.jpg"), r"id 1 appears twice .*\(line 2\)"),
     "unknown class": (lambda root: edit_line(root, "image_class_labels.txt", 1, "1 9"), r"class id 9, not in classes"),
     "not UTF-8": (lambda root: edit_line(root, "classes.txt", 3, "3 003.Mésange_charbonnière", encoding="latin-1"),
-                  r"line 3 of .*classes\.txt is not UTF-8 text; re-extract .*, saving it as UTF-8\.$"),
+                  r"line 3 of .*classes\.txt is not UTF-8 text, the encoding bcnn reads; fix the file or re-extract "
+                  r"CUB_200_2011\.tgz\.$"),
 }
 
 
@@ -229,8 +232,8 @@ def test_a_class_without_training_images_is_refused_for_training_only(writable_c
             CUB200(writable_cub, split, val_fraction=0.25)
         assert str(error.value) == (
             f"the {split} split of {writable_cub} has no images of class 'Synthetic Class 3', which the model could "
-            "never learn; re-extract CUB_200_2011.tgz (delete the folder and run `make data`) or fix the file: "
-            "every class needs images marked 1 (train) in train_test_split.txt.")
+            "never learn; mark images of every class 1 (train) in train_test_split.txt, or re-extract "
+            "CUB_200_2011.tgz.")
     assert 2 in CUB200(writable_cub, "test").targets and 2 not in CUB200(writable_cub, "val", 0.25).targets
     assert 3 not in CUB200(writable_cub, "test").targets
     result = run_train(writable_cub, tmp_path / "run")
@@ -261,6 +264,28 @@ def test_folder_dataset_rejects_mismatched_classes(mini_folder):
     shutil.rmtree(mini_folder / "test")
     with pytest.raises(UserError, match=r"test does not exist"):
         FolderDataset(mini_folder, "train")
+
+
+def test_a_folder_image_in_both_train_and_test_is_refused(mini_folder):
+    """The same image twice: a copy under its own name (any class), or a link under any name. A file that only
+    shares a name with a train image is another image: many layouts number every folder from 1."""
+    def verify():
+        data_cli_main(["verify", "--root", str(mini_folder), "--format", "folder"])
+
+    train_image = next((mini_folder / "train" / "Synthetic_Class_1").iterdir())
+    namesake = mini_folder / "test" / "Synthetic_Class_2" / train_image.name
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(namesake)
+    verify()
+    shutil.copy(train_image, namesake)
+    with pytest.raises(UserError) as error:
+        verify()
+    assert str(error.value) == (f"{train_image} and {namesake} are the same image, so the test split would be "
+                                "trained on; delete one of them.")
+    namesake.unlink()
+    link = mini_folder / "test" / "Synthetic_Class_1" / "renamed.jpg"
+    link.symlink_to(train_image)
+    with pytest.raises(UserError, match=f"{link.name} are the same image, so the test split would be trained on"):
+        verify()
 
 
 def test_build_dataset_picks_the_format(mini_cub, mini_folder):
@@ -329,21 +354,26 @@ def test_cli_reports_a_broken_root_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("command", ["download", "synth"])
-def test_cli_refuses_a_root_that_is_a_file(tmp_path, monkeypatch, command):
-    root = tmp_path / "notes.txt"
-    root.write_text("a file, not a folder")
+@pytest.mark.parametrize("command, in_the_way, message", [
+    ("download", ".", "{file} is a file, so {file}/CUB_200_2011 cannot be made; pass another --root or move it away."),
+    ("download", "CUB_200_2011", "{file} is a file, where a folder belongs; pass another --root or move it away."),
+    ("synth", ".", "{file} is a file, where a folder belongs; pass another --root or move it away."),
+    ("verify", ".", "--root {file} is a file, not a folder; pass the dataset's folder, the one holding images.txt and "
+                    "images/."),
+])
+def test_cli_refuses_a_file_where_a_folder_belongs(tmp_path, monkeypatch, command, in_the_way, message):
+    root = tmp_path / "notes"
+    file = root / in_the_way if in_the_way != "." else root
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text("a file, not a folder")
     # A proxy nobody listens on: were the root checked after the fetch, this test would fail without going online.
     # (In this process: the CLI's one-line printing of a UserError is test_cli_reports_a_broken_root's.)
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(UserError) as error:
         data_cli_main([command, "--root", str(root)])
-    assert str(error.value) == (f"cannot make the folder {root}: a file is in the way; pass --root a folder path "
-                                "(it is made if missing).")
-    assert root.read_text() == "a file, not a folder"
-    with pytest.raises(UserError, match="notes.txt/sub: a file is in the way"):
-        write_synthetic_cub(root / "sub")
+    assert str(error.value) == message.format(file=file)
+    assert file.read_text() == "a file, not a folder"
 
 
 def make_tarball(path: Path, dataset: Path, extra: list[tuple[tarfile.TarInfo, bytes]] = ()) -> str:
@@ -427,7 +457,7 @@ class Indices(torch.utils.data.Dataset):
 
 def test_loader_order_repeats_with_the_seed_and_changes_with_the_epoch():
     def order(seed, train=True, epoch=0):
-        loader = build_loader(Indices(), batch_size=8, train=train, num_workers=0, seed=seed)
+        loader = build_loader(Indices(), batch_size=8, train=train, num_workers=1, seed=seed)
         if train:
             loader.sampler.set_epoch(epoch)
         return torch.cat(list(loader)).tolist()

@@ -128,9 +128,13 @@ def test_nabirds_labels_the_leaves_and_names_their_ancestors(datasets):
     assert dataset.ancestors[0] == ["Synthetic group 1", "Birds"]
 
 
-def append(path: Path, text: str) -> None:
-    with path.open("a") as file:
+def append(path: Path, text: str, encoding: str = "utf-8") -> None:
+    with path.open("a", encoding=encoding) as file:
         file.write(text)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
 def edit_mat(path: Path, key: str, edit) -> None:
@@ -140,19 +144,26 @@ def edit_mat(path: Path, key: str, edit) -> None:
 
 BROKEN = {  # format -> problem -> (change to the dataset folder, returning the root to read; the message)
     "aircraft": {
-        "one level down": (lambda root: root.parent, r"holds the dataset one level down; pass --data-root .*2013b"),
+        "one level down": (lambda root: root.parent, r"holds the dataset one level down; use .*2013b\.$"),
         "renamed": (lambda root: root.rename(root.with_name("aircraft")),
                     r"only from a folder named fgvc-aircraft-2013b, .* is named 'aircraft'; rename it"),
         "unknown variant": (lambda root: (root / "data" / "variants.txt").write_text("Synthetic-100\n") and root,
-                            r"names the variant 'Synthetic-200', which is not in .*variants\.txt; re-extract"),
+                            r"names the variant 'Synthetic-200', which is not in variants\.txt; fix the file or "
+                            r"re-extract"),
         "missing list": (lambda root: (root / "data" / "images_variant_val.txt").unlink() or root,
                          r"images_variant_val\.txt is missing, so .* is not a complete fgvc-aircraft-2013b folder"),
         "missing image": (lambda root: next((root / "data" / "images").iterdir()).unlink() or root,
-                          r"1 of 18 images in the variant lists are missing, the first is"),
+                          r"1 of 18 images listed in the variant lists are missing, the first is"),
+        "not UTF-8": (lambda root: append(root / "data" / "images_variant_val.txt", "1 Mésange\n", "latin-1") or root,
+                      r"line 7 of .*images_variant_val\.txt is not UTF-8 text, the encoding bcnn reads; fix the file"),
     },
     "cars": {
         "no test labels": (lambda root: (root / "cars_test_annos_withlabels.mat").unlink() or root,
-                           r"cars_test_annos_withlabels\.mat is missing, .*no official download any more"),
+                           r"cars_test_annos_withlabels\.mat is missing; restore it from your copy of the original "
+                           r"Stanford Cars release\.$"),
+        **{f"truncated {name}": (lambda root, name=name: truncate(root / name) or root,
+                                 rf"cannot read .*{name} as a MATLAB file \(.+\); fetch that file again")
+           for name in ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_test_annos_withlabels.mat")},
         "class past the list": (lambda root: edit_mat(root / "devkit" / "cars_meta.mat", "class_names",
                                                       lambda names: names[:, :2]) or root,
                                 r"gives \d+\.jpg class 3, but cars_meta\.mat has classes 1\.\.2"),
@@ -170,12 +181,138 @@ BROKEN = {  # format -> problem -> (change to the dataset folder, returning the 
 }
 
 
+TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
+        "--model.backbone_weights=none", "--train.batch_size=4", "--train.eval_batch_size=8", "--train.log_every=0",
+        "--train.precision=fp32", "--train.epochs=1"]
+
+
+def list_again(root: Path, source: str, target: str) -> None:
+    """CUB's or NABirds' images.txt lists its first `source` image ("train" or "test") again, in place of its last
+    `target` image."""
+    flags = dict(line.split() for line in (root / "train_test_split.txt").read_text().splitlines())
+    paths = dict(line.split() for line in (root / "images.txt").read_text().splitlines())
+    ids = {split: [i for i in paths if flags[i] == ("1" if split == "train" else "0")] for split in ("train", "test")}
+    paths[ids[target][-1]] = paths[ids[source][0]]
+    (root / "images.txt").write_text("".join(f"{image_id} {path}\n" for image_id, path in paths.items()))
+
+
+def list_line_again(root: Path, source: str, target: str) -> None:
+    """FGVC-Aircraft's `source` list's first line appended to its `target` list."""
+    first = (root / "data" / f"images_variant_{source}.txt").read_text().splitlines()[0]
+    append(root / "data" / f"images_variant_{target}.txt", f"{first}\n")
+
+
+def same_fname(table):
+    table[0, 1]["fname"] = table[0, 0]["fname"]
+    return table
+
+
+def link_train_to_test(root: Path) -> None:
+    (root / "cars_train" / "00001.jpg").unlink()
+    (root / "cars_train" / "00001.jpg").symlink_to(root / "cars_test" / "00001.jpg")
+
+
+EVAL_TWICE, TRAINED_ON = "so bcnn.eval would score it twice; ", "so the test split would be trained on; "
+TWICE = {  # format -> case -> (change to the dataset folder, the message); "test and train" cases also refuse training
+    "cub": {
+        "test twice": (lambda root: list_again(root, "test", "test"),
+                       rf"is listed twice, as id \d+ \(test\) and id \d+ \(test\) of images\.txt, {EVAL_TWICE}fix the "
+                       "file or re-extract CUB_200_2011.tgz"),
+        "test and train": (lambda root: list_again(root, "test", "train"),
+                           rf"is listed twice, as id \d+ \(train\) and id \d+ \(test\) of images\.txt, {TRAINED_ON}"),
+    },
+    "nabirds": {
+        "test twice": (lambda root: list_again(root, "test", "test"),
+                       rf"as id [\w-]+ \(test\) and id [\w-]+ \(test\) of images\.txt, {EVAL_TWICE}re-extract"),
+        "test and train": (lambda root: list_again(root, "test", "train"),
+                           rf"as id [\w-]+ \(train\) and id [\w-]+ \(test\) of images\.txt, {TRAINED_ON}"),
+    },
+    "aircraft": {
+        "test twice": (lambda root: list_line_again(root, "test", "test"),
+                       r"\d+\.jpg is listed twice, as line 1 and line 7 of data/images_variant_test\.txt, "
+                       rf"{EVAL_TWICE}"),
+        "test and train": (lambda root: list_line_again(root, "test", "train"),
+                           r"as line 7 of data/images_variant_train\.txt and line 1 of data/images_variant_test\.txt, "
+                           rf"{TRAINED_ON}"),
+        "val and train": (lambda root: list_line_again(root, "val", "train"),
+                          r"as line 7 of data/images_variant_train\.txt and line 1 of data/images_variant_val\.txt, so "
+                          r"the val split would be trained on; fix the file or re-extract"),
+    },
+    "cars": {
+        "test twice": (lambda root: edit_mat(root / "cars_test_annos_withlabels.mat", "annotations", same_fname),
+                       r"cars_test/00001\.jpg is listed twice, as annotation 1 and annotation 2 of "
+                       rf"cars_test_annos_withlabels\.mat, {EVAL_TWICE}fetch that file again"),
+        "test and train": (link_train_to_test,
+                           r"cars_train/00001\.jpg \(the same file as .*cars_test/00001\.jpg\) is listed twice, as "
+                           r"annotation 1 of devkit/cars_train_annos\.mat and annotation 1 of "
+                           rf"cars_test_annos_withlabels\.mat, {TRAINED_ON}"),
+    },
+}
+
+
+@pytest.mark.parametrize("name,case", [(name, case) for name in TWICE for case in TWICE[name]])
+def test_every_image_is_counted_once_and_the_test_split_never_trained_on(datasets, tmp_path, name, case):
+    change, message = TWICE[name][case]
+    root = writable(datasets, name, tmp_path)
+    change(root)
+    with pytest.raises(UserError, match=message) as error:
+        data_cli_main(["verify", "--root", str(root), "--format", name])
+    assert "\n" not in str(error.value) and str(error.value).endswith(".")
+    if case == "test and train":
+        with pytest.raises(UserError, match=message):
+            train_cli.main(["--config", str(EXPERIMENTS / f"{name}_vgg16_stage1.yaml"), f"--data-root={root}",
+                            f"--run-dir={tmp_path / 'run'}", *TINY])
+
+
 @pytest.mark.parametrize("name,problem", [(name, problem) for name in BROKEN for problem in BROKEN[name]])
 def test_a_broken_dataset_is_one_clear_sentence(datasets, tmp_path, name, problem):
     change, message = BROKEN[name][problem]
     root = change(writable(datasets, name, tmp_path))
-    with pytest.raises(UserError, match=message):
-        READERS[name](root, "train", 0.1)
+    with pytest.raises(UserError, match=message) as error:
+        data_cli_main(["verify", "--root", str(root), "--format", name])
+    assert "\n" not in str(error.value) and str(error.value).endswith(".")
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_a_file_given_as_the_dataset_folder_is_refused_naming_the_option(tmp_path, name):
+    file = tmp_path / "images.txt"
+    file.write_text("1 a.jpg\n")
+    holds = READERS[name].FOLDER_HOLDS
+    with pytest.raises(UserError) as error:
+        data_cli_main(["verify", "--root", str(file), "--format", name])
+    assert str(error.value) == f"--root {file} is a file, not a folder; pass the dataset's folder, the one holding {holds}."
+    config = EXPERIMENTS / f"{name if name in DOWNLOADS else 'cub'}_vgg16_stage1.yaml"
+    with pytest.raises(UserError) as error:
+        train_cli.main(["--config", str(config), f"--data-root={file}", f"--data.format={name}",
+                        f"--run-dir={tmp_path / 'run'}", *TINY])
+    assert str(error.value) == (f"--data-root (data.root) {file} is a file, not a folder; pass the dataset's folder, the "
+                                f"one holding {holds}.")
+
+
+def test_advice_names_the_folder_given_never_a_default(tmp_path):
+    """Where to get (or put) a dataset is said for the folder the user gave, in a short sentence."""
+    elsewhere = tmp_path / "elsewhere"
+    for name, folder in FOLDERS.items():
+        for root in (elsewhere / folder, elsewhere / "renamed"):
+            with pytest.raises(UserError) as error:
+                data_cli_main(["verify", "--root", str(root), "--format", name])
+            message = str(error.value)
+            assert str(elsewhere) in message and "data/" not in message.replace(str(tmp_path), ""), message
+            assert len(message.replace(str(elsewhere), "")) < 200, message
+    with pytest.raises(UserError, match=rf"; check the path or fetch the dataset with `python -m bcnn\.data download "
+                                        rf"--dataset aircraft --root {elsewhere}`, which makes {elsewhere}/fgvc"):
+        data_cli_main(["verify", "--root", str(elsewhere / "renamed"), "--format", "aircraft"])
+    for name in ("cars", "nabirds"):
+        with pytest.raises(UserError) as error:
+            data_cli_main(["download", "--dataset", name, "--root", str(elsewhere)])
+        assert str(error.value).startswith(f"{elsewhere / FOLDERS[name]} does not exist; ")
+        assert "data/" not in str(error.value).replace(str(tmp_path), "")
+    cars = WRITERS["cars"](elsewhere, 2, 3, image_size=32)
+    (cars / "devkit" / "cars_meta.mat").unlink()
+    with pytest.raises(UserError) as error:
+        data_cli_main(["verify", "--root", str(cars), "--format", "cars"])
+    assert str(error.value) == (f"{cars / 'devkit' / 'cars_meta.mat'} is missing; restore it from your copy of the "
+                                "original Stanford Cars release.")
 
 
 def test_every_format_is_a_config_choice_and_the_aircraft_level_only_applies_to_aircraft():
@@ -226,10 +363,6 @@ def test_make_data_and_the_recipes_follow_dataset():
             EXPERIMENTS / f"{name}_vgg16_stage1.yaml").data.format == name
 
 
-TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
-        "--model.backbone_weights=none", "--train.batch_size=4", "--train.eval_batch_size=8", "--train.log_every=0",
-        "--train.precision=fp32", "--train.epochs=1"]
-
 
 @pytest.mark.parametrize("name", NEW_FORMATS)
 def test_each_dataset_recipe_trains_both_stages_and_evaluates_without_reading_test(datasets, tmp_path, name):
@@ -245,8 +378,15 @@ def test_each_dataset_recipe_trains_both_stages_and_evaluates_without_reading_te
     assert ("val images" in log) and (("(the official)" in log) == (name == "aircraft"))
     for path, data in test_files.items():
         Path(path).write_bytes(data)
-    result = eval_cli.main(["--checkpoint", str(tmp_path / "stage2" / "best.pt"), "--split", "test",
-                            "--device", "cpu", "--no-figures"])
+    evaluate = ["--checkpoint", str(tmp_path / "stage2" / "best.pt"), "--split", "test", "--device", "cpu",
+                "--no-figures"]
+    result = eval_cli.main(evaluate)
     assert result["count"] == len(test_files)
+    with pytest.raises(UserError, match=r"--data-root \(data\.root\) .*best\.pt is a file, not a folder; pass the "
+                                        r"dataset's folder"):
+        eval_cli.main([*evaluate, "--data-root", str(tmp_path / "stage2" / "best.pt")])
     cfg = load_config(EXPERIMENTS / f"{name}_vgg16_stage1.yaml", [f"--data.root={root}"])
     assert len(build_dataset(cfg.data, "test")) == len(test_files)
+    TWICE[name]["test twice"][0](root)
+    with pytest.raises(UserError, match=EVAL_TWICE):
+        eval_cli.main(evaluate)

@@ -151,7 +151,7 @@ def test_folder_dataset_trains_with_a_config_change(tmp_path):
         (["bcnn.eval", "--checkpoint", "no/such/best.pt"], "does not exist"),
         (["bcnn.train", "--config", STAGE1, "--optim.lrr=1"], "unknown config key"),
         (["bcnn.train", "--config", STAGE1, "--data-root=/no/such/cub", "--device=cpu"],
-         "make data"),
+         "python -m bcnn.data download --root /no/such`"),
     ],
 )
 def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message):

@@ -23,12 +23,13 @@ import torch
 
 from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
 from bcnn.data.aircraft import AIRCRAFT_FOLDER, FGVCAircraftDataset, download_aircraft, write_synthetic_aircraft
-from bcnn.data.cars import CARS_FOLDER, GET_CARS, StanfordCarsDataset, write_synthetic_cars
+from bcnn.data.cars import CARS_FOLDER, StanfordCarsDataset, download_cars, write_synthetic_cars
 from bcnn.data.cub import CUB200, download_cub, write_synthetic_cub
-from bcnn.data.dataset import REPLACE_IMAGE, SPLITS, _ImageDataset, clean_class_name, describe_splits, load_rgb
+from bcnn.data.dataset import (REPLACE_IMAGE, SPLITS, _ImageDataset, clean_class_name, describe_splits, load_rgb,
+                                refuse_a_file)
 from bcnn.data.folder import FolderDataset
 from bcnn.data.gpu import DeviceDecodeLoader
-from bcnn.data.nabirds import GET_NABIRDS, NABIRDS_FOLDER, NABirdsDataset, write_synthetic_nabirds
+from bcnn.data.nabirds import NABIRDS_FOLDER, NABirdsDataset, download_nabirds, write_synthetic_nabirds
 from bcnn.data.loader import build_loader, default_num_workers
 from bcnn.data.transforms import IMAGENET_MEAN, IMAGENET_NORMALISATION, IMAGENET_STD, build_transforms
 from bcnn.errors import UserError
@@ -39,8 +40,9 @@ READERS = {"cub": CUB200, "aircraft": FGVCAircraftDataset, "cars": StanfordCarsD
 # data.format -> a synthetic writer in that layout: (root, classes, per_class, seed, image_size) -> dataset folder
 WRITERS = {"cub": write_synthetic_cub, "aircraft": write_synthetic_aircraft, "cars": write_synthetic_cars,
            "nabirds": write_synthetic_nabirds}
-# data.format -> the downloader into root, or why there is none and what to do instead
-DOWNLOADS = {"cub": download_cub, "aircraft": download_aircraft, "cars": GET_CARS, "nabirds": GET_NABIRDS}
+# data.format -> download(root) into root / FOLDERS[format], or, for a dataset without one, the check of a copy placed
+# there by hand
+DOWNLOADS = {"cub": download_cub, "aircraft": download_aircraft, "cars": download_cars, "nabirds": download_nabirds}
 # data.format -> the name of the dataset's own folder, as its archive extracts (the folder --data-root takes)
 FOLDERS = {"cub": "CUB_200_2011", "aircraft": AIRCRAFT_FOLDER, "cars": CARS_FOLDER, "nabirds": NABIRDS_FOLDER}
 
@@ -64,6 +66,7 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
         boxed = " or ".join(name for name, other in READERS.items() if other.HAS_BOXES)
         raise UserError(f"data.crop_to_bbox needs bounding boxes, which only data.format={boxed} has; set it to "
                         "false.")
+    refuse_a_file(cfg.root, "--data-root (data.root)", reader.FOLDER_HOLDS)
     options = {name: getattr(cfg, name) for name in reader.OPTIONS}
     dataset = reader(cfg.root, split, cfg.val_fraction, cfg.split_seed, transform=transform, **options)
     dataset.normalisation = normalisation

@@ -6,22 +6,26 @@ import argparse
 from pathlib import Path
 
 from bcnn.data import DOWNLOADS, FOLDERS, READERS, WRITERS, describe
+from bcnn.data.dataset import refuse_a_file
+from bcnn.data.download import check_room
 from bcnn.errors import UserError, exit_on_user_error
 
 
-def _download(args: argparse.Namespace) -> None:
-    download = DOWNLOADS[args.dataset]
-    if not isinstance(download, str):
-        download(args.root)
-        return
-    # No official download: verify a copy placed by hand, or say where to get one.
-    folder = Path(args.root) / FOLDERS[args.dataset]
-    if not folder.exists():
-        raise UserError(f"{download}.")
-    print(f"no download needed, verified: {describe(folder, args.dataset, 0.1)}")
+def _verify(args: argparse.Namespace) -> None:
+    refuse_a_file(args.root, "--root", READERS[args.format].FOLDER_HOLDS)
+    print(describe(args.root, args.format, args.val_fraction, args.split_seed))
 
 
 def _synth(args: argparse.Namespace) -> None:
+    # A new dataset goes into a new or empty folder: written over an existing one it would rewrite its tables.
+    target = Path(args.root) if args.format == "cub" else Path(args.root) / FOLDERS[args.format]
+    check_room(target)
+    held = sorted(target.iterdir()) if target.is_dir() else []
+    if held:
+        names = ", ".join(path.name for path in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        way_out = ("pass --root a new or empty folder" if args.format == "cub" else
+                   f"pass another --root, or move {target} away")
+        raise UserError(f"{target} is not empty (it holds {names}), and synth writes a new dataset there; {way_out}.")
     path = WRITERS[args.format](args.root, args.classes, args.per_class, args.seed, args.image_size)
     print(f"wrote {describe(path, args.format)}")
 
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     download = commands.add_parser("download", help="download, check and extract a dataset into ROOT")
     download.add_argument("--dataset", choices=tuple(DOWNLOADS), default="cub", help="which dataset")
     download.add_argument("--root", default="data", help="folder to hold the dataset's folder and its archive")
-    download.set_defaults(run=_download)
+    download.set_defaults(run=lambda a: DOWNLOADS[a.dataset](a.root))
     synth = commands.add_parser("synth", help="write a small generated dataset in a real format's exact layout")
     synth.add_argument("--format", choices=tuple(WRITERS), default="cub", help="dataset layout")
     synth.add_argument("--root", required=True, help="for cub the dataset folder itself (images/ and the text "
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_argument("--format", choices=tuple(READERS), default="cub", help="dataset layout")
     verify.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out as val")
     verify.add_argument("--split-seed", type=int, default=0, help="seed of the val hold-out")
-    verify.set_defaults(run=lambda a: print(describe(a.root, a.format, a.val_fraction, a.split_seed)))
+    verify.set_defaults(run=_verify)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import FGVCAircraft
 
-from bcnn.data.dataset import (_ImageDataset, check_images_exist, check_torchvision_folder, describe_splits,
-                                path_only, select_split, synthetic_image)
-from bcnn.data.download import download_dataset, make_folder
+from bcnn.data.dataset import (_ImageDataset, check_images, check_torchvision_folder, describe_splits, path_only,
+                                read_utf8, select_split, synthetic_image)
+from bcnn.data.download import download_dataset, fetch_advice, make_folder
 from bcnn.errors import UserError
 
 AIRCRAFT_URL = "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"
@@ -19,9 +19,8 @@ AIRCRAFT_MD5 = "d4acdd33327262359767eeaa97a4f732"
 AIRCRAFT_FOLDER = "fgvc-aircraft-2013b"  # the archive's top folder; torchvision only reads it under this name
 BANNER = 20  # every image ends in a 20-px copyright strip; the B-CNN protocol (and the dataset's readme) drop it
 LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
-GET_AIRCRAFT = (f"run `make data DATASET=aircraft` or pass --data-root /path/to/{AIRCRAFT_FOLDER} (the folder "
-                "holding data/)")
-REEXTRACT = f"re-extract {AIRCRAFT_FOLDER}.tar.gz (delete the folder and run `make data DATASET=aircraft`)"
+HOLDS = "data/ (its images/ and lists)"
+REEXTRACT = f"re-extract {AIRCRAFT_FOLDER}.tar.gz"
 
 
 def _official_split(root: Path, split: str, level: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -32,10 +31,10 @@ def _official_split(root: Path, split: str, level: str) -> tuple[list[tuple[str,
                         "this torchvision lacks; upgrade it (pip install -U torchvision).") from None
     except KeyError as error:  # a label the level's class list does not have
         raise UserError(f"{root / 'data' / f'images_{level}_{split}.txt'} names the {level} {error.args[0]!r}, "
-                        f"which is not in {root / 'data' / LEVELS[level]}; {REEXTRACT}.") from None
+                        f"which is not in {LEVELS[level]}; fix the file or {REEXTRACT}.") from None
     except ValueError:  # a line without "<image> <label>"
         raise UserError(f"{root / 'data' / f'images_{level}_{split}.txt'} has a line without an image name and a "
-                        f"label; {REEXTRACT}.") from None
+                        f"label; fix the file or {REEXTRACT}.") from None
     return [listed[index] for index in range(len(listed))], listed.classes
 
 
@@ -43,21 +42,20 @@ def read_aircraft(root: Path, level: str = "variant") -> tuple[list[str], list, 
     """Check an fgvc-aircraft-2013b folder; return (class names, official train, val, test), records (path, label)."""
     if level not in LEVELS:
         raise UserError(f"unknown data.annotation_level {level!r}; use {', '.join(LEVELS)}.")
-    check_torchvision_folder(root, "FGVC-Aircraft", AIRCRAFT_FOLDER, "data", "FGVCAircraft", GET_AIRCRAFT)
+    check_torchvision_folder(root, "FGVC-Aircraft", AIRCRAFT_FOLDER, "data", HOLDS, "FGVCAircraft",
+                             fetch_advice(root, AIRCRAFT_FOLDER, "aircraft"))
     needed = [LEVELS[level]] + [f"images_{level}_{split}.txt" for split in ("train", "val", "test")]
     for name in needed:
         if not (root / "data" / name).is_file():
             raise UserError(f"{root / 'data' / name} is missing, so {root} is not a complete {AIRCRAFT_FOLDER} "
-                            f"folder; {GET_AIRCRAFT}.")
+                            f"folder; {REEXTRACT}.")
+        read_utf8(root / "data" / name, f"fix the file or {REEXTRACT}")  # torchvision would misreport it
     splits = {split: _official_split(root, split, level) for split in ("train", "val", "test")}
-    classes = splits["test"][1]
-    records = [record for split in ("train", "val", "test") for record in splits[split][0]]
-    seen = [path for path, _ in records]
-    if len(set(seen)) != len(seen):
-        twice = next(path for path in seen if seen.count(path) > 1)
-        raise UserError(f"image {Path(twice).stem} is listed twice in the {level} train/val/test lists; {REEXTRACT}.")
-    check_images_exist(seen, f"in the {level} lists", REEXTRACT)
-    return classes, splits["train"][0], splits["val"][0], splits["test"][0]
+    # torchvision keeps each list's order, one image per line (it refuses a blank line), so line numbers are exact.
+    check_images({split: [(path, f"data/images_{level}_{split}.txt", f"line {number}")
+                          for number, (path, _) in enumerate(splits[split][0], 1)] for split in splits},
+                 f"the {level} lists", f"fix the file or {REEXTRACT}")
+    return splits["test"][1], splits["train"][0], splits["val"][0], splits["test"][0]
 
 
 class FGVCAircraftDataset(_ImageDataset):
@@ -67,7 +65,8 @@ class FGVCAircraftDataset(_ImageDataset):
     official val split; 0 trains on both (trainval), with no val.
     """
 
-    ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images in the train list"
+    ADD_TRAINING_IMAGES = f"fix the train list or {REEXTRACT}: every class needs images there"
+    FOLDER_HOLDS = HOLDS
     OFFICIAL_VAL = True
     OPTIONS = ("annotation_level",)
     bottom_crop = BANNER

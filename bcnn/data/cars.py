@@ -14,17 +14,23 @@ import numpy as np
 import scipy.io
 from torchvision.datasets import StanfordCars
 
-from bcnn.data.dataset import _BoxedDataset, check_images_exist, check_torchvision_folder, path_only, synthetic_image
-from bcnn.data.download import make_folder
+from bcnn.data.dataset import (_BoxedDataset, check_images, check_torchvision_folder, describe_splits, path_only,
+                                synthetic_image)
+from bcnn.data.download import make_folder, placed_by_hand
 from bcnn.errors import UserError
 
 CARS_FOLDER = "stanford_cars"  # torchvision only reads the dataset under this folder name
 CARS_FILES = {"train": ("devkit/cars_train_annos.mat", "cars_train"),
               "test": ("cars_test_annos_withlabels.mat", "cars_test")}
-GET_CARS = (f"Stanford Cars has no official download any more: get cars_train/, cars_test/, devkit/ and "
-            f"cars_test_annos_withlabels.mat (from a mirror of the original release) and put them in "
-            f"data/{CARS_FOLDER}/, then pass --data-root data/{CARS_FOLDER}")
+HOLDS = "devkit/, cars_train/, cars_test/ and cars_test_annos_withlabels.mat"
 REFETCH = "fetch that file again from your copy of the original release"
+
+
+def get_cars(folder: Path) -> str:
+    """How to put Stanford Cars into folder, which does not exist: the folder the user named (under the name
+    torchvision needs), not a default."""
+    place = "there" if folder.name == CARS_FOLDER else f"into {folder.parent / CARS_FOLDER}"
+    return f"there is no official download: copy {HOLDS} {place} from the original release"
 
 
 def _load_mat(path: Path, key: str):
@@ -49,7 +55,8 @@ def _boxes(mat_path: Path) -> dict[str, tuple[float, float, float, float]]:
 
 
 def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str, int, tuple]]:
-    mat_name, image_folder = CARS_FILES[split]
+    mat_name = CARS_FILES[split][0]
+    boxes = _boxes(root / mat_name)  # first: a damaged file is then one sentence, whatever torchvision would raise
     try:
         listed = StanfordCars(root.parent, split, loader=path_only)
         pairs = [listed[index] for index in range(len(listed))]
@@ -58,7 +65,6 @@ def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str,
                         "torchvision lacks; upgrade it (pip install -U torchvision).") from None
     except (ValueError, IndexError, KeyError) as error:
         raise UserError(f"cannot read the annotations in {root / mat_name} ({error!r}); {REFETCH}.") from None
-    boxes = _boxes(root / mat_name)
     records = []
     for path, label in pairs:
         label = int(label)
@@ -66,26 +72,37 @@ def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str,
             raise UserError(f"{root / mat_name} gives {Path(path).name} class {label + 1}, but cars_meta.mat has "
                             f"classes 1..{num_classes}; {REFETCH}.")
         records.append((path, label, boxes[Path(path).name]))
-    check_images_exist([path for path, *_ in records], f"in {root / mat_name}", REFETCH)
     return records
 
 
 def read_cars(root: Path) -> tuple[list[str], list, list]:
     """Check a stanford_cars folder; return (class names, official train, test), records (path, label, bbox)."""
-    check_torchvision_folder(root, "Stanford Cars", CARS_FOLDER, "devkit", "StanfordCars", GET_CARS)
+    check_torchvision_folder(root, "Stanford Cars", CARS_FOLDER, "devkit", HOLDS, "StanfordCars", get_cars(root))
     for relative in ("devkit/cars_meta.mat", *(name for files in CARS_FILES.values() for name in files)):
-        if not (root / relative).exists():
-            raise UserError(f"{root / relative} is missing, so {root} is not a complete Stanford Cars folder; "
-                            f"{GET_CARS}.")
+        path, folder = root / relative, not relative.endswith(".mat")
+        if not (path.is_dir() if folder else path.is_file()):
+            state = "missing" if not path.exists() else "not a folder" if folder else "a folder"
+            raise UserError(f"{path} is {state}; restore it from your copy of the original Stanford Cars release.")
     classes = [str(name) for name in np.atleast_1d(_load_mat(root / "devkit" / "cars_meta.mat", "class_names"))]
-    return classes, _official_split(root, "train", len(classes)), _official_split(root, "test", len(classes))
+    splits = {split: _official_split(root, split, len(classes)) for split in CARS_FILES}
+    # torchvision lists the annotations in the file's order, so entry numbers point into the .mat file.
+    check_images({split: [(path, CARS_FILES[split][0], f"annotation {number}")
+                          for number, (path, *_) in enumerate(records, 1)] for split, records in splits.items()},
+                 "the annotation files", REFETCH)
+    return classes, splits["train"], splits["test"]
 
 
 class StanfordCarsDataset(_BoxedDataset):
     """Stanford Cars (196 classes) with its boxes; val is a stratified hold-out of the official train split."""
 
     ADD_TRAINING_IMAGES = f"{REFETCH}: every class needs images in cars_train_annos.mat"
+    FOLDER_HOLDS = HOLDS
     read = staticmethod(read_cars)
+
+
+def download_cars(root: str) -> Path:
+    """No download: verify a copy placed by hand in root/stanford_cars, or say where to put one."""
+    return placed_by_hand(root, CARS_FOLDER, get_cars, lambda folder: describe_splits(StanfordCarsDataset, folder, 0.1))
 
 
 def _annotations(rows: list[tuple[int, int, int, int, int, str]], with_class: bool = True) -> np.ndarray:
@@ -103,8 +120,9 @@ def write_synthetic_cars(root, classes: int = 5, per_class: int = 12, seed: int 
     """Write a mini Stanford Cars in torchvision's stanford_cars layout, .mat files included, deterministically
     from seed; returns the stanford_cars folder under root. About half of each class is train, as in the real set;
     train and test images are numbered 00001.jpg.. separately, and image 1 of train is grayscale."""
-    if classes < 1 or per_class < 3 or image_size < 16:
-        raise UserError("a synthetic Stanford Cars needs classes >= 1, per-class >= 3 and image-size >= 16; raise "
+    if classes < 2 or per_class < 3 or image_size < 16:
+        # torchvision's StanfordCars cannot read a .mat table of one entry (scipy squeezes it to a scalar).
+        raise UserError("a synthetic Stanford Cars needs classes >= 2, per-class >= 3 and image-size >= 16; raise "
                         "them.")
     dataset_dir, rng = Path(root) / CARS_FOLDER, np.random.default_rng(seed)
     for folder in ("devkit", "cars_train", "cars_test"):

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bcnn.data.dataset import _BoxedDataset, check_images_exist, clean_class_name, describe_splits, synthetic_image
-from bcnn.data.download import download_dataset, make_folder
+from bcnn.data.dataset import (_BoxedDataset, check_dataset_folder, check_images, clean_class_name, describe_splits,
+                                read_utf8, synthetic_image)
+from bcnn.data.download import download_dataset, fetch_advice, make_folder
 from bcnn.errors import UserError
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
-GET_CUB = "run `make data` or pass --data-root /path/to/CUB_200_2011 (the folder holding images.txt)"
-REEXTRACT = "re-extract CUB_200_2011.tgz (delete the folder and run `make data`) or fix the file"
+CUB_FOLDER = "CUB_200_2011"
+HOLDS = "images.txt and images/"
+REEXTRACT = "fix the file or re-extract CUB_200_2011.tgz"
 
 
 def _fields(parts: list[str], count: int) -> list[str]:
@@ -37,13 +39,7 @@ def read_id_table(root: Path, name: str, parse, complete: str, key=int) -> dict:
     path, table = root / name, {}
     if not path.is_file():
         raise UserError(f"{path} is missing, so {root} is not a complete dataset folder; {complete}.")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        number = data.count(b"\n", 0, error.start) + 1
-        raise UserError(f"line {number} of {path} is not UTF-8 text; {complete}, saving it as UTF-8.") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(read_utf8(path, complete).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -55,6 +51,16 @@ def read_id_table(root: Path, name: str, parse, complete: str, key=int) -> dict:
             raise UserError(f"id {identifier} appears twice in {path} (line {number}); {complete}.")
         table[identifier] = value
     return table
+
+
+def split_by_flag(records: dict, is_train: dict, fix: str) -> tuple[list, list]:
+    """Records {image id: (path, ...)} -> (official train, test) by train_test_split.txt's flags (CUB's and
+    NABirds'), every image checked: on disk, listed once (check_images)."""
+    ids = {split: [image_id for image_id in records if is_train[image_id] == (split == "train")]
+           for split in ("train", "test")}
+    check_images({split: [(records[i][0], "images.txt", f"id {i} ({split})") for i in split_ids]
+                  for split, split_ids in ids.items()}, "images.txt", fix)
+    return [records[i] for i in ids["train"]], [records[i] for i in ids["test"]]
 
 
 def _check_tables(root: Path, tables: dict) -> None:
@@ -78,38 +84,34 @@ def _check_tables(root: Path, tables: dict) -> None:
 
 def read_cub(root: Path) -> tuple[list[str], list, list]:
     """Validate a CUB_200_2011 folder; return (class names, official train, test), records (path, label, bbox)."""
-    if not root.is_dir():
-        raise UserError(f"CUB-200-2011 folder {root} does not exist; {GET_CUB}.")
-    if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
-        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / 'CUB_200_2011'}.")
+    get = fetch_advice(root, CUB_FOLDER, "cub")
+    check_dataset_folder(root, "CUB-200-2011", HOLDS, get, CUB_FOLDER, "images.txt")
     if not (root / "images.txt").is_file():
-        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a CUB_200_2011 folder; {GET_CUB}.")
+        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a CUB_200_2011 folder; {get}.")
     tables = {name: read_id_table(root, name, parse, REEXTRACT) for name, parse in CUB_TABLES.items()}
     if not (root / "images").is_dir():
-        raise UserError(f"{root / 'images'} does not exist; {GET_CUB}.")
+        raise UserError(f"{root / 'images'} is not a folder; {REEXTRACT}.")
     _check_tables(root, tables)
     records = {
         image_id: (str(root / "images" / rel_path), tables["image_class_labels.txt"][image_id] - 1,
                    tables["bounding_boxes.txt"][image_id])
         for image_id, rel_path in sorted(tables["images.txt"].items())
     }
-    check_images_exist([path for path, *_ in records.values()], "listed in images.txt", REEXTRACT)
-    is_train = tables["train_test_split.txt"]
-    trainval = [record for image_id, record in records.items() if is_train[image_id]]
-    test = [record for image_id, record in records.items() if not is_train[image_id]]
+    trainval, test = split_by_flag(records, tables["train_test_split.txt"], REEXTRACT)
     return [clean_class_name(name) for _, name in sorted(tables["classes.txt"].items())], trainval, test
 
 
 class CUB200(_BoxedDataset):
     """CUB-200-2011 read from its text files; labels are class_id - 1; `bboxes` are (x, y, w, h) per sample."""
 
-    ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
+    ADD_TRAINING_IMAGES = "mark images of every class 1 (train) in train_test_split.txt, or re-extract CUB_200_2011.tgz"
+    FOLDER_HOLDS = HOLDS
     read = staticmethod(read_cub)
 
 
 def download_cub(root: str, url: str = CUB_URL, md5: str = CUB_MD5) -> Path:
     """Fetch, md5-check, safely extract and verify CUB-200-2011 into root/CUB_200_2011; no-op once it verifies."""
-    return download_dataset(root, "CUB_200_2011", "CUB_200_2011.tgz", url, md5, "images.txt",
+    return download_dataset(root, CUB_FOLDER, "CUB_200_2011.tgz", url, md5, "images.txt",
                             lambda folder: describe_splits(CUB200, folder))
 
 

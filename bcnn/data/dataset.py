@@ -8,6 +8,7 @@ import colorsys
 import math
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -20,8 +21,7 @@ from bcnn.data.transforms import IMAGENET_NORMALISATION
 from bcnn.errors import UserError
 
 SPLITS = ("train", "val", "trainval", "test")
-REPLACE_IMAGE = ("replace it with a readable image (for CUB, re-extract CUB_200_2011.tgz: delete the folder "
-                 "and run `make data`)")
+REPLACE_IMAGE = "replace it with a readable image, or re-extract the dataset's archive"
 
 
 def _unreadable(path: str, reason: str) -> UserError:
@@ -86,24 +86,91 @@ def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) 
     return (left, top, right, bottom) if right > left and bottom > top else (0, 0, width, height)
 
 
-def check_torchvision_folder(root: Path, title: str, folder: str, marker: str, reader: str, get: str) -> None:
-    """Before torchvision's `reader` reads a dataset, which it finds only under its archive's folder name: root
-    exists, is not the folder above the dataset, and has that name. marker: a path inside the dataset folder."""
+def refuse_a_file(root, option: str, holds: str) -> None:
+    """A dataset folder given as a file: one sentence naming the option (or "the dataset folder") that gave it."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"{option} {root} is a file, not a folder; pass the dataset's folder, the one holding {holds}.")
+
+
+def check_dataset_folder(root: Path, title: str, holds: str, get: str, folder: str | None = None,
+                         marker: str | None = None) -> None:
+    """Before a reader reads root: it is a folder, and not the folder above the dataset's own folder (named
+    `folder`, holding `marker`). get: how to get the dataset into root."""
+    refuse_a_file(root, "the dataset folder", holds)
     if not root.is_dir():
         raise UserError(f"{title} folder {root} does not exist; {get}.")
-    if not (root / marker).exists() and (root / folder / marker).exists():
-        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / folder}.")
+    if folder and not (root / marker).exists() and (root / folder / marker).exists():
+        raise UserError(f"{root} holds the dataset one level down; use {root / folder}.")
+
+
+def check_torchvision_folder(root: Path, title: str, folder: str, marker: str, holds: str, reader: str,
+                             get: str) -> None:
+    """Before torchvision's `reader` reads a dataset, which it finds only under its archive's folder name: root
+    is the dataset's folder (check_dataset_folder) and has that name. marker: a path inside the dataset folder."""
+    check_dataset_folder(root, title, holds, get, folder, marker)
     if root.name != folder:
         raise UserError(f"torchvision's {reader} reads the dataset only from a folder named {folder}, and {root} is "
                         f"named {root.name!r}; rename it.")
 
 
-def check_images_exist(paths: list[str], listed_in: str, fix: str) -> None:
-    """One sentence for images a dataset's annotation files list but the disk lacks: how many, the first one."""
-    missing = [path for path in paths if not os.path.isfile(path)]
+def read_utf8(path: Path, fix: str) -> str:
+    """A dataset's text file as text; a byte that is not UTF-8 is reported by its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        number = data.count(b"\n", 0, error.start) + 1
+        raise UserError(f"line {number} of {path} is not UTF-8 text, the encoding bcnn reads; {fix}.") from None
+
+
+# An image as a reader lists it: (path, the file that lists it, relative to the dataset folder, and the entry there,
+# e.g. "line 4" or "id 17 (train)"); a layout without list files (folder) leaves both empty.
+Listed = tuple[str, str, str]
+
+
+def listed_twice(split: str, first: Listed, other_split: str, second: Listed, fix: str) -> UserError:
+    """The sentence for one image listed twice (or two paths to one file): where, what it would do, the fix."""
+    (path, listed_in, entry), (other_path, other_listed_in, other_entry) = first, second
+    if split != other_split:  # splits come in order train, val, test: the later one would be trained on
+        harm = f"the {other_split} split would be trained on"
+    else:
+        harm = {"test": "bcnn.eval would score it twice", "val": "val accuracy would count it twice"}.get(
+            split, "training would see it twice as often")
+    if not listed_in:
+        return UserError(f"{path} and {other_path} are the same image, so {harm}; {fix}.")
+    where = (f"{entry} and {other_entry} of {listed_in}" if listed_in == other_listed_in
+             else f"{entry} of {listed_in} and {other_entry} of {other_listed_in}")
+    what = path if path == other_path else f"{path} (the same file as {other_path})"
+    return UserError(f"{what} is listed twice, as {where}, so {harm}; {fix}.")
+
+
+def check_images(splits: dict[str, list[Listed]], listed_in: str, fix: str) -> None:
+    """Every image of a dataset's official splits (name -> its listed images, train before val before test) is on
+    disk and counted once: never twice in a split (scored or trained on twice), never in two (the test or val split
+    trained on). Sameness is the file's (device, inode), so a symlink or hard link to a listed image is caught too;
+    one stat per image, which checking that the image exists costs anyway."""
+    seen: dict = {}
+    missing, first_twice, count = [], None, 0
+    for split, images in splits.items():
+        for listed in images:
+            count += 1
+            try:
+                status = os.stat(listed[0])
+            except OSError:
+                status = None
+            if status is None or not stat.S_ISREG(status.st_mode):
+                missing.append(listed[0])
+                continue
+            # Some filesystems (FAT, a few network ones) report inode 0 for every file: fall back to the path.
+            key = (status.st_dev, status.st_ino) if status.st_ino else os.path.normpath(listed[0])
+            if key in seen and first_twice is None:
+                first_twice = (*seen[key], split, listed)
+            seen.setdefault(key, (split, listed))
     if missing:
-        raise UserError(f"{len(missing)} of {len(paths)} images {listed_in} are missing, the first is {missing[0]}; "
-                        f"{fix}.")
+        raise UserError(f"{len(missing)} of {count} images listed in {listed_in} are missing, the first is "
+                        f"{missing[0]}; {fix}.")
+    if first_twice:
+        raise listed_twice(*first_twice, fix)
 
 
 def stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -153,6 +220,7 @@ class _ImageDataset(Dataset):
     """What CUB200 and FolderDataset share: ImageFolder-style attributes and RGB loading."""
 
     ADD_TRAINING_IMAGES = ""  # what to do about a class without training images, in the layout's own terms
+    FOLDER_HOLDS = ""  # what the dataset's folder (data.root) holds, for a root given as a file
     HAS_BOXES = False  # whether the format has bounding boxes (its reader then takes crop_to_bbox)
     OFFICIAL_VAL = False  # whether the format has its own val split (then data.val_fraction > 0 selects it)
     OPTIONS: tuple[str, ...] = ()  # the DataConfig fields its constructor takes besides the split's

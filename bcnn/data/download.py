@@ -63,14 +63,30 @@ def safe_extract(tarball: Path, root: Path) -> None:
         tar.extractall(base, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
+def fetch_advice(root: Path, folder: str, dataset: str) -> str:
+    """What to do about a dataset folder root that does not exist: the download into root itself (its archive
+    extracts as `folder`), not into a default folder."""
+    flag = "" if dataset == "cub" else f" --dataset {dataset}"
+    lands = "" if root.name == folder else f", which makes {root.parent / folder}"
+    return f"check the path or fetch the dataset with `python -m bcnn.data download{flag} --root {root.parent}`{lands}"
+
+
+def check_room(folder: Path) -> None:
+    """Before a command makes or fills folder: no file stands at folder or above it, named in one sentence."""
+    blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocker == folder:
+        raise UserError(f"{folder} is a file, where a folder belongs; pass another --root or move it away.")
+    if blocker is not None:
+        raise UserError(f"{blocker} is a file, so {folder} cannot be made; pass another --root or move it away.")
+
+
 def make_folder(folder: Path) -> None:
+    check_room(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way (FileExistsError, NotADirectoryError), no permission, ...
-        in_the_way = isinstance(error, (FileExistsError, NotADirectoryError))
-        reason = "a file is in the way" if in_the_way else (error.strerror or str(error)).lower()
-        raise UserError(f"cannot make the folder {folder}: {reason}; pass --root a folder path (it is made if "
-                        "missing).") from None
+    except OSError as error:  # no permission, a read-only disk, ...
+        raise UserError(f"cannot make the folder {folder}: {(error.strerror or str(error)).lower()}; pass --root a "
+                        "folder you can write to.") from None
 
 
 def download_dataset(root: str, folder: str, archive: str, url: str, md5: str, marker: str,
@@ -82,6 +98,7 @@ def download_dataset(root: str, folder: str, archive: str, url: str, md5: str, m
     """
     root = Path(root)
     dataset_dir, tarball = root / folder, root / archive
+    check_room(dataset_dir)  # before a large download, not at its extraction
     if (dataset_dir / marker).is_file():
         try:
             print(f"already present, nothing to do: {verify(dataset_dir)}")
@@ -95,4 +112,15 @@ def download_dataset(root: str, folder: str, archive: str, url: str, md5: str, m
         raise UserError(f"{tarball} has the wrong md5 (expected {md5}); delete it and run the download again.")
     safe_extract(tarball, root)
     print(f"extracted and verified: {verify(dataset_dir)}")
+    return dataset_dir
+
+
+def placed_by_hand(root: str, folder: str, get: Callable[[Path], str], verify: Callable[[Path], str]) -> Path:
+    """The download of a dataset that has none: verify the copy placed by hand in root/folder, or say how to place
+    it there. get(dataset folder): how; verify: as download_dataset's."""
+    dataset_dir = Path(root).absolute() / folder
+    check_room(dataset_dir)
+    if not dataset_dir.exists():
+        raise UserError(f"{dataset_dir} does not exist; {get(dataset_dir)}.")
+    print(f"no download needed, verified: {verify(dataset_dir)}")
     return dataset_dir

@@ -9,15 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bcnn.data.cub import read_id_table
-from bcnn.data.dataset import _BoxedDataset, check_images_exist, synthetic_image
-from bcnn.data.download import make_folder
+from bcnn.data.cub import read_id_table, split_by_flag
+from bcnn.data.dataset import _BoxedDataset, check_dataset_folder, describe_splits, synthetic_image
+from bcnn.data.download import make_folder, placed_by_hand
 from bcnn.errors import UserError
 
 NABIRDS_FOLDER = "nabirds"
-GET_NABIRDS = ("NABirds has no direct download: accept the terms at https://dl.allaboutbirds.org/nabirds, extract "
-               f"nabirds.tar.gz into data/ (so data/{NABIRDS_FOLDER}/images.txt exists) and pass --data-root "
-               f"data/{NABIRDS_FOLDER}")
+HOLDS = "images.txt and images/"
+
+
+def get_nabirds(folder: Path) -> str:
+    """How to put NABirds into folder: the one the user named, not a default."""
+    lands = "" if folder.name == NABIRDS_FOLDER else f", which makes {folder.parent / NABIRDS_FOLDER}"
+    return (f"NABirds has no direct download: accept the terms at https://dl.allaboutbirds.org/nabirds and extract "
+            f"nabirds.tar.gz into {folder.parent}{lands}")
 REEXTRACT = "re-extract nabirds.tar.gz (delete the folder first) or fix the file"
 
 
@@ -64,12 +69,9 @@ def _ancestors(class_id: int, parents: dict[int, int], names: dict[int, str]) ->
 def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
     """Check a nabirds folder; return (leaf class names, their ancestors' names, official train, test); records
     are (path, label, bbox), labels 0..K-1 over the leaf classes images use, in class-id order."""
-    if not root.is_dir():
-        raise UserError(f"NABirds folder {root} does not exist; {GET_NABIRDS}.")
-    if not (root / "images.txt").is_file() and (root / NABIRDS_FOLDER / "images.txt").is_file():
-        raise UserError(f"{root} holds the dataset one level down; pass --data-root {root / NABIRDS_FOLDER}.")
+    check_dataset_folder(root, "NABirds", HOLDS, get_nabirds(root), NABIRDS_FOLDER, "images.txt")
     if not (root / "images.txt").is_file():
-        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a NABirds folder; {GET_NABIRDS}.")
+        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a NABirds folder; {get_nabirds(root)}.")
     tables = {name: read_id_table(root, name, parse, REEXTRACT, key) for name, (parse, key) in NABIRDS_TABLES.items()}
     image_ids = set(tables["images.txt"])
     for name in ("image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
@@ -88,12 +90,10 @@ def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
             raise UserError(f"image_class_labels.txt labels images with class {class_id} ({names[class_id]}), "
                             f"which hierarchy.txt says is not a leaf; {REEXTRACT}.")
     label_of = {class_id: label for label, class_id in enumerate(used)}
-    records = [(str(root / "images" / rel_path), label_of[tables["image_class_labels.txt"][image_id]],
-                tables["bounding_boxes.txt"][image_id]) for image_id, rel_path in sorted(tables["images.txt"].items())]
-    check_images_exist([path for path, *_ in records], "listed in images.txt", REEXTRACT)
-    is_train = [tables["train_test_split.txt"][image_id] for image_id in sorted(tables["images.txt"])]
-    trainval = [record for record, train in zip(records, is_train) if train]
-    test = [record for record, train in zip(records, is_train) if not train]
+    records = {image_id: (str(root / "images" / rel_path), label_of[tables["image_class_labels.txt"][image_id]],
+                          tables["bounding_boxes.txt"][image_id])
+               for image_id, rel_path in sorted(tables["images.txt"].items())}
+    trainval, test = split_by_flag(records, tables["train_test_split.txt"], REEXTRACT)
     ancestors = [_ancestors(class_id, parents, names) for class_id in used]
     return [names[class_id] for class_id in used], ancestors, trainval, test
 
@@ -101,11 +101,18 @@ def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
 class NABirdsDataset(_BoxedDataset):
     """NABirds over its leaf classes; `ancestors[label]` names the class's coarser groups, nearest first."""
 
-    ADD_TRAINING_IMAGES = f"{REEXTRACT}: every class needs images marked 1 (train) in train_test_split.txt"
+    ADD_TRAINING_IMAGES = "mark images of every class 1 (train) in train_test_split.txt, or re-extract nabirds.tar.gz"
+    FOLDER_HOLDS = HOLDS
 
     def read(self, root: Path) -> tuple[list[str], list, list]:
         classes, self.ancestors, trainval, test = read_nabirds(root)
         return classes, trainval, test
+
+
+def download_nabirds(root: str) -> Path:
+    """No download without accepting Cornell's terms: verify a copy placed by hand in root/nabirds, or say how."""
+    return placed_by_hand(root, NABIRDS_FOLDER, get_nabirds,
+                          lambda folder: describe_splits(NABirdsDataset, folder, 0.1))
 
 
 def write_synthetic_nabirds(root, classes: int = 5, per_class: int = 12, seed: int = 0,
