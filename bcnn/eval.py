@@ -9,7 +9,8 @@ with the per-class accuracies (CSV), the confusion matrix and per-class accuracy
 The files are named after the checkpoint and the split, beside the checkpoint: for best.pt on the test split
 eval_best_test.json, eval_best_test_per_class.csv, eval_best_test_confusion.png and eval_best_test_per_class.png
 (last.pt's evaluation does not replace best.pt's; with --output, named after its stem). The JSON also lists
-the most confused pairs of classes, and the five largest are printed.
+the most confused pairs of classes, and the five largest are printed. An existing file is replaced only when an
+evaluation wrote it (bcnn.run_dir.written_by_eval): never a checkpoint, a config or a user's file.
 
 The dataset, split and transforms come from the config stored in the checkpoint (the val split is the same
 seeded hold-out the run used); `--data-root` points at the data when it has moved. The model is rebuilt from
@@ -35,6 +36,7 @@ from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accur
                           save_figure)
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
+from bcnn.run_dir import EVAL_SIBLINGS, written_by_eval
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
 MOST_CONFUSED_SAVED, MOST_CONFUSED_PRINTED = 10, 5
@@ -69,21 +71,29 @@ def main(argv=None) -> dict:
         distributed.teardown()
 
 
-def output_path(args) -> Path:
-    """--output, or eval_<checkpoint name>_<split>[_flip].json beside the checkpoint."""
+def output_paths(args) -> dict[str, Path]:
+    """What this evaluation writes: "json" (--output, or eval_<checkpoint name>_<split>[_flip].json beside the
+    checkpoint), and the CSV and PNGs named after it; a file already there must be one an evaluation wrote."""
     if args.output:
         output = Path(args.output)
         if output.is_dir():
             raise UserError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'eval.json'}.")
-        return output
-    checkpoint = Path(args.checkpoint)
-    return checkpoint.parent / f"eval_{checkpoint.stem}_{args.split}{'_flip' if args.tta == 'flip' else ''}.json"
+    else:
+        checkpoint = Path(args.checkpoint)
+        output = checkpoint.parent / f"eval_{checkpoint.stem}_{args.split}{'_flip' if args.tta == 'flip' else ''}.json"
+    paths = {"json": output, **{suffix: sibling(output, suffix) for suffix in EVAL_SIBLINGS
+                                if suffix.endswith(".csv") or not args.no_figures}}
+    for path in paths.values():
+        if path.exists() and not written_by_eval(path):
+            raise UserError(f"{path} exists and is not an evaluation's file, so bcnn.eval will not replace it; pass "
+                            "--output a new file name, or move it away.")
+    return paths
 
 
 def run(args, ctx: distributed.Context) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    output = output_path(args)  # checked before the evaluation's minutes, not after
+    outputs = output_paths(args)  # checked before the evaluation's minutes, not after
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
     if args.data_root:
@@ -100,7 +110,7 @@ def run(args, ctx: distributed.Context) -> dict:
     loader = build_image_loader(cfg.data, dataset, args.batch_size or cfg.train.eval_batch_size, train=False, seed=0,
                                 device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
                                 num_workers=args.num_workers)
-    model = build_model(cfg.model, num_classes=len(state["classes"]))
+    model = build_model(cfg.model, num_classes=len(state["classes"]), input_size=cfg.data.crop)
     load_model_weights(model, state["model"])
     model.to(ctx.device, memory_format=torch.channels_last)
 
@@ -120,15 +130,15 @@ def run(args, ctx: distributed.Context) -> dict:
           f"mean per-class {metrics['mean_class_acc']:.2f}% (tta {args.tta}; {args.checkpoint})")
     print_most_confused(most_confused[:MOST_CONFUSED_PRINTED], {row["class"]: row["images"] for row in rows})
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
-        written = [output, write_per_class_csv(rows, sibling(output, "per_class.csv"))]
+        outputs["json"].parent.mkdir(parents=True, exist_ok=True)
+        outputs["json"].write_text(json.dumps(result, indent=2) + "\n")
+        write_per_class_csv(rows, outputs["per_class.csv"])
         if not args.no_figures:  # last: drawing 200 classes takes seconds
-            written += write_figures(confusion, state["classes"], output, figure_subtitle(args, metrics))
+            write_figures(confusion, state["classes"], outputs, figure_subtitle(args, metrics))
     except OSError as error:
-        raise UserError(f"cannot write {error.filename or output} ({(error.strerror or str(error)).lower()}); the "
-                        "numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
-    for path in written:
+        raise UserError(f"cannot write {error.filename or outputs['json']} ({(error.strerror or str(error)).lower()}); "
+                        "the numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
+    for path in outputs.values():
         print(f"wrote {path}")
     return result
 
@@ -151,22 +161,20 @@ def figure_subtitle(args, metrics: dict) -> str:
             f"mean per-class {metrics['mean_class_acc']:.2f}%\n{args.checkpoint}")
 
 
-def write_per_class_csv(rows: list[dict], path: Path) -> Path:
+def write_per_class_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["index", "class", "images", "correct", "accuracy"])
         writer.writeheader()
         for row in rows:  # a class without images keeps an empty accuracy cell
             writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else f"{row['accuracy']:.2f}"})
-    return path
 
 
-def write_figures(confusion, class_names: list[str], output: Path, title: str) -> list[Path]:
-    confusion_path, per_class_path = sibling(output, "confusion.png"), sibling(output, "per_class.png")
-    save_figure(confusion_figure(confusion, class_names, f"confusion, row-normalised\n{title}"), confusion_path)
+def write_figures(confusion, class_names: list[str], outputs: dict[str, Path], title: str) -> None:
+    save_figure(confusion_figure(confusion, class_names, f"confusion, row-normalised\n{title}"),
+                outputs["confusion.png"])
     figure = per_class_accuracy_figure(confusion.diagonal(), confusion.sum(1), class_names,
                                        f"per-class accuracy\n{title}")
-    save_figure(figure, per_class_path)
-    return [confusion_path, per_class_path]
+    save_figure(figure, outputs["per_class.png"])
 
 
 if __name__ == "__main__":

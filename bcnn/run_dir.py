@@ -5,7 +5,7 @@ best.pt and last.pt, with RunCounters saying where the run stands).
     run = RunDirectory(Path("runs/cub_vgg16_stage1"))
     try:
         run.hold()                                     # rank 0; another run holding it is refused
-        run.prepare(fresh=True, overwrite=False, inputs=[init_from])   # clears an earlier run's files, or refuses
+        run.prepare(fresh=True, overwrite=False, inputs={"--config": config})  # clears an earlier run, or refuses
         ...
     finally:
         run.release()
@@ -16,6 +16,16 @@ left by a killed run (a SIGKILL, a pre-empted node, a torchrun restart) is simpl
 (DataLoader workers, which can outlive a killed run by seconds) do not inherit it, as they would an flock; and
 NFS supports it. Its one trap: closing any descriptor of run.lock in the process drops the lock, so nothing but
 RunDirectory opens that file. Commands that only read a run (eval, predict) never take it.
+
+What a run may clear: only files a bcnn command wrote, recognised by name and content (written_by_bcnn), so a
+copied or moved run directory is still recognised and a user's file is never taken for one: a checkpoint that
+loads as bcnn's (weights, config and classes), the complete resolved config.yaml as bcnn.train dumps it, a
+train.log whose first line is bcnn's first log line, a metrics.jsonl of epoch rows, a TensorBoard events file,
+and bcnn.eval's JSON (its metric keys) with the CSV and PNGs named after it. A new run into a directory that holds
+anything else is refused, naming it. Without --overwrite it clears only what a run left that stopped before its
+first checkpoint (config.yaml, train.log, events); an earlier run's results (a checkpoint, evaluations, epoch
+rows) need --overwrite. --overwrite moves the earlier run into previous_run/ and deletes that folder once the new
+run writes its first last.pt; a run that stops before then (a bad image, Ctrl-C) puts it back as it was.
 """
 
 from __future__ import annotations
@@ -24,26 +34,39 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import glob
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from bcnn.checkpoint import save_checkpoint
+from bcnn.config import Config, config_to_dict
 from bcnn.errors import UserError
 from bcnn.progress import EpochProgress
 
+log = logging.getLogger("bcnn")
+
 LOCK_FILE = "run.lock"
 CHECKPOINTS = ("last.pt", "best.pt")
-# What a run writes; a new run (or --overwrite) removes them so no stale curve or checkpoint mixes in.
-RUN_FILES = (*CHECKPOINTS, "metrics.jsonl", "train.log", "config.yaml", "events.out.tfevents.*", "eval_*")
+PREVIOUS_RUN = "previous_run"  # the run --overwrite replaces, until the new one has its first last.pt
 # save_checkpoint writes .<name>.<random>.tmp and renames it; one left behind means a save was cut short.
 STALE_TEMPORARIES = ".*.pt.*.tmp"
+# bcnn.eval's files beside its JSON, <JSON stem>_<suffix>, and how each begins.
+EVAL_SIBLINGS = {"per_class.csv": b"index,class,images,correct,accuracy\r\n", "confusion.png": b"\x89PNG",
+                 "per_class.png": b"\x89PNG"}
+EVAL_KEYS = {"checkpoint", "split", "tta", "top1", "count", "most_confused"}
+TRAIN_LOG_START = re.compile(r"\d\d:\d\d:\d\d run dir")  # bcnn.train's first log line: "run dir(ectory) PATH"
+READ_LIMIT = 16 << 20  # no file of these kinds is larger; a larger one is not bcnn's
 
 
 def describe_os_error(error: OSError) -> str:
@@ -56,6 +79,10 @@ class RunDirectory:
         self.notes: list[str] = []  # what holding and preparing did, for the run's log once it is open
         self._lock_file = None
         self._created = False
+        self._replacing = False  # the earlier run waits in previous_run/ for this run's first last.pt
+        # Writers that reopen their file by path on every write (TensorBoard's): release() closes them first, so
+        # none writes into the directory once it is put back or another run holds it.
+        self.writers: list = []
 
     def hold(self) -> None:
         """Create the directory if needed and lock it for this run, or say which run holds it."""
@@ -63,7 +90,12 @@ class RunDirectory:
         self._lock()
 
     def release(self) -> None:
-        """Unlock (a no-op when not held); a directory this run created and wrote nothing to goes again."""
+        """Close the run's writers; put back the run --overwrite was replacing if this run wrote no last.pt; unlock
+        (a no-op when not held); a directory this run created and wrote nothing to goes again."""
+        for writer in self.writers:
+            writer.close()
+        if self._replacing:
+            self._put_back_previous_run()
         self._unlock()
         if self._created and not any(entry.name != LOCK_FILE for entry in self.path.iterdir()):
             (self.path / LOCK_FILE).unlink(missing_ok=True)
@@ -80,6 +112,9 @@ class RunDirectory:
     def describe_last_checkpoint(self) -> str:
         """Where a stopped run stands, from last.pt's small entries (memory-mapped: its tensors stay unread)."""
         last = self.path / "last.pt"
+        if self._replacing:
+            return (f"this run wrote no checkpoint, so the run that --overwrite was replacing is put back in "
+                    f"{self.path} as it was; the same command starts again")
         if not last.exists():
             return f"no checkpoint has been written in {self.path} yet, so the same command starts the run again"
         state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
@@ -129,30 +164,183 @@ class RunDirectory:
             self._lock_file.close()  # closing drops the lock
             self._lock_file = None
 
-    def prepare(self, fresh: bool, overwrite: bool, inputs: list[str]) -> None:
-        """Before the run writes anything: remove what interrupted saves left, and for a fresh start clear an
-        earlier run's files, unless they include a checkpoint the run was not told to replace (then refuse)
-        or a file this run reads (init_from: refuse, or the run would delete what it starts from)."""
+    def prepare(self, fresh: bool, overwrite: bool, inputs: dict[str, str | None]) -> None:
+        """Before the run writes anything: remove what interrupted saves left, and for a fresh start clear or set
+        aside an earlier run's files (module docstring), refusing a directory that holds a file bcnn did not
+        write, an earlier run's results without --overwrite, or a file this run reads (inputs, by the option
+        that names it: the run would delete what it starts from)."""
         for stale in sorted(self.path.glob(STALE_TEMPORARIES)):
             stale.unlink()
             self.notes.append(f"removed {stale}, left by a checkpoint save that was cut short")
+        previous = self.path / PREVIOUS_RUN
         if not fresh:
+            if previous.is_dir() and (self.path / "last.pt").exists():  # the replacing run was killed after it
+                self.notes.append(self._remove_previous_run())
             return
         if not overwrite and (self.path / "last.pt").exists():  # absent when this command looked, before holding
             raise UserError(f"run directory {self.path} was written by another run while this one started (it now "
                             "holds a last.pt); run the same command again to resume that run, or pass another "
                             "--run-dir.")
-        earlier = [path for pattern in RUN_FILES for path in sorted(self.path.glob(pattern))]
-        for given in filter(None, inputs):
-            if Path(given).resolve() in {path.resolve() for path in earlier}:
-                raise UserError(f"{given} lies in run directory {self.path}, which this run would clear as it "
-                                "starts; write this run to another --run-dir (stage 2's is runs/cub_vgg16_stage2).")
-        checkpoints = [path.name for path in earlier if path.name in CHECKPOINTS]
-        if checkpoints and not overwrite:
-            raise UserError(f"run directory {self.path} holds an earlier run's {' and '.join(checkpoints)} but no "
-                            "last.pt to resume from; pass --overwrite to replace that run, or another --run-dir.")
-        for path in earlier:
-            path.unlink()
+        entries = [path for path in sorted(self.path.iterdir())
+                   if path.name != LOCK_FILE and not (path.name == PREVIOUS_RUN and path.is_dir())]
+        kept = sorted(previous.iterdir()) if previous.is_dir() else []  # an --overwrite killed before its last.pt
+        foreign = [path for path in entries + kept if not written_by_bcnn(path)]
+        if foreign:
+            raise UserError(f"run directory {self.path} holds {self._names(foreign)}, which bcnn did not write and a "
+                            f"new run will not delete; move {'it' if len(foreign) == 1 else 'them'} elsewhere, or "
+                            "pass another --run-dir.")
+        for option, given in inputs.items():
+            if given and Path(given).resolve() in {path.resolve() for path in entries + kept}:
+                way_out = ("write this run to a --run-dir of its own, not the one that checkpoint lies in"
+                           if option == "train.init_from" else
+                           f"copy it out of there and pass the copy as {option}, or write this run to another --run-dir")
+                raise UserError(f"{option} {given} lies in run directory {self.path}, which this run would clear "
+                                f"as it starts; {way_out}.")
+        if not overwrite:
+            if previous.is_dir():
+                raise UserError(f"run directory {self.path} holds {PREVIOUS_RUN}/, the run that an --overwrite "
+                                "stopped before its first checkpoint was replacing; move its files back into "
+                                f"{self.path} to keep that run, or pass --overwrite to replace it.")
+            results = [path for path in entries if path.name in CHECKPOINTS or written_by_eval(path)
+                       or (path.name == "metrics.jsonl" and path.stat().st_size > 0)]
+            if results:
+                raise UserError(f"run directory {self.path} holds an earlier run's {self._names(results)} but no "
+                                "last.pt to resume from; pass --overwrite to replace that run, or another "
+                                "--run-dir.")
+            for path in entries:  # what a run left that stopped before its first checkpoint
+                path.unlink()
+            return
+        if previous.is_dir() and (self.path / "last.pt").exists():  # the replacing run was killed after its last.pt
+            self.notes.append(self._remove_previous_run())
+        if previous.is_dir():
+            for path in entries:  # what a killed --overwrite wrote; previous_run/ still holds the run it replaced
+                path.unlink()
+        elif entries:
+            previous.mkdir()
+            self._replacing = True  # from here on, release() puts back whatever was moved
+            for path in entries:
+                os.replace(path, previous / path.name)
+        if previous.is_dir():
+            self._replacing = True
+            self.notes.append(f"the run that --overwrite replaces waits in {previous}: it is deleted once this "
+                              "run writes its first last.pt, and put back if this run stops before")
+
+    def checkpoint_written(self) -> None:
+        """After each last.pt: the first one makes the run that --overwrite replaced unneeded."""
+        if self._replacing:
+            log.info("run directory %s: %s", self.path, self._remove_previous_run())
+            self._replacing = False
+
+    def _remove_previous_run(self) -> str:
+        shutil.rmtree(self.path / PREVIOUS_RUN)
+        return f"removed {PREVIOUS_RUN}/, the run that --overwrite replaced, now that a new run has its last.pt"
+
+    def _put_back_previous_run(self) -> None:
+        previous = self.path / PREVIOUS_RUN
+        for path in self.path.iterdir():
+            if path.name not in (LOCK_FILE, PREVIOUS_RUN) and written_by_bcnn(path):
+                path.unlink()
+        for path in previous.iterdir():
+            os.replace(path, self.path / path.name)
+        previous.rmdir()
+        self._replacing = False
+        log.info("run directory %s: this run stopped before its first last.pt, so the run that --overwrite was "
+                 "replacing is back as it was", self.path)
+
+    def _names(self, paths: list[Path]) -> str:
+        names = [str(path.relative_to(self.path)) + ("/" if path.is_dir() else "") for path in paths]
+        if len(names) > 4:
+            names = [*names[:3], f"{len(names) - 3} more"]
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def written_by_bcnn(path: Path) -> bool:
+    """Whether path is a file a bcnn command wrote into a run directory, by its name and content (module
+    docstring); a folder never is."""
+    if not path.is_file():
+        return False
+    if path.name in CHECKPOINTS:
+        return _is_checkpoint(path)
+    if path.name == "config.yaml":
+        return _is_resolved_config(path)
+    if path.name == "train.log":
+        head = _read_head(path, 64)
+        return head == b"" or TRAIN_LOG_START.match(head.decode("utf-8", "replace")) is not None
+    if path.name == "metrics.jsonl":
+        return _is_metrics(path)
+    if path.name.startswith("events.out.tfevents."):
+        head = _read_head(path, 64)
+        return head == b"" or b"brain.Event:" in head
+    return written_by_eval(path)
+
+
+def written_by_eval(path: Path) -> bool:
+    """Whether path is a file bcnn.eval wrote: its JSON, or a CSV or PNG named after one beside it."""
+    if _is_eval_json(path):
+        return True
+    for suffix, start in EVAL_SIBLINGS.items():
+        if path.name.endswith(f"_{suffix}") and _read_head(path, len(start)) == start:
+            stem = path.name[:-len(suffix) - 1]
+            return any(candidate.stem == stem and _is_eval_json(candidate)
+                       for candidate in path.parent.glob(glob.escape(stem) + "*"))
+    return False
+
+
+def _read_head(path: Path, size: int) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    """A small UTF-8 text file's content; None when it is large, unreadable or not UTF-8."""
+    try:
+        if path.stat().st_size > READ_LIMIT:
+            return None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:  # memory-mapped: the tensors stay unread
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unpickling, zip and mmap errors have no common type: none is a checkpoint
+        return False
+    return isinstance(state, dict) and {"model", "config", "classes"} <= state.keys()
+
+
+def _is_resolved_config(path: Path) -> bool:
+    text = _read_text(path)
+    try:
+        config = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        return False
+    return (isinstance(config, dict) and set(config) == set(config_to_dict(Config()))
+            and all(isinstance(values, dict) for values in config.values())
+            and yaml.safe_dump(config, sort_keys=False) == text)
+
+
+def _is_metrics(path: Path) -> bool:
+    text = _read_text(path)
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line] if text is not None else None
+    except ValueError:
+        return False
+    return rows is not None and all(isinstance(row, dict) and {"epoch", "global_step"} <= row.keys() for row in rows)
+
+
+def _is_eval_json(path: Path) -> bool:
+    if not path.is_file() or _read_head(path, 1) != b"{":
+        return False
+    text = _read_text(path)
+    try:
+        result = json.loads(text) if text is not None else None
+    except ValueError:
+        return False
+    return isinstance(result, dict) and EVAL_KEYS <= result.keys()
 
 
 def _read_holder(lock_file) -> str:
@@ -262,3 +450,4 @@ class RunRecorder:
     def save_last(self, counters: RunCounters) -> None:
         state = {"model": self.model.state_dict(), **self.fixed, **self.training_state(), **counters.as_checkpoint()}
         save_checkpoint(state, self.run.path / "last.pt", then=self.run.how_to_continue())
+        self.run.checkpoint_written()

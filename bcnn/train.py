@@ -10,10 +10,12 @@ plateau schedule use the val split held out from train; the test split is never 
 
 Running the same command again resumes from the run directory's last.pt (written every epoch, and every
 `train.checkpoint_every` steps), exactly where it stopped: the weights at the end equal those of a run that
-never stopped. `--resume PATH` resumes from another checkpoint; `--overwrite` starts the run again from scratch.
+never stopped. `--resume PATH` resumes from another checkpoint; `--overwrite` starts the run again from scratch,
+keeping the run it replaces in previous_run/ until the new one writes its first last.pt.
 
 The run directory receives config.yaml (the resolved config), train.log, metrics.jsonl (a line per epoch),
-TensorBoard events, last.pt and best.pt (best val top-1, or the last epoch when there is no val split).
+TensorBoard events, last.pt and best.pt (best val top-1, or the last epoch when there is no val split). A new run
+starts only in a directory that holds nothing but an earlier bcnn run's files (bcnn/run_dir.py).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def parse_args(argv):
     start.add_argument("--resume", metavar="CHECKPOINT",
                        help="continue from this last.pt (default: the run directory's last.pt when it exists)")
     start.add_argument("--overwrite", action="store_true",
-                       help="delete the run directory's checkpoints, logs and events and start from scratch")
+                       help="replace the run directory's earlier run (checkpoints, logs, events, evaluations) and "
+                       "start from scratch; the earlier run waits in previous_run/ until this one writes its first "
+                       "last.pt, and is put back if this one stops before")
     args, overrides = parser.parse_known_args(argv)
     for flag, key in (("data_root", "data.root"), ("device", "train.device"), ("run_dir", "train.run_dir")):
         if getattr(args, flag) is not None:
@@ -229,7 +233,7 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
 
     # Every input is read and checked before anything in the run directory changes: a mistake costs nothing.
     resume_path = find_resume_checkpoint(args, run.path)
-    state = load_checkpoint(resume_path) if resume_path else None
+    state = load_checkpoint(resume_path, option="--resume") if resume_path else None
     if state is not None:
         check_resumable(cfg, state, resume_path)
     seed_everything(cfg.train.seed)
@@ -247,10 +251,11 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     initial = read_init_from(cfg.train.init_from, classes) if cfg.train.init_from and state is None else None
     model = build_model_once_per_machine(cfg, len(classes), ctx)
 
-    # The run directory: held by this run, cleared for a fresh start, its log opened.
+    # The run directory: held by this run, cleared (or its earlier run set aside) for a fresh start, its log opened.
     if ctx.is_main:
         run.hold()
-        run.prepare(fresh=state is None, overwrite=args.overwrite, inputs=[cfg.train.init_from])
+        run.prepare(fresh=state is None, overwrite=args.overwrite,
+                    inputs={"train.init_from": cfg.train.init_from, "--config": args.config})
     config_dict = open_run_log(cfg, ctx, args, run, train_set, val_set, micro_batch)
 
     # The model, optimizer and schedule: initialised, or restored to where the run stopped.
@@ -291,6 +296,7 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     board = None
     if ctx.is_main:
         board = TensorBoardLog(run.path, purge_step=counters.global_step + 1 if state is not None else None)
+        run.writers.append(board)
         if state is None and not cfg.train.cache_features:
             board.augmented_images(train_set, cfg.train.seed)
     diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
@@ -338,7 +344,7 @@ def build_model_once_per_machine(cfg: Config, num_classes: int, ctx: distributed
     hub cache."""
     if ctx.local_rank != 0:
         distributed.barrier()
-    model = build_model(cfg.model, num_classes=num_classes)
+    model = build_model(cfg.model, num_classes=num_classes, input_size=cfg.data.crop)
     if ctx.local_rank == 0:
         distributed.barrier()
     return model
@@ -347,7 +353,8 @@ def build_model_once_per_machine(cfg: Config, num_classes: int, ctx: distributed
 def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory, train_set, val_set,
                  micro_batch: int) -> dict:
     """train.log (rank 0), config.yaml, and the run's first lines; returns the config as a dict, stored with every
-    checkpoint as plain values."""
+    checkpoint as plain values. A train.log's first line, "run dir(ectory) PATH", and config.yaml as yaml.safe_dump
+    writes it are how a later run recognises them as bcnn's (bcnn.run_dir.written_by_bcnn)."""
     setup_logging(run.path / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
     for note in run.notes:
         log.info("run directory %s: %s", run.path, note)

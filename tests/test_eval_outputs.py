@@ -1,5 +1,6 @@
 """What `python -m bcnn.eval` writes beside its JSON: the per-class CSV (against a count made here without
-bcnn's data code), the confusion and per-class PNGs, the most confused pairs printed by name, and --no-figures.
+bcnn's data code), the confusion and per-class PNGs, the most confused pairs printed by name, and --no-figures;
+and what it never replaces: any file an evaluation did not write.
 
 The checkpoint is an untrained demo model on a 3-class mini-CUB: its predictions are poor, which is what
 gives the confusion matrix something to show. Its seed is one whose guesses spread over all three classes,
@@ -23,6 +24,7 @@ from bcnn import eval as eval_cli
 from bcnn.checkpoint import save_checkpoint
 from bcnn.config import config_to_dict, load_config
 from bcnn.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, write_synthetic_cub
+from bcnn.errors import UserError
 from bcnn.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,3 +144,34 @@ def test_subprocess_with_output_and_no_figures(evaluated, tmp_path):
         evaluated["checkpoint"].parent / "eval_best_test_per_class.csv")
     assert "most confused: Synthetic Class" in result.stdout
     assert ".png" not in result.stdout
+
+
+@pytest.mark.parametrize("target", ["the checkpoint", "last.pt", "config.yaml", "a JSON of the user's",
+                                    "a CSV of the user's where the per-class CSV goes", "a PNG where a figure goes"])
+def test_eval_never_replaces_a_file_it_did_not_write(evaluated, tmp_path, target):
+    checkpoint = evaluated["checkpoint"]
+    output, in_the_way = {
+        "the checkpoint": (checkpoint, checkpoint),
+        "last.pt": (tmp_path / "last.pt",) * 2,
+        "config.yaml": (tmp_path / "config.yaml",) * 2,
+        "a JSON of the user's": (tmp_path / "notes.json",) * 2,
+        "a CSV of the user's where the per-class CSV goes": (tmp_path / "test.json", tmp_path / "test_per_class.csv"),
+        "a PNG where a figure goes": (tmp_path / "test.json", tmp_path / "test_confusion.png"),
+    }[target]
+    if not in_the_way.exists():
+        in_the_way.write_bytes(b"\x89PNG the user's own" if in_the_way.suffix == ".png" else
+                               b'{"top1": 84.1, "note": "from the paper"}\n')
+    before = in_the_way.read_bytes()
+    with pytest.raises(UserError, match=rf"^{in_the_way} exists and is not an evaluation's file, so bcnn.eval will "
+                                        r"not replace it; pass --output a new file name, or move it away.$"):
+        eval_cli.main(["--checkpoint", str(checkpoint), "--device=cpu", f"--output={output}"])
+    assert in_the_way.read_bytes() == before
+
+
+def test_eval_replaces_its_own_files(evaluated, tmp_path, capsys):
+    output = tmp_path / "stage1_test.json"
+    for _ in range(2):
+        eval_cli.main(["--checkpoint", str(evaluated["checkpoint"]), "--device=cpu", f"--output={output}",
+                       "--no-figures"])
+    assert f"wrote {output.parent / 'stage1_test_per_class.csv'}" in capsys.readouterr().out
+    assert json.loads(output.read_text())["count"] == sum(images for images, _ in evaluated["expected"].values())

@@ -1,6 +1,7 @@
 """A run directory belongs to one run at a time, and no command deletes a checkpoint it was told to read or was not
-told to replace; a full or read-only disk, Ctrl-C and SIGTERM each end in one sentence that says where the last
-checkpoint is, with nothing half-written left behind."""
+told to replace, nor overwrites or deletes a file that bcnn did not write (train, eval and `bcnn.data synth`);
+--overwrite keeps the run it replaces until the new one has a checkpoint; a full or read-only disk, Ctrl-C and
+SIGTERM each end in one sentence that says where the last checkpoint is, with nothing half-written left behind."""
 
 import errno
 import hashlib
@@ -20,16 +21,17 @@ from bcnn import checkpoint as checkpoint_module
 from bcnn import eval as eval_cli
 from bcnn import train as train_cli
 from bcnn.checkpoint import save_checkpoint
+from bcnn.data.__main__ import main as data_cli_main
 from bcnn.errors import Interrupted, UserError, sigterm_raises
 from bcnn.run_dir import LOCK_FILE, RunDirectory
 from helpers.runs import REPO, launch, small_run_args, suite_threads
 
 
 def fingerprints(folder: Path) -> dict:
-    """Every run file's name and content hash: equal before and after means nothing was touched. run.lock is
-    left out: it says who holds the directory, and reading it here would drop this process's own lock on it."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())
-            if path.name != LOCK_FILE}
+    """Every file's path under folder and content hash: equal before and after means nothing was touched. run.lock
+    is left out: it says who holds the directory, and reading it here would drop this process's own lock on it."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != LOCK_FILE}
 
 
 def train(*args):
@@ -60,16 +62,24 @@ def test_stage2_into_stage1s_directory_is_refused_and_keeps_its_best_pt(cub_3x13
     (finished_run / "last.pt").unlink()  # deleted to save space: best.pt alone remains
     before = fingerprints(finished_run)
     with pytest.raises(UserError, match=rf"{finished_run / 'best.pt'} lies in run directory {finished_run}, which "
-                                        r"this run would clear as it starts; write this run to another --run-dir"):
+                                        r"this run would clear as it starts; write this run to a --run-dir of its "
+                                        r"own, not the one that checkpoint lies in\.$"):
         train_cli.main(small_run_args(cub_3x13, finished_run, f"--train.init_from={finished_run / 'best.pt'}"))
     assert fingerprints(finished_run) == before
 
 
-def test_overwrite_with_init_from_inside_the_directory_is_refused(cub_3x13, finished_run):
+def test_overwrite_with_init_from_or_config_inside_the_directory_is_refused(cub_3x13, finished_run):
     before = fingerprints(finished_run)
     with pytest.raises(UserError, match="lies in run directory"):
         train_cli.main(small_run_args(cub_3x13, finished_run, f"--train.init_from={finished_run / 'best.pt'}",
                                       "--overwrite"))
+    config = finished_run / "config.yaml"  # the run's own, which the user edited to start again
+    config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.02"))
+    before = fingerprints(finished_run)
+    with pytest.raises(UserError, match=rf"^--config {config} lies in run directory {finished_run}, which this run "
+                                        r"would clear as it starts; copy it out of there and pass the copy as "
+                                        r"--config, or write this run to another --run-dir.$"):
+        train_cli.main(small_run_args(cub_3x13, finished_run, "--config", str(config), "--overwrite"))
     assert fingerprints(finished_run) == before
 
 
@@ -87,8 +97,8 @@ def test_a_typo_in_the_data_root_touches_nothing(cub_3x13, finished_run, tmp_pat
 def test_a_directory_with_best_pt_but_no_last_pt_is_not_taken_for_empty(cub_3x13, finished_run):
     (finished_run / "last.pt").unlink()
     before = fingerprints(finished_run)
-    with pytest.raises(UserError, match=f"run directory {finished_run} holds an earlier run's best.pt but no "
-                                        "last.pt to resume from; pass --overwrite"):
+    with pytest.raises(UserError, match=f"run directory {finished_run} holds an earlier run's best.pt and "
+                                        "metrics.jsonl but no last.pt to resume from; pass --overwrite"):
         train_cli.main(small_run_args(cub_3x13, finished_run))
     assert fingerprints(finished_run) == before
 
@@ -97,9 +107,111 @@ def test_overwrite_removes_every_file_of_the_earlier_run_and_its_evaluations(cub
     eval_cli.main(["--checkpoint", str(finished_run / "best.pt"), "--device=cpu", "--split=val"])
     assert {"eval_best_val.json", "eval_best_val_per_class.csv", "eval_best_val_confusion.png"} <= set(
         fingerprints(finished_run))
+    (finished_run / "eval_plan.md").write_text("test split after the last seed only\n")
+    before = fingerprints(finished_run)
+    with pytest.raises(UserError, match=rf"^run directory {finished_run} holds eval_plan.md, which bcnn did not "
+                                        r"write and a new run will not delete; move it elsewhere, or pass another"):
+        train_cli.main(small_run_args(cub_3x13, finished_run, "--train.epochs=1", "--overwrite"))
+    assert fingerprints(finished_run) == before
+    (finished_run / "eval_plan.md").unlink()
+
     train_cli.main(small_run_args(cub_3x13, finished_run, "--train.epochs=1", "--overwrite"))
     assert not list(finished_run.glob("eval_*"))
     assert [json.loads(line)["epoch"] for line in (finished_run / "metrics.jsonl").read_text().splitlines()] == [1]
+    # the earlier run waited in previous_run/ until the new run's first last.pt (step 2 of 3), then went
+    assert not (finished_run / "previous_run").exists()
+    log = (finished_run / "train.log").read_text()
+    assert "the run that --overwrite replaces waits in" in log
+    assert log.index("removed previous_run/") < log.index("epoch 1 done")
+
+
+# ---- a new run clears only what a bcnn run wrote --------------------------------------------------------------
+
+
+def test_a_new_run_refuses_a_folder_holding_the_users_own_files(cub_3x13, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    own_config = run_dir / "config.yaml"  # the user keeps the config beside the run, and trains from it
+    own_config.write_text((REPO / "experiments" / "demo_stage1.yaml").read_text() + "# tried lr 0.1: diverged\n")
+    (run_dir / "train.log").write_text("12:00:01 my notes on the run\n")
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (run_dir / "eval_best_test.json").write_text('{"top1": 84.1, "note": "from the paper"}\n')
+    before = fingerprints(run_dir)
+    with pytest.raises(UserError, match=rf"^run directory {run_dir} holds config.yaml, eval_best_test.json, "
+                                        r"metrics.jsonl and train.log, which bcnn did not write"):
+        train_cli.main(small_run_args(cub_3x13, run_dir, "--config", str(own_config)))
+    assert fingerprints(run_dir) == before
+
+
+def test_evaluations_kept_after_the_checkpoints_moved_away_need_overwrite(cub_3x13, finished_run, tmp_path):
+    eval_cli.main(["--checkpoint", str(finished_run / "best.pt"), "--device=cpu", "--split=val", "--no-figures"])
+    for name in ("best.pt", "last.pt"):
+        (finished_run / name).rename(tmp_path / name)  # archived elsewhere; the evaluations and curves stay
+    before = fingerprints(finished_run)
+    with pytest.raises(UserError, match=rf"^run directory {finished_run} holds an earlier run's eval_best_val.json, "
+                                        r"eval_best_val_per_class.csv and metrics.jsonl but no last.pt to resume "
+                                        r"from; pass --overwrite"):
+        train_cli.main(small_run_args(cub_3x13, finished_run))
+    assert fingerprints(finished_run) == before
+
+
+@pytest.fixture
+def unreadable_cub(writable_cub) -> Path:
+    """A mini-CUB whose every image is truncated: the dataset reads, the first batch fails."""
+    for image in (writable_cub / "images").rglob("*.jpg"):
+        image.write_bytes(image.read_bytes()[:200])
+    return writable_cub
+
+
+def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_earlier_run_back(unreadable_cub, finished_run,
+                                                                                   capsys):
+    before = fingerprints(finished_run)
+    with pytest.raises(UserError, match="truncated"):
+        train_cli.main(small_run_args(unreadable_cub, finished_run, "--overwrite"))
+    assert fingerprints(finished_run) == before, "the finished run is back, and nothing of the failed one remains"
+    assert "the run that --overwrite was replacing is back as it was" in capsys.readouterr().out
+
+
+def test_a_killed_overwrite_leaves_the_earlier_run_in_previous_run(cub_3x13, unreadable_cub, finished_run):
+    original = fingerprints(finished_run)
+    previous = finished_run / "previous_run"  # what a SIGKILL before the new run's first last.pt leaves:
+    previous.mkdir()
+    for path in list(finished_run.iterdir()):
+        if path.is_file() and path.name != LOCK_FILE:
+            path.rename(previous / path.name)
+    for name in ("config.yaml", "train.log"):  # the killed run's own
+        shutil.copy(previous / name, finished_run / name)
+    (finished_run / "train.log").write_text(f"12:00:00 run dir {finished_run}\n")
+    before = fingerprints(finished_run)
+    with pytest.raises(UserError, match=rf"holds previous_run/, the run that an --overwrite stopped before its first "
+                                        rf"checkpoint was replacing; move its files back into {finished_run} to keep "
+                                        r"that run, or pass --overwrite"):
+        train_cli.main(small_run_args(cub_3x13, finished_run))
+    assert fingerprints(finished_run) == before
+    # --overwrite again: the killed run's files go, previous_run/ still waits, and comes back when this run fails
+    with pytest.raises(UserError, match="truncated"):
+        train_cli.main(small_run_args(unreadable_cub, finished_run, "--overwrite"))
+    assert fingerprints(finished_run) == original
+
+
+@pytest.mark.parametrize("fmt, dataset_folder", [("cub", "."), ("aircraft", "fgvc-aircraft-2013b")])
+def test_synth_into_a_folder_that_is_not_empty_is_refused(tmp_path, fmt, dataset_folder):
+    root = tmp_path / "data"
+    synth = ["synth", "--format", fmt, "--root", str(root), "--classes", "1", "--per-class", "3", "--image-size", "16"]
+    data_cli_main(synth)  # a new folder: written
+    before = fingerprints(root)
+    with pytest.raises(UserError, match=rf"^{root / dataset_folder if dataset_folder != '.' else root} is not empty "
+                                        r"\(it holds .*\), and synth writes a new dataset there; pass"):
+        data_cli_main([*synth, "--seed", "1"])
+    assert fingerprints(root) == before
+    if fmt == "cub":  # any file, not only a dataset's
+        notes = tmp_path / "notes"
+        notes.mkdir()
+        (notes / "todo.txt").write_text("label the new photos\n")
+        with pytest.raises(UserError, match=r"it holds todo.txt\), and synth writes a new dataset there; pass --root "
+                                            r"a new or empty folder.$"):
+            data_cli_main(["synth", "--root", str(notes)])
+        assert (notes / "todo.txt").read_text() == "label the new photos\n"
 
 
 # ---- one run at a time ---------------------------------------------------------------------------------------
