@@ -93,6 +93,8 @@ def output_paths(args) -> dict[str, Path]:
 def run(args, ctx: distributed.Context) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.num_workers is not None and args.num_workers < -1:
+        raise UserError(f"--num-workers must be -1 (from this machine's cores) or at least 0, got {args.num_workers}.")
     outputs = output_paths(args)  # checked before the evaluation's minutes, not after
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])

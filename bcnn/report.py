@@ -37,7 +37,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bcnn.report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with its eval JSONs)")
     parser.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
-    parser.add_argument("--checkpoint", default="best", help="whose evaluation: best (default) or last")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                        help="whose evaluation: best (default) or last")
     parser.add_argument("--json", action="store_true", help="print the table as JSON and nothing else")
     return parser.parse_args(argv)
 

@@ -124,6 +124,11 @@ class RunDirectory:
 
     def _create(self) -> None:
         existed = self.path.exists()
+        in_the_way = next((path for path in (self.path, *self.path.parents) if path.exists()), None)
+        if in_the_way is not None and not in_the_way.is_dir():
+            where = "is a file" if in_the_way == self.path else f"lies under {in_the_way}, which is a file"
+            raise UserError(f"--run-dir {self.path} {where}; pass a folder for the run (a new one, or an earlier "
+                            "run's).")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._created = not existed
@@ -193,7 +198,8 @@ class RunDirectory:
             if given and Path(given).resolve() in {path.resolve() for path in entries + kept}:
                 way_out = ("write this run to a --run-dir of its own, not the one that checkpoint lies in"
                            if option == "train.init_from" else
-                           f"copy it out of there and pass the copy as {option}, or write this run to another --run-dir")
+                           f"copy it out of there and pass the copy as {option}, or write this run to another "
+                           "--run-dir")
                 raise UserError(f"{option} {given} lies in run directory {self.path}, which this run would clear "
                                 f"as it starts; {way_out}.")
         if not overwrite:

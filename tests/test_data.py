@@ -347,6 +347,17 @@ def test_cli_synth_writes_a_dataset_that_verify_accepts(tmp_path):
     assert f"trainval {flags.count('1')}," in checked.stdout and f"test {flags.count('0')}" in checked.stdout
 
 
+@pytest.mark.parametrize("data_format, option, value, least", [
+    ("cub", "--classes", "0", 1), ("aircraft", "--per-class", "2", 3), ("nabirds", "--image-size", "8", 16),
+    ("cars", "--classes", "1", 2),
+])
+def test_synth_names_the_size_option_that_is_too_small(tmp_path, data_format, option, value, least):
+    with pytest.raises(UserError) as error:
+        data_cli_main(["synth", "--format", data_format, "--root", str(tmp_path / "new"), option, value])
+    assert str(error.value).startswith(f"{option} must be at least {least} for a synthetic ")
+    assert str(error.value).endswith(f", got {value}.")
+
+
 def test_cli_reports_a_broken_root_without_traceback(tmp_path):
     result = run_cli("verify", "--root", str(tmp_path / "nowhere"))
     assert result.returncode == 2

@@ -280,13 +280,14 @@ def test_a_file_given_as_the_dataset_folder_is_refused_naming_the_option(tmp_pat
     holds = READERS[name].FOLDER_HOLDS
     with pytest.raises(UserError) as error:
         data_cli_main(["verify", "--root", str(file), "--format", name])
-    assert str(error.value) == f"--root {file} is a file, not a folder; pass the dataset's folder, the one holding {holds}."
+    assert str(error.value) == (f"--root {file} is a file, not a folder; pass the dataset's folder, the one holding "
+                                f"{holds}.")
     config = EXPERIMENTS / f"{name if name in DOWNLOADS else 'cub'}_vgg16_stage1.yaml"
     with pytest.raises(UserError) as error:
         train_cli.main(["--config", str(config), f"--data-root={file}", f"--data.format={name}",
                         f"--run-dir={tmp_path / 'run'}", *TINY])
-    assert str(error.value) == (f"--data-root (data.root) {file} is a file, not a folder; pass the dataset's folder, the "
-                                f"one holding {holds}.")
+    assert str(error.value) == (f"--data-root (data.root) {file} is a file, not a folder; pass the dataset's "
+                                f"folder, the one holding {holds}.")
 
 
 def test_advice_names_the_folder_given_never_a_default(tmp_path):

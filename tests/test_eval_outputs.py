@@ -175,3 +175,13 @@ def test_eval_replaces_its_own_files(evaluated, tmp_path, capsys):
                        "--no-figures"])
     assert f"wrote {output.parent / 'stage1_test_per_class.csv'}" in capsys.readouterr().out
     assert json.loads(output.read_text())["count"] == sum(images for images, _ in evaluated["expected"].values())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--num-workers", "-5", "--num-workers must be -1 (from this machine's cores) or at least 0, got -5."),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0."),
+])
+def test_a_count_out_of_range_is_refused_not_taken_for_the_default(evaluated, option, value, message):
+    with pytest.raises(UserError) as error:
+        eval_cli.main(["--checkpoint", str(evaluated["checkpoint"]), "--device", "cpu", option, value])
+    assert str(error.value) == message

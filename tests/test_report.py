@@ -174,3 +174,9 @@ def test_make_refuses_a_count_that_is_not_a_whole_number_instead_of_training_not
     name = variables[-1].split("=")[0]
     assert result.returncode != 0 and result.stdout == "", result.stdout  # nothing ran
     assert f"{variables[-1]} is not a whole number of at least" in result.stderr and name in result.stderr
+
+
+def test_report_takes_best_or_last_only(runs, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(runs / "seed0"), "--checkpoint", "middle"])
+    assert "invalid choice: 'middle'" in capsys.readouterr().err

@@ -372,6 +372,15 @@ def test_a_read_only_disk_is_one_sentence(cub_3x13, tmp_path, monkeypatch):
         train_cli.main(small_run_args(cub_3x13, tmp_path / "readonly" / "run"))
 
 
+@pytest.mark.parametrize("run_dir, where", [("notes.txt", "is a file"), ("notes.txt/run", "lies under")])
+def test_a_run_dir_that_is_a_file_or_lies_under_one_is_one_sentence_and_the_file_is_untouched(
+        cub_3x13, tmp_path, run_dir, where):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=rf"^--run-dir .*{run_dir} {where}.*; pass a folder for the run"):
+        train_cli.main(small_run_args(cub_3x13, tmp_path / run_dir))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_rerunning_a_finished_run_writes_nothing_so_a_read_only_disk_is_fine(cub_3x13, finished_run):
     before, lock_written = fingerprints(finished_run), (finished_run / LOCK_FILE).stat().st_mtime_ns
     result = train(*small_run_args(cub_3x13, finished_run))

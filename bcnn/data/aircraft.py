@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import FGVCAircraft
 
-from bcnn.data.dataset import (_ImageDataset, check_images, check_torchvision_folder, describe_splits, path_only,
-                                read_utf8, select_split, synthetic_image)
+from bcnn.data.dataset import (_ImageDataset, check_images, check_synthetic_sizes, check_torchvision_folder,
+                               describe_splits, path_only, read_utf8, select_split, synthetic_image)
 from bcnn.data.download import download_dataset, fetch_advice, make_folder
 from bcnn.errors import UserError
 
@@ -103,9 +103,7 @@ def write_synthetic_aircraft(root, classes: int = 5, per_class: int = 12, seed: 
     Each class (variant) gets a family of its own pair and a manufacturer of its own three, like the real
     hierarchy; per class, images go to train, val and test in turn (about a third each, at least one each).
     """
-    if classes < 1 or per_class < 3 or image_size < 16:
-        raise UserError("a synthetic FGVC-Aircraft needs classes >= 1, per-class >= 3 and image-size >= 16; "
-                        "raise them.")
+    check_synthetic_sizes("FGVC-Aircraft", classes, per_class, image_size)
     dataset_dir, rng = Path(root) / AIRCRAFT_FOLDER, np.random.default_rng(seed)
     data = dataset_dir / "data"
     make_folder(data / "images")

@@ -14,8 +14,8 @@ import numpy as np
 import scipy.io
 from torchvision.datasets import StanfordCars
 
-from bcnn.data.dataset import (_BoxedDataset, check_images, check_torchvision_folder, describe_splits, path_only,
-                                synthetic_image)
+from bcnn.data.dataset import (_BoxedDataset, check_images, check_synthetic_sizes, check_torchvision_folder,
+                               describe_splits, path_only, synthetic_image)
 from bcnn.data.download import make_folder, placed_by_hand
 from bcnn.errors import UserError
 
@@ -120,10 +120,8 @@ def write_synthetic_cars(root, classes: int = 5, per_class: int = 12, seed: int 
     """Write a mini Stanford Cars in torchvision's stanford_cars layout, .mat files included, deterministically
     from seed; returns the stanford_cars folder under root. About half of each class is train, as in the real set;
     train and test images are numbered 00001.jpg.. separately, and image 1 of train is grayscale."""
-    if classes < 2 or per_class < 3 or image_size < 16:
-        # torchvision's StanfordCars cannot read a .mat table of one entry (scipy squeezes it to a scalar).
-        raise UserError("a synthetic Stanford Cars needs classes >= 2, per-class >= 3 and image-size >= 16; raise "
-                        "them.")
+    # torchvision's StanfordCars cannot read a .mat table of one entry (scipy squeezes it to a scalar).
+    check_synthetic_sizes("Stanford Cars", classes, per_class, image_size, least_classes=2)
     dataset_dir, rng = Path(root) / CARS_FOLDER, np.random.default_rng(seed)
     for folder in ("devkit", "cars_train", "cars_test"):
         make_folder(dataset_dir / folder)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bcnn.data.dataset import (_BoxedDataset, check_dataset_folder, check_images, clean_class_name, describe_splits,
-                                read_utf8, synthetic_image)
+from bcnn.data.dataset import (_BoxedDataset, check_dataset_folder, check_images, check_synthetic_sizes,
+                               clean_class_name, describe_splits, read_utf8, synthetic_image)
 from bcnn.data.download import download_dataset, fetch_advice, make_folder
 from bcnn.errors import UserError
 
@@ -122,8 +122,7 @@ def write_synthetic_cub(root, classes: int = 5, per_class: int = 12, seed: int =
     and sizes drawn independently of the class: learnable in a few CPU epochs, even by the demo's random VGG16.
     Image 1 is saved as grayscale and image per_class + 2 (or 2) as CMYK, as happens in CUB.
     """
-    if classes < 1 or per_class < 3 or image_size < 16:
-        raise UserError("a synthetic CUB needs classes >= 1, per-class >= 3 and image-size >= 16; raise them.")
+    check_synthetic_sizes("CUB", classes, per_class, image_size)
     root, rng = Path(root), np.random.default_rng(seed)
     make_folder(root)
     special_modes = {1: "L", (per_class + 2 if classes > 1 else 2): "CMYK"}

@@ -86,6 +86,15 @@ def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) 
     return (left, top, right, bottom) if right > left and bottom > top else (0, 0, width, height)
 
 
+def check_synthetic_sizes(title: str, classes: int, per_class: int, image_size: int, least_classes: int = 1) -> None:
+    """A synthetic writer's sizes, each refused by its synth option when too small (per class: one train, one val
+    hold-out, one test image; 16 px: the smallest image its shapes are drawn in)."""
+    for option, value, least in (("--classes", classes, least_classes), ("--per-class", per_class, 3),
+                                 ("--image-size", image_size, 16)):
+        if value < least:
+            raise UserError(f"{option} must be at least {least} for a synthetic {title}, got {value}.")
+
+
 def refuse_a_file(root, option: str, holds: str) -> None:
     """A dataset folder given as a file: one sentence naming the option (or "the dataset folder") that gave it."""
     if os.path.exists(root) and not os.path.isdir(root):

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from bcnn.data.cub import read_id_table, split_by_flag
-from bcnn.data.dataset import _BoxedDataset, check_dataset_folder, describe_splits, synthetic_image
+from bcnn.data.dataset import (_BoxedDataset, check_dataset_folder, check_synthetic_sizes, describe_splits,
+                               synthetic_image)
 from bcnn.data.download import make_folder, placed_by_hand
 from bcnn.errors import UserError
 
@@ -119,8 +120,7 @@ def write_synthetic_nabirds(root, classes: int = 5, per_class: int = 12, seed: i
                             image_size: int = 96) -> Path:
     """Write a mini NABirds in its exact layout (UUID ids, images/<4-digit class id>/<uuid hex>.jpg, a hierarchy
     whose inner nodes label no image), deterministically from seed; returns the nabirds folder under root."""
-    if classes < 1 or per_class < 3 or image_size < 16:
-        raise UserError("a synthetic NABirds needs classes >= 1, per-class >= 3 and image-size >= 16; raise them.")
+    check_synthetic_sizes("NABirds", classes, per_class, image_size)
     dataset_dir, rng = Path(root) / NABIRDS_FOLDER, np.random.default_rng(seed)
     make_folder(dataset_dir / "images")
     # Like the release: 0 is the root, then groups, then the leaves; ids are not contiguous over the leaves.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,8 @@ def main(argv=None) -> list[dict]:
     if args.images < 1 or any(size < 32 for size in sizes):
         raise UserError("--images must be at least 1 and every --sizes value at least 32 (VGG16's relu5_3 is then "
                         "2 x 2).")
+    if args.weights not in ("none", "imagenet") and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights} is not a file; give a VGG16 state-dict file, or none or imagenet.")
     torch.manual_seed(0)
     cfg = ModelConfig(backbone_weights=args.weights)
     model = build_model(cfg, num_classes=2).eval()
