@@ -4,6 +4,8 @@ stalls ends the command with one sentence instead of a traceback or a wait for e
 
 import os
 import re
+import multiprocessing
+import signal
 import time
 
 import numpy as np
@@ -106,7 +108,10 @@ def test_a_worker_that_stalls_ends_the_run_after_the_timeout(cub, tmp_path, monk
 
     def stall_in_validation(self, item):
         if not isinstance(item, tuple):  # val and eval loaders ask for plain indices, TrainSampler for pairs
-            time.sleep(3)  # past the timeout, as a read from a dead network disk; short, as the test waits for it
+            # A worker that would never end by itself and ignores the SIGTERM an exiting process sends (as one
+            # deadlocked inside fork does): the run must still end, killing it.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(600)
         return read(self, item)
 
     monkeypatch.setattr(_ImageDataset, "__getitem__", stall_in_validation)
@@ -116,3 +121,4 @@ def test_a_worker_that_stalls_ends_the_run_after_the_timeout(cub, tmp_path, monk
                      "could not send its batch); check that the data folder's disk responds, or lower "
                      "data.num_workers (--num-workers in bcnn.eval and bcnn.bench), or set it to 0 to see any error "
                      "in the main process.\n")
+    assert not multiprocessing.active_children(), "no worker is left behind to keep the process from exiting"

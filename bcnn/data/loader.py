@@ -4,8 +4,11 @@ bounded wait for the workers (WORKER_TIMEOUT_S, worker_errors)."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -69,6 +72,25 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
                       timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
 
 
+
+def _kill_workers() -> None:
+    """SIGKILL this process's loader workers (daemon children) before it ends with an error. A stalled worker may
+    never answer the SIGTERM that exiting sends it: one forked while another thread held an interpreter lock
+    deadlocks inside fork (seen once under torchrun on CPython 3.11) and keeps the inherited Python SIGTERM handler,
+    so the exiting process would wait for it for ever, and its torchrun job with it. torch's SIGCHLD handler is set
+    aside meanwhile: it would report these deaths as a worker failure at some later, random point."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 @contextlib.contextmanager
 def worker_errors():
     """Torch's errors for a loader worker that died, or for a batch that did not come within WORKER_TIMEOUT_S,
@@ -79,6 +101,8 @@ def worker_errors():
         yield
     except RuntimeError as error:
         message = str(error)
+        if message.startswith(("DataLoader timed out after", "DataLoader worker (")):
+            _kill_workers()
         if message.startswith("DataLoader timed out after"):
             raise UserError(f"no batch came from the data loader workers in {WORKER_TIMEOUT_S} s (a worker stalled "
                             f"reading the data or could not send its batch); check that the data folder's disk "
