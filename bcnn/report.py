@@ -64,8 +64,8 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
     if current is None:
         print(f"note: {checkpoint_file} is not there, so {run_dir}'s evaluation could not be checked against it",
               file=sys.stderr)
-    return {"run": str(run_dir), "seed": (read_config(run_dir).get("train") or {}).get("seed"),
-            "config": read_config(run_dir),
+    config = read_config(run_dir)
+    return {"run": str(run_dir), "seed": (config.get("train") or {}).get("seed"), "config": config,
             "views": {suffix: {key: result[key] for key, _ in METRICS} if result else None
                       for suffix, result in views.items()},
             "images": next(result["count"] for result in views.values() if result)}
