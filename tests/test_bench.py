@@ -13,7 +13,8 @@ from bcnn.errors import UserError
 
 # One loader worker whatever the machine (the default grows with its cores, and the loader case's batches with it).
 TOY = ["--device", "cpu", "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-       "--classes", "5", "--cache-image-size", "32", "--cache-batch-size", "4", "--num-workers", "1"]
+       "--classes", "5", "--cache-image-size", "32", "--cache-batch-size", "4", "--num-workers", "1",
+       "--heads-image-size", "40", "--heads-batch-size", "3"]
 
 
 def run_bench(args: list[str]) -> str:
@@ -59,14 +60,19 @@ def test_ratios_and_targets_follow_from_the_figures(bench_json):
     assert ratios["loader_vs_stage2_step"] == pytest.approx(ips["loader"] / ips["stage2_step"])
     for head in bench.HEADS:
         assert ratios[f"{head}_step_time_vs_bilinear"] == pytest.approx(ips["stage2_step"] / ips[f"stage2_step_{head}"])
+        assert ratios[f"heads_{head}_vs_bilinear"] == pytest.approx(ips["heads_bilinear"] / ips[f"heads_{head}"])
+    for head in ("bilinear", *bench.HEADS):  # at the heads' own size and batch, every round timed
+        assert cases[f"heads_{head}"]["images_per_step"] == 3 and cases[f"heads_{head}"]["timed_steps"] == 1
+        assert "at 40 px" in cases[f"heads_{head}"]["what"]
     if "cached_stage1_epoch" in cases:
         live, cached = cases["live_stage1_epoch"], cases["cached_stage1_epoch"]
         assert ratios["cached_vs_live_epoch"] == pytest.approx(live["epoch_seconds"] / cached["epoch_seconds"])
         assert live["images_per_sec"] == pytest.approx(live["images_per_epoch"] / live["epoch_seconds"])
     checked = {check["ratio"]: check for check in result["targets"]}
     assert set(checked) == {"stage2_step_time_vs_bare", "speedup_vs_fp32_nchw", "loader_vs_stage2_step",
-                            "cached_vs_live_epoch", "matrix_sqrt_step_time_vs_bilinear",
-                            "compact_step_time_vs_bilinear"}
+                            "cached_vs_live_epoch", "heads_matrix_sqrt_vs_bilinear", "heads_compact_vs_bilinear"}
+    assert (checked["heads_matrix_sqrt_vs_bilinear"]["target"], checked["heads_compact_vs_bilinear"]["target"]) == (
+        1.10, 1.05)  # issue 22's targets
     for name, check in checked.items():
         value = ratios[name]
         assert check["value"] == value
@@ -86,7 +92,7 @@ def test_human_form_prints_the_table_and_the_targets():
     targets = report.split("targets:")[1]
     for label in ("stage2_step time / bare time", "stage2_step speedup over fp32 + NCHW",
                   "loader images/s / stage2_step images/s", "live / cached stage-1 epoch time",
-                  "matrix_sqrt stage2_step time / bilinear's", "compact stage2_step time / bilinear's"):
+                  "heads: matrix_sqrt step time / bilinear's", "heads: compact step time / bilinear's"):
         line = next(line for line in targets.splitlines() if label in line)
         assert line.rstrip().endswith(("PASS", "MISS", "n/a"))
 
@@ -99,7 +105,8 @@ def test_fp16_on_the_cpu_is_refused_before_any_work():
 def test_the_recipe_bench_times_each_part_and_projects_cubs_size(tmp_path):
     """`--recipe` at a toy size: photo-like JPEGs in the CUB layout, each part of the recipe timed, and the
     projection to CUB's counts recomputed here from the rates it reports."""
-    steps_only = {"--cache-image-size", "--cache-batch-size"}  # refused with --recipe, which does not use them
+    # refused with --recipe, which does not use them
+    steps_only = {"--cache-image-size", "--cache-batch-size", "--heads-image-size", "--heads-batch-size"}
     toy = [arg for i, arg in enumerate(TOY) if arg not in steps_only and (i == 0 or TOY[i - 1] not in steps_only)]
     result = json.loads(run_bench([*toy, "--recipe", "--recipe-images", "8", "--photo-side",
                                    "40", "--decode", "gpu", "--json"]))

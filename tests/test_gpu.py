@@ -162,14 +162,16 @@ def test_predict_on_cuda_gives_the_probabilities_of_the_cpu(data, cuda_run, caps
 def test_bench_on_cuda_emits_its_json(capsys):
     bench.main(["--device", "cuda", "--image-size", "64", "--batch-size", "4", "--steps", "2", "--warmup", "1",
                 "--classes", "5", "--cache-image-size", "64", "--cache-batch-size", "8", "--num-workers", "1",
-                "--json"])
+                "--heads-image-size", "64", "--heads-batch-size", "4", "--json"])
     result = json.loads(capsys.readouterr().out)  # stdout is the JSON and nothing else
     assert result["device"]["type"] == "cuda" and result["precision"] in ("bf16", "fp16")
     assert set(result["cases"]) == set(bench.CASES)
     for name, case in result["cases"].items():
         assert case["images_per_sec"] > 0 and case["ms_per_step"] > 0, name
-    # On CUDA every case that builds a model reports the allocator's peak (the loader alone allocates nothing).
-    assert all(case["peak_memory_mib"] > 0 for name, case in result["cases"].items() if name != "loader")
+    # On CUDA every case that builds a model reports the allocator's peak (the loader alone allocates nothing; the
+    # heads timed in turn share one peak, so none is theirs).
+    assert all(case["peak_memory_mib"] > 0 for name, case in result["cases"].items()
+               if name != "loader" and not name.startswith("heads_"))
     assert all(check["value"] is not None for check in result["targets"])
 
 
@@ -197,3 +199,35 @@ def test_nvjpeg_batches_match_the_pil_path(data):
     levels = torch.cat(differences)
     print(f"nvjpeg vs PIL: mean {levels.mean():.3f}, max {levels.max():.2f} grey levels")
     assert levels.mean() <= 1.0 and levels.max() <= 16
+
+
+def test_compact_head_is_deterministic_on_cuda_and_agrees_with_the_cpu():
+    # Each bucket sums its channel pairs in one fixed order, forward and backward (a gather by a permutation, no
+    # atomics): the same bits on every run, with PyTorch's deterministic mode on or off. Against the CPU: float32
+    # sums of the Gram product in another order, sqrt(784) u = 1.7e-6 relative; allowed FORWARD_RTOL.
+    from bcnn.models.pooling import CompactBilinearPooling
+
+    head = CompactBilinearPooling(channels=512, dim=8192)
+    x = torch.rand(4, 512, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.where(x > 0.5, x, 0)
+    weights = torch.randn(4, 8192, generator=torch.Generator().manual_seed(1))
+
+    def forward_backward(device, deterministic):
+        previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, as on the CPU (bcnn.precision may allow TF32)
+        try:
+            leaf = x.to(device).requires_grad_()
+            out = head.to(device)(leaf)
+            (out * weights.to(device)).sum().backward()
+            return out.detach().cpu(), leaf.grad.cpu()
+        finally:
+            torch.use_deterministic_algorithms(previous[0])
+            torch.backends.cuda.matmul.allow_tf32 = previous[1]
+
+    runs = [forward_backward(CUDA, deterministic) for deterministic in (False, False, False, True)]
+    for out, grad in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1])
+    on_cpu = forward_backward(torch.device("cpu"), False)
+    assert relative_error(runs[0][0], on_cpu[0]) < FORWARD_RTOL
+    assert relative_error(runs[0][1], on_cpu[1]) < FORWARD_RTOL

@@ -3,6 +3,8 @@ eigendecomposition, covariances and tensor sketches written out in NumPy, the sk
 over 2,000 hash draws. Numbers quoted in comments were measured on a 2-core x86 CPU with torch 2.14.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -280,6 +282,73 @@ def test_sketch_is_the_summed_circular_convolution_of_two_count_sketches():
     assert relative_error(sketch, torch.from_numpy(expected)) < 1e-5  # float32 FFTs of 16 points: measured 1e-7
 
 
+def fft_tensor_sketch(x: torch.Tensor, hashes: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sketch as bcnn computed it up to issue 22, kept as a reference: per position, each count sketch as a
+    product with its dense (C, D) ±1 matrix, then FFTs of length D, multiplied, summed over positions, inverted."""
+    batch, channels, height, width = x.shape
+    features = x.reshape(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
+    spectra = []
+    for hash_k, sign_k in zip(hashes, signs):
+        projection = x.new_zeros(channels, dim)
+        projection[torch.arange(channels), hash_k] = sign_k.to(x.dtype)
+        spectra.append(torch.fft.rfft(features @ projection, dim=2))
+    return torch.fft.irfft((spectra[0] * spectra[1]).sum(dim=1), n=dim, dim=1)
+
+
+@pytest.mark.parametrize("channels, dim, side", [(512, 8192, 28), (512, 8192, 14), (64, 1024, 7)])
+def test_sketch_equals_the_fft_formulation_it_replaced(channels, dim, side):
+    # Same hashes, same maths, other summation orders: the Gram route sums each bucket's pairs directly, the FFT
+    # route rounds in log2(D) = 13 butterfly stages (about 13 u = 8e-7 relative) after sums of C terms. Measured
+    # 2.3e-7 in float32 at VGG16's 448-px map (512 x 28 x 28) and 4e-16 in float64: allowed 2e-6 and 1e-13.
+    head = CompactBilinearPooling(channels=channels, dim=dim)
+    x = torch.rand(2, channels, side, side, generator=torch.Generator().manual_seed(side))
+    x = torch.where(x > 0.5, x, 0)  # sparse and non-negative, as relu5_3
+    reference = fft_tensor_sketch(x, head.hashes, head.signs, dim)
+    assert relative_error(head.sketch(x), reference) < 2e-6
+    reference64 = fft_tensor_sketch(x.double(), head.hashes, head.signs, dim)
+    assert relative_error(head.double().sketch(x.double()), reference64) < 1e-13
+
+
+def test_each_channel_pair_lands_once_in_its_bucket():
+    head = CompactBilinearPooling(channels=40, dim=64, seed=2)
+    table = head.bucket_table(torch.device("cpu")).table.numpy()  # (D, load)
+    h1, h2 = head.hashes.numpy()
+    pairs = 40 * 40
+    for bucket, row in enumerate(table):
+        listed = sorted(index for index in row if index < pairs)
+        expected = [c * 40 + d for c in range(40) for d in range(40) if (h1[c] + h2[d]) % 64 == bucket]
+        assert listed == expected  # and in row-major order: each bucket sums its pairs in one fixed order
+    assert sorted(table.flatten().tolist()) == list(range(table.size))  # a permutation: padding slots distinct
+
+
+def test_compact_head_is_deterministic_forward_and_backward():
+    # The same input gives the same bits, run after run, forward and backward: every bucket and every gradient
+    # entry is a sum in one fixed order (no scatter-add). With PyTorch's deterministic mode on, nothing refuses.
+    # tests/test_gpu.py runs the same on CUDA, where an index_add_ with colliding indices would not be.
+    head = CompactBilinearPooling(channels=64, dim=512)
+    x = torch.rand(3, 64, 9, 9, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    runs = []
+    with deterministic_algorithms():
+        for _ in range(3):
+            leaf = x.clone().requires_grad_()
+            out = head(leaf)
+            (out * weights).sum().backward()
+            runs.append((out.detach(), leaf.grad))
+    for out, grad in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(grad, runs[0][1])
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def sketch_inner_products(x: torch.Tensor, y: torch.Tensor, dim: int, seeds: range) -> np.ndarray:
     """<TS(x), TS(y)> for single-position maps x, y (C,), one head (one draw of the hashes) per seed."""
     pair = torch.stack([x, y]).reshape(2, -1, 1, 1)
@@ -347,9 +416,7 @@ def test_building_a_compact_head_leaves_the_global_rng_alone():
 
 
 def test_compact_sketch_gradients_match_finite_differences():
-    # The sketch, not the whole head: an empty bucket of so small a sketch holds FFT rounding (about 1e-16), where
-    # the signed sqrt's slope is 1 / (2 sqrt(eps)) = 158, so a finite difference there measures rounding. The
-    # signed sqrt and the L2 normalisation after it are autograd's own.
+    # The sketch, the head's own arithmetic: the signed sqrt and the L2 normalisation after it are autograd's own.
     head = CompactBilinearPooling(channels=4, dim=16).double()
     x = torch.rand(2, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     assert torch.autograd.gradcheck(head.sketch, (x,))
@@ -386,3 +453,35 @@ def test_the_sqrt_sweep_measures_truncation_against_the_eigendecomposition(capsy
     assert errors[0] > 10 * max(errors[1:]) and max(errors[1:]) < 1e-2, errors
     assert all(0 < row["form_change"][k] < 0.5 for k in row["form_change"])  # the two forms differ, not wildly
     assert "root@5" in capsys.readouterr().out
+
+
+# ---- the matrix square root's backward: python -m bcnn.models.sqrt_backward ----
+
+
+def test_the_exact_root_gradient_and_the_lyapunov_solver_agree_where_both_converge():
+    # On well-conditioned SPD matrices (eigenvalues 1 to 1e-2) 30 float64 Newton-Schulz steps are the exact root, so
+    # autograd through them is the exact root's gradient; the eigendecomposition formula must give it, and the
+    # authors' Lyapunov iteration, run to convergence from that root, too. Measured: 3e-15 and 2e-15.
+    from bcnn.models.sqrt_backward import exact_root_gradient, lyapunov_backward
+
+    a = torch.from_numpy(spread_spectra(3, 16, 1e2, seed=7)).requires_grad_()
+    root = newton_schulz_sqrt(a, torch.linalg.matrix_norm(a), 30)
+    grad = torch.randn(3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grad = grad + grad.transpose(1, 2)
+    root.backward(grad)
+    assert relative_error(exact_root_gradient(a.detach(), grad), a.grad) < 1e-10
+    assert relative_error(lyapunov_backward(root.detach(), grad, 30), a.grad) < 1e-10
+
+
+def test_sqrt_backward_times_the_parts_and_measures_both_backwards(capsys):
+    # python -m bcnn.models.sqrt_backward, as docs/pooling.md runs it, at a size a test affords (2 x 2 maps).
+    from bcnn.models.sqrt_backward import main
+
+    result = main(["--size", "64", "--images", "2", "--batch", "2", "--repeats", "1"])
+    assert all(ms > 0 for ms in result["ms"].values())
+    errors = result["gradient_error"]
+    # Autograd is the forward's own gradient: float32 against float64 of the same 5 steps, rounding only.
+    assert errors["autograd_vs_forward_gradient"] < 1e-4, errors
+    # The Lyapunov backward is the exact root's gradient at a truncated root: another function's gradient.
+    assert errors["lyapunov_vs_forward_gradient"] > 100 * errors["autograd_vs_forward_gradient"], errors
+    assert "newton_schulz_backward_autograd" in capsys.readouterr().out

@@ -15,7 +15,8 @@ long normalisations lose too much in half precision.
     isqrt_cov    iSQRT-COV (Li et al., CVPR 2018): [1x1 conv + BN + ReLU to d channels] -> covariance -> matrix
                  square root (Newton-Schulz, trace-normalised) -> upper triangle, d(d+1)/2; trains when d > 0
     compact      compact bilinear pooling (Gao et al., CVPR 2016): tensor sketch of x ⊗ x to D dimensions, summed
-                 over positions -> signed sqrt -> L2; its random hashes are buffers of the state dict
+                 over positions (computed from the Gram matrix: the bilinear head's cost) -> signed sqrt -> L2; its
+                 random hashes are buffers of the state dict
     avg          global average pooling: the plain fine-tuning baseline a second-order head has to beat
 
 Only the bilinear head reads a second map (the config allows a second backbone with it alone).
@@ -72,12 +73,12 @@ def newton_schulz_sqrt(a: torch.Tensor, scale: torch.Tensor, iterations: int) ->
     # smallest positive float, keeps the gradient's 1 / scale finite.
     scale = scale.clamp_min(torch.finfo(a.dtype).eps).view(-1, 1, 1)  # (B, 1, 1)
     identity = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    y, z = a / scale, identity
+    y, z = a / scale, None  # Z_0 = I: its products are skipped, not computed (they are exact, so nothing changes)
     for step in range(iterations):
-        t = 0.5 * (3.0 * identity - torch.bmm(z, y))
+        t = 0.5 * (3.0 * identity - (y if z is None else torch.bmm(z, y)))
         y = torch.bmm(y, t)
         if step < iterations - 1:  # the last Z_K is never read (as fast-MPN-COV unrolls it)
-            z = torch.bmm(t, z)
+            z = t if z is None else torch.bmm(t, z)
     return y * scale.sqrt()
 
 
@@ -144,7 +145,12 @@ class MatrixSqrtPooling(Pooling):
 
     iterations: the authors train and test with 5 (their README's command). That is a truncated root: on relu5_3 maps
     of a random VGG16 at 448 px it is 21% (relative Frobenius) from the float64 eigendecomposition's root, 6.6% after
-    10 steps, 0.6% after 15 and 0.03% after 20 (docs/pooling.md has the sweep and the script)."""
+    10 steps, 0.6% after 15 and 0.03% after 20 (docs/pooling.md has the sweep and the script).
+
+    The backward is autograd's, the exact gradient of those 5 steps. The authors' Lyapunov backward (the exact root's
+    gradient, solved iteratively at the truncated root) was measured against it and not taken: at 448 px it costs
+    more (29 matrix products for 5 steps against autograd's 24) and is no closer to the float64 eigendecomposition's
+    gradient (docs/pooling.md; python -m bcnn.models.sqrt_backward)."""
 
     def __init__(self, channels: int, iterations: int = 5, sqrt_eps: float = 1e-5):
         super().__init__()
@@ -196,7 +202,7 @@ class CompactBilinearPooling(Pooling):
     """Compact bilinear pooling (Gao, Beijbom, Zhang, Darrell, CVPR 2016), its Tensor Sketch variant (after Pham &
     Pagh 2013): each position's x ⊗ x sketched to D dimensions, summed over the positions, then signed sqrt and L2
     normalisation: (B, D). The inner product of two images' sketches is an unbiased estimate of that of their
-    summed bilinear vectors, Σ_p,q <x_p, y_q>², without a C x C matrix.
+    summed bilinear vectors, Σ_p,q <x_p, y_q>², without a C x C classifier.
 
     The two count sketches' hashes h_k: [C] -> [D] and signs s_k: [C] -> {±1} are drawn once, from their own
     generator seeded with seed (the global RNG, which seeds training, is left alone), and kept as buffers: a
@@ -209,27 +215,86 @@ class CompactBilinearPooling(Pooling):
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("hashes", torch.randint(dim, (2, channels), generator=generator))  # (2, C) int64
         self.register_buffer("signs", torch.randint(2, (2, channels), generator=generator).float() * 2 - 1)  # (2, C)
+        self._buckets = None  # (key, BucketTable) for the hashes in use: see bucket_table
 
     def sketch(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D): the sum over positions of TS(x) = IFFT(FFT(CS_1(x)) ⊙ FFT(CS_2(x))), the circular
-        convolution of the two count sketches CS_k(x)[h_k(c)] += s_k(c) x_c."""
+        """(B, C, H, W) -> (B, D): Σ_p TS(x_p), TS(x) = CS_1(x) ⊛ CS_2(x), the circular convolution of the two count
+        sketches CS_k(x)[h_k(c)] += s_k(c) x_c.
+
+        Computed as what it equals: entry d sums s_1(c) s_2(c') G[c, c'] over the channel pairs with
+        h_1(c) + h_2(c') = d (mod D), G = Σ_p x_p x_pᵀ the un-normalised Gram matrix (Pham & Pagh's identity, summed
+        over positions). So the head costs the bilinear head's Gram product plus a gather of its C² entries, rather
+        than two dense (H W, C) x (C, D) products and FFTs of length D at every position. Each bucket sums its
+        pairs in one fixed order, forward and backward (bucket_table), so the result is the same run after run, on
+        a GPU too, where a scatter-add with colliding indices is not."""
         batch, channels, height, width = x.shape
-        features = x.reshape(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
-        spectra = []
-        for hashes, signs in zip(self.hashes, self.signs):
-            # The count sketch as a product with its sparse (C, D) ±1 matrix, built here from the hashes rather than
-            # stored, so the state dict holds 2 C hashes and signs instead of C D floats, and nothing can go stale.
-            projection = x.new_zeros(channels, self.output_dim)
-            projection[torch.arange(channels, device=x.device), hashes] = signs.to(x.dtype)
-            spectra.append(torch.fft.rfft(features @ projection, dim=2))  # (B, HW, D//2 + 1)
-        # The FFT is linear: sum the products over the positions, then one inverse FFT per image.
-        return torch.fft.irfft((spectra[0] * spectra[1]).sum(dim=1), n=self.output_dim, dim=1)  # (B, D)
+        features = x.reshape(batch, channels, height * width)  # (B, C, HW)
+        gram = torch.bmm(features, features.transpose(1, 2))  # (B, C, C), summed over positions
+        signed = gram * (self.signs[0][:, None] * self.signs[1][None, :]).to(x.dtype)
+        buckets = self.bucket_table(x.device)
+        padded = F.pad(signed.flatten(1), (0, buckets.table.numel() - channels * channels))  # (B, D * load)
+        by_bucket = _Permute.apply(padded, buckets.table.flatten(), buckets.inverse)  # (B, D * load)
+        return by_bucket.view(batch, self.output_dim, -1).sum(dim=2)
+
+    def bucket_table(self, device: torch.device) -> "BucketTable":
+        """The pairs of each bucket, built from the hashes in use and kept until they change (a loaded state dict
+        writes them in place, which bumps their version)."""
+        key = (device, self.hashes.data_ptr(), self.hashes._version)
+        if self._buckets is None or self._buckets[0] != key:
+            self._buckets = (key, BucketTable.build(self.hashes.cpu(), self.output_dim).to(device))
+        return self._buckets[1]
 
     def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(signed_sqrt(self.sketch(x), self.sqrt_eps), dim=1)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dim={self.output_dim}, sqrt_eps={self.sqrt_eps}, seed={self.seed}"
+
+
+class BucketTable:
+    """Where each of the C² channel pairs (c, c') of a tensor sketch goes: a (D, load) table of indices into the
+    row-major pairs, row d listing the pairs with h_1(c) + h_2(c') = d (mod D) in row-major order, padded to the
+    fullest bucket's load with indices past the last pair (distinct ones, each pointing at its own zero). Every
+    index from 0 to D * load - 1 appears once: the table is a permutation, so its gradient is the inverse
+    permutation (a gather, no scatter-add)."""
+
+    def __init__(self, table: torch.Tensor, inverse: torch.Tensor):
+        self.table, self.inverse = table, inverse  # (D, load) and (D * load,) int64
+
+    @classmethod
+    def build(cls, hashes: torch.Tensor, dim: int) -> "BucketTable":
+        channels = hashes.shape[1]
+        bucket = ((hashes[0][:, None] + hashes[1][None, :]) % dim).flatten()  # (C²,): each pair's bucket
+        order = torch.argsort(bucket, stable=True)  # pairs grouped by bucket, row-major within each
+        counts = torch.bincount(bucket, minlength=dim)  # (D,)
+        load = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(channels * channels) - starts[bucket[order]]  # each pair's place in its bucket
+        table = torch.full((dim, load), -1, dtype=torch.int64)
+        table[bucket[order], slot] = order
+        empty = table < 0
+        table[empty] = channels * channels + torch.arange(int(empty.sum()))
+        inverse = torch.empty(dim * load, dtype=torch.int64)
+        inverse[table.flatten()] = torch.arange(dim * load)
+        return cls(table, inverse)
+
+    def to(self, device: torch.device) -> "BucketTable":
+        return BucketTable(self.table.to(device), self.inverse.to(device))
+
+
+class _Permute(torch.autograd.Function):
+    """x[:, permutation] whose backward gathers by the inverse permutation: index_select's own backward is an
+    index_add_, which on CUDA uses atomics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, permutation: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, permutation)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
 
 
 def build_pooling(cfg, channels: int, channels_b: int | None = None, nonnegative_maps: bool = False) -> Pooling:
