@@ -474,11 +474,14 @@ def measure_heads_side_by_side(settings: Settings, backbone: nn.Sequential) -> d
                                 precision=settings.precision, channels_last=True)
             if index >= settings.warmup and len(stamps) == 2:
                 times.append(stamps[1] - stamps[0])
-    return {f"heads_{head}": _record(f"heads_{head}", settings.precision, "channels_last", times,
-                                     sized.batch_size, _NoMemoryProbe(),
-                                     f"stage2_step with the {head} head at {sized.image_size} px, in turn with the "
-                                     "other heads")
-            for head, _, _, times in runs}
+    records = {}
+    for head, _, _, times in runs:
+        records[f"heads_{head}"] = _record(f"heads_{head}", settings.precision, "channels_last", times,
+                                           sized.batch_size, _NoMemoryProbe(),
+                                           f"stage2_step with the {head} head at {sized.image_size} px, in turn "
+                                           "with the other heads")
+        records[f"heads_{head}"]["step_seconds"] = times  # round by round, for the ratios (compute_ratios)
+    return records
 
 
 def measure_eval(settings: Settings, backbone: nn.Sequential) -> dict:
@@ -670,9 +673,18 @@ def compute_ratios(cases: dict) -> dict:
         "cached_vs_live_epoch": ratio(epoch_seconds("live_stage1_epoch"), epoch_seconds("cached_stage1_epoch")),
         # A head's step time over the bilinear head's, both everything-trains steps at the same batch.
         **{f"{head}_step_time_vs_bilinear": ratio(ips("stage2_step"), ips(f"stage2_step_{head}")) for head in HEADS},
-        # The same at the heads' size, the steps taken in turn.
-        **{f"heads_{head}_vs_bilinear": ratio(ips("heads_bilinear"), ips(f"heads_{head}")) for head in HEADS},
+        # The same at the heads' size: the median over the rounds of each round's ratio, the two steps taken
+        # seconds apart, so that a drift of the machine's speed between rounds cancels.
+        **{f"heads_{head}_vs_bilinear": round_ratio(cases.get(f"heads_{head}"), cases.get("heads_bilinear"))
+           for head in HEADS},
     }
+
+
+def round_ratio(case: dict | None, reference: dict | None) -> float | None:
+    """The median over rounds of case's step time over reference's in the same round (measure_heads_side_by_side)."""
+    if not case or not reference or not case.get("step_seconds") or not reference.get("step_seconds"):
+        return None
+    return statistics.median(mine / theirs for mine, theirs in zip(case["step_seconds"], reference["step_seconds"]))
 
 
 def check_targets(ratios: dict) -> list[dict]:
@@ -820,7 +832,8 @@ def format_report(result: dict) -> str:
         "",
         "notes:",
         "  steps: random device-resident batches (no loader); ms/step is the median step, images/s = batch / it",
-        "  heads_*: one step of each head in turn, round after round; no per-case peak memory (all five are built)",
+        "  heads_*: one step of each head in turn, round after round; ratio = the median over rounds of the round's "
+        "ratio; no per-case peak memory (all five are built)",
         "  loader: whole epochs of the generated images (workers running), ms/step = epoch / batches",
         "  epochs: one epoch each (after at most one warm-up epoch), ms/step = epoch / optimizer steps; "
         "cache_build is the one-off cost before the cached epochs",
