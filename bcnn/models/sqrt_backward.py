@@ -1,5 +1,5 @@
 """What the improved B-CNN's matrix square root costs, part by part, and whether a cheaper backward than autograd's
-exists: the authors' iterative Lyapunov solver, measured against a float64 eigendecomposition's gradient.
+exists: the authors' iterative Lyapunov solver and an eigendecomposition's, measured against float64 references.
 
     python -m bcnn.models.sqrt_backward                          # 448 px, 2 photo-like images, random VGG16
     python -m bcnn.models.sqrt_backward --size 224 --json
@@ -8,7 +8,8 @@ On the relu5_3 maps of a random VGG16 (downloads nothing; bcnn.models.sqrt_sweep
 default 5 steps, it prints
 - the time of each part of the head, forward and backward, for a batch of --batch copies of the maps, beside the
   bilinear head's: the Gram product, the Newton-Schulz steps, their backward by autograd, the authors' Lyapunov
-  backward (cvl-umass/bilinear-cnn, MatrixSquareRootFun.backward) for as many steps, and the signed sqrt + L2;
+  backward (cvl-umass/bilinear-cnn, MatrixSquareRootFun.backward) for as many steps, the same steps' exact
+  gradient from a float32 eigendecomposition (EigenBackwardRoot), and the signed sqrt + L2;
 - the gradient dL/dA that each backward hands to the Gram matrix, for the gradient dL/dZ a random linear classifier
   on the head's vector sends back, against two references: the exact gradient of the function the forward computes
   (autograd of the same 5 steps in float64) and the gradient of the exact square root (float64 eigendecomposition,
@@ -48,6 +49,46 @@ def lyapunov_backward(root: torch.Tensor, grad: torch.Tensor, iterations: int) -
     return 0.5 * q
 
 
+def divided_differences(eigenvalues: torch.Tensor, iterations: int) -> torch.Tensor:
+    """f[λ_i, λ_j] = (f(λ_i) - f(λ_j)) / (λ_i - λ_j) (f'(λ) where they meet) for f the K-step coupled Newton-Schulz
+    iteration on scalars, (B, n) -> (B, n, n): the iteration run on each 2 x 2 matrix [[λ_i, 1], [0, λ_j]], whose
+    corner holds the divided difference, with no cancellation (products of upper-triangular matrices:
+    (XY)_12 = x_i y_12 + x_12 y_j)."""
+    y_i, y_j = eigenvalues[:, :, None], eigenvalues[:, None, :]
+    y_12 = torch.ones_like(y_i * y_j)
+    z_i, z_j, z_12 = torch.ones_like(y_i), torch.ones_like(y_j), torch.zeros_like(y_12)
+    for _ in range(iterations):
+        t_i, t_j, t_12 = 0.5 * (3 - z_i * y_i), 0.5 * (3 - z_j * y_j), -0.5 * (z_i * y_12 + z_12 * y_j)
+        y_i, y_j, y_12 = y_i * t_i, y_j * t_j, y_i * t_12 + y_12 * t_j
+        z_i, z_j, z_12 = t_i * z_i, t_j * z_j, t_i * z_12 + t_12 * z_j
+    return y_12
+
+
+class EigenBackwardRoot(torch.autograd.Function):
+    """The K-step Newton-Schulz root of a (already normalised), forward as the head computes it, backward from an
+    eigendecomposition: the exact gradient of the same K steps, U [(Uᵀ G U) ∘ f[λ_i, λ_j]] Uᵀ (Daleckii-Krein), one
+    eigh and 4 products in place of autograd's 24. A candidate, measured here, not the head's."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, iterations: int) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.iterations = iterations
+        return newton_schulz_sqrt(a, torch.ones(len(a), dtype=a.dtype, device=a.device), iterations)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (a,) = ctx.saved_tensors
+        eigenvalues, vectors = torch.linalg.eigh(a)
+        inner = vectors.transpose(1, 2) @ grad @ vectors
+        return vectors @ (inner * divided_differences(eigenvalues, ctx.iterations)) @ vectors.transpose(1, 2), None
+
+
+def eigen_backward_root(a: torch.Tensor, iterations: int) -> torch.Tensor:
+    """newton_schulz_sqrt(a, ||a||_F, iterations) with EigenBackwardRoot's backward (the scale's part by autograd)."""
+    scale = torch.linalg.matrix_norm(a).clamp_min(torch.finfo(a.dtype).eps).view(-1, 1, 1)
+    return EigenBackwardRoot.apply(a / scale, iterations) * scale.sqrt()
+
+
 def exact_root_gradient(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient of the exact square root at a (a float32 Gram matrix), from a float64 eigendecomposition:
     U [(Uᵀ sym(G) U) / (σ_i + σ_j)] Uᵀ. Eigenvalues under the Gram matrix's own float32 rounding (largest x C x
@@ -82,8 +123,11 @@ def gradient_errors(gram: torch.Tensor, iterations: int, eps: float) -> dict:
     truncated = gram.detach().double().requires_grad_()
     newton_schulz_sqrt(truncated, torch.linalg.matrix_norm(truncated), iterations).backward(grad.double())
     lyapunov = lyapunov_backward(root.detach(), grad, iterations)
-    errors = {name: [] for name in ("autograd_vs_forward_gradient", "autograd_vs_exact_root_gradient",
-                                    "lyapunov_vs_forward_gradient", "lyapunov_vs_exact_root_gradient")}
+    eigen_leaf = gram.detach().requires_grad_()
+    eigen_backward_root(eigen_leaf, iterations).backward(grad)
+    backwards = (("autograd", leaf.grad), ("lyapunov", lyapunov), ("eigen", eigen_leaf.grad))
+    errors = {f"{name}_vs_{reference}": [] for name, _ in backwards
+              for reference in ("forward_gradient", "exact_root_gradient")}
     for image in range(len(gram)):
         live = torch.nonzero(gram[image].diagonal() > 0).flatten()
 
@@ -91,7 +135,7 @@ def gradient_errors(gram: torch.Tensor, iterations: int, eps: float) -> dict:
             return matrix[image][live][:, live][None]
 
         exact = exact_root_gradient(block(gram.detach()), block(grad))
-        for backward, result in (("autograd", leaf.grad), ("lyapunov", lyapunov)):
+        for backward, result in backwards:
             errors[f"{backward}_vs_forward_gradient"].append(relative(block(result), block(truncated.grad)))
             errors[f"{backward}_vs_exact_root_gradient"].append(relative(block(result), exact))
     return {name: statistics.mean(values) for name, values in errors.items()}
@@ -113,6 +157,7 @@ def part_times(maps: torch.Tensor, iterations: int, eps: float, repeats: int) ->
     gram = gram_matrix(maps, maps).detach().requires_grad_()
     scale = torch.linalg.matrix_norm(gram)
     root = newton_schulz_sqrt(gram, scale, iterations)
+    eigen_root = eigen_backward_root(gram, iterations)
     grad = classifier_gradient(root, eps)
     vector_input = root.detach().flatten(1).requires_grad_()
     vector = F.normalize(signed_sqrt(vector_input, eps), dim=1)
@@ -135,6 +180,7 @@ def part_times(maps: torch.Tensor, iterations: int, eps: float, repeats: int) ->
         "newton_schulz_backward_autograd": median_ms(lambda: torch.autograd.grad(root, gram, grad, retain_graph=True),
                                                      repeats),
         "lyapunov_backward": median_ms(lambda: lyapunov_backward(root.detach(), grad, iterations), repeats),
+        "eigen_backward": median_ms(lambda: torch.autograd.grad(eigen_root, gram, grad, retain_graph=True), repeats),
         "signed_sqrt_l2_forward_backward": median_ms(
             lambda: torch.autograd.grad(vector, vector_input, torch.ones_like(vector), retain_graph=True), repeats),
     }
