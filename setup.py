@@ -21,7 +21,7 @@ setup(
         "scipy>=1.9",  # Stanford Cars' .mat annotations (torchvision's StanfordCars reads them with it)
     ],
     extras_require={
-        "timm": ["timm>=0.9"],  # model.backbone=timm:<name>
-        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=0.9"],  # the tests build a timm network too
+        "timm": ["timm>=1.0.15"],  # model.backbone=timm:<name>
+        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15"],  # the tests build a timm network too
     },
 )

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import yaml
 
 from bcnn.errors import UserError
-from bcnn.models.backbones import resolve_cut
+from bcnn.models.backbones import resolve_cut, timm_name
 
 
 @dataclass
@@ -51,7 +51,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "vgg16"  # vgg16 | vgg19 | resnet50/101/152 | densenet121/201 | convnext_tiny/base | timm:<name>
+    backbone: str = "vgg16"  # vgg16 | vgg19 | resnet50/101/152 | densenet121/201 | convnext_tiny/base | a named
+    # transformer (vit_b16_in21k, dinov2_vitb14, eva02_b14_in22k, clip_vitb16, swin_b_in22k, ...) | timm:<name>
     backbone_weights: str = "imagenet"  # "imagenet" (torchvision's or timm's cache/download), "none", or a file
     cut: str = "auto"  # where the backbone is cut: auto = its usual place (vgg16: relu5_3, pool5 dropped, as in
     # the paper; resnet: layer4; ...), or one of its cuts (vgg16: pool5; resnet: layer3): bcnn/models/backbones.py
@@ -66,6 +67,7 @@ class ModelConfig:
     backbone_b: str = ""  # asymmetric B-CNN: a second backbone whose map meets the first's; "" = symmetric
     backbone_b_weights: str = "imagenet"  # the second backbone's, as backbone_weights
     freeze_backbone: bool = True  # frozen: no gradients, kept in eval mode, weights bit-identical
+    drop_path_rate: float = 0.0  # stochastic depth of a timm backbone while it trains (0.1 in ViT/Swin fine-tuning)
 
 
 @dataclass
@@ -147,6 +149,7 @@ RANGES = {
     "model.isqrt_reduce_dim": "[0, inf)",
     "model.compact_dim": "[1, inf)",
     "optim.lr": "[0, inf)",
+    "model.drop_path_rate": "[0, 1)",
     "optim.backbone_lr": "[0, inf)",
     "optim.momentum": "[0, 1)",  # at 1 and above the velocity never decays
     "optim.weight_decay": "[0, inf)",
@@ -361,6 +364,10 @@ def validate(cfg: Config) -> None:
         if stride is not None and cfg.data.crop < stride:
             raise UserError(f"data.crop must be at least {stride} for {backbone} cut at {cut} (it halves the image "
                             f"{stride.bit_length() - 1} times), got {cfg.data.crop}.")
+    if cfg.model.drop_path_rate and not all(timm_name(name) for name in (cfg.model.backbone, cfg.model.backbone_b)
+                                            if name):
+        raise UserError(f"model.drop_path_rate (stochastic depth) applies to timm backbones only, and "
+                        f"model.backbone is {cfg.model.backbone}; set model.drop_path_rate=0 or pick a timm backbone.")
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
     if cfg.data.annotation_level != "variant" and cfg.data.format != "aircraft":

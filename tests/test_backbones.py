@@ -173,8 +173,9 @@ def test_the_resnet50_isqrt_cov_recipe_trains_and_evaluates(cub_3x13, tmp_path):
 
 
 @pytest.mark.parametrize("backbone, crop, expected", [
-    ("timm:vit_tiny_patch16_224", 64, "model.backbone=timm:vit_tiny_patch16_224 takes 224 x 224 px images only, but "
-                                      "data.crop is 64; set --data.crop=224"),
+    ("timm:vit_tiny_patch16_224", 72, "data.crop=72 does not fit model.backbone=timm:vit_tiny_patch16_224: it cuts "
+                                      "the image into whole 16 x 16 px cells; set data.crop (and data.resize) to 64 "
+                                      "or 80."),
     ("timm:resnet18", 16, "data.crop=16 is too small for model.backbone=timm:resnet18, whose feature map is 1/32 of "
                           "the image; set data.crop to at least 32."),
 ])

@@ -6,7 +6,8 @@ model needs to know about it (its output channels, its stride, the input normali
 
 The torchvision families a fine-grained researcher uses, each with its cuts (where the network is cut; "auto" is
 the first listed, the usual one), plus `timm:<name>` for any timm network that gives a feature map (timm is an
-optional extra: pip install timm). Weights: "imagenet" (torchvision's weight enum through torch's hub cache, or
+optional extra: pip install timm), and named timm transformers (ViT, DeiT, DINOv2, EVA-02, CLIP, Swin, Swin-V2) with their
+usual weights, built for the crop (bcnn/models/timm_maps.py). Weights: "imagenet" (torchvision's weight enum through torch's hub cache, or
 timm's own cache), "none" (random), or a state-dict file. Nothing outside this module knows which network it is.
 """
 
@@ -24,6 +25,7 @@ import torchvision
 from torch import nn
 
 from bcnn.errors import UserError
+from bcnn.models.timm_maps import CUT_PATTERN, build_timm_map
 from bcnn.models.weights import backbone_file_format, describe_mismatch, read_backbone_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,15 +43,11 @@ class Backbone:
     # Its map never holds a negative value (it ends in a ReLU, or a max-pool of one): the bilinear head then keeps
     # the public ports' sqrt(x + eps) (bcnn/models/pooling.py). False where unknown (timm), which is always safe.
     nonnegative: bool = False
-    fixed_size: int | None = None  # the only input side it takes (a timm ViT's patch grid), or None: any from stride
 
 
 def input_size_problem(name: str, backbone: Backbone, crop: int) -> str | None:
-    """Why backbone `name` cannot take data.crop x data.crop images, naming the size it needs; None when it can."""
-    if backbone.fixed_size is not None and crop != backbone.fixed_size:
-        size = backbone.fixed_size
-        return (f"model.backbone={name} takes {size} x {size} px images only, but data.crop is {crop}; set "
-                f"--data.crop={size} (and --data.resize to at least {size}).")
+    """Why backbone `name` cannot take data.crop x data.crop images, naming the size it needs; None when it can.
+    (A transformer is built for the crop, and refuses one it cannot be built for: timm_maps.size_problem.)"""
     if crop < backbone.stride:
         return (f"data.crop={crop} is too small for model.backbone={name}, whose feature map is 1/{backbone.stride} "
                 f"of the image; set data.crop to at least {backbone.stride}.")
@@ -123,15 +121,39 @@ FAMILIES = {
     "convnext_base": Family(tv.convnext_base, "ConvNeXt_Base_Weights.IMAGENET1K_V1", _convnext((512, 1024)),
                             "features."),
 }
-BACKBONE_NAMES = (*FAMILIES, f"{TIMM_PREFIX}<name>")
+
+# Named timm networks: the transformer families fine-grained work uses, each with its usual pretrained weights (the
+# "arch.tag" timm loads for model.backbone_weights=imagenet). Any other is timm:<arch>[.<tag>].
+TIMM_FAMILIES = {
+    "vit_b16_in21k": "vit_base_patch16_224.orig_in21k",  # ViT-B/16, Google's ImageNet-21k weights (TransFG's)
+    "vit_l16_in21k": "vit_large_patch16_224.orig_in21k",  # ViT-L/16, 1,024 channels
+    "deit_b16_distilled": "deit_base_distilled_patch16_224.fb_in1k",  # class + distillation tokens
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",  # self-supervised on LVD-142M
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",  # with 4 register tokens
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "eva02_b14_in22k": "eva02_base_patch14_224.mim_in22k",  # EVA-02 masked image modelling on ImageNet-22k
+    "clip_vitb16": "vit_base_patch16_clip_224.openai",  # OpenAI CLIP's image tower
+    "swin_b_in22k": "swin_base_patch4_window7_224.ms_in22k",  # Swin-B, ImageNet-22k
+    "swin_l_in22k": "swin_large_patch4_window12_384.ms_in22k",  # Swin-L, 1,536 channels (HERBS's, PIM's backbone)
+    "swinv2_b_in22k": "swinv2_base_window12_192.ms_in22k",  # Swin-V2-B, ImageNet-22k
+}
+BACKBONE_NAMES = (*FAMILIES, *TIMM_FAMILIES, f"{TIMM_PREFIX}<name>")
+
+
+def timm_name(name: str) -> str | None:
+    """The timm network ("arch" or "arch.tag") behind model.backbone `name`, or None for a torchvision family."""
+    if name.startswith(TIMM_PREFIX):
+        return name[len(TIMM_PREFIX):]
+    return TIMM_FAMILIES.get(name)
 
 
 def resolve_cut(name: str, cut: str) -> tuple[str, int | None]:
     """(the cut, its stride) for model.backbone `name` and model.cut `cut` ("auto": the family's usual one), checked
     without building anything; the stride of a timm network is None (known once it is built)."""
-    if name.startswith(TIMM_PREFIX):
-        if cut != "auto":
-            raise UserError(f"model.cut must be auto for a timm backbone (its last feature map), got {cut!r}.")
+    if timm_name(name) is not None:
+        if not CUT_PATTERN.match(cut):
+            raise UserError(f"model.cut for {name} must be auto (its last feature map), block<i> (a transformer's "
+                            f"block i) or stage<i> (a stage's map), got {cut!r}.")
         return cut, None
     if name not in FAMILIES:
         raise UserError(f"model.backbone must be one of {', '.join(BACKBONE_NAMES)}, got {name!r}.")
@@ -142,10 +164,13 @@ def resolve_cut(name: str, cut: str) -> tuple[str, int | None]:
     return cut, cuts[cut].stride
 
 
-def build_backbone(name: str, weights: str, cut: str = "auto") -> Backbone:
-    if name.startswith(TIMM_PREFIX):
+def build_backbone(name: str, weights: str, cut: str = "auto", input_size: int | None = None,
+                   drop_path_rate: float = 0.0) -> Backbone:
+    """input_size: data.crop, which a transformer is built for (None: its native size); drop_path_rate: stochastic
+    depth, for timm networks that have it (a frozen backbone stays in eval mode: none then)."""
+    if timm_name(name) is not None:
         resolve_cut(name, cut)
-        return _timm_backbone(name[len(TIMM_PREFIX):], weights)
+        return _timm_backbone(name, weights, cut, input_size, drop_path_rate)
     cut, _ = resolve_cut(name, cut)
     family = FAMILIES[name]
     part = family.cuts[cut]
@@ -186,22 +211,12 @@ def _imagenet_model(name: str, family: Family) -> nn.Module:
         ) from None
 
 
-class _LastFeatureMap(nn.Module):
-    """A timm features_only network (which returns a list of maps) -> its last map."""
-
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        self.network = network
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images)[-1]
-
-
 def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of the images backbone `name`'s weights expect, without building it: ImageNet's for the
     torchvision families, the model's own pretrained config for timm (0.5 for many of its networks)."""
-    if name.startswith(TIMM_PREFIX):
-        config = _timm(name[len(TIMM_PREFIX):]).models.get_pretrained_cfg(name[len(TIMM_PREFIX):])
+    network = timm_name(name)
+    if network is not None:
+        config = _timm(network).models.get_pretrained_cfg(network)
         if config is not None:
             return tuple(config.mean), tuple(config.std)
     return IMAGENET_MEAN, IMAGENET_STD
@@ -212,7 +227,7 @@ def _timm(name: str):
     try:
         import timm
     except ImportError:
-        raise UserError(f"model.backbone=timm:{name} needs timm, an optional extra: pip install timm "
+        raise UserError(f"a timm network ({name}) needs timm, an optional extra: pip install timm "
                         "(or pip install -e \".[timm]\").") from None
     if not timm.is_model(name.split(".")[0]):
         raise UserError(f"timm has no model {name!r}; timm.list_models() lists them (e.g. resnet50, "
@@ -220,9 +235,10 @@ def _timm(name: str):
     return timm
 
 
-def _timm_backbone(name: str, weights: str) -> Backbone:
+def _timm_backbone(backbone: str, weights: str, cut: str, input_size: int | None, drop_path_rate: float) -> Backbone:
+    name = timm_name(backbone)
     timm = _timm(name)
-    options = {"features_only": True, "out_indices": (-1,)}
+    options = {}
     if weights == "imagenet":
         options["pretrained"] = True
     elif weights != "none":
@@ -232,19 +248,15 @@ def _timm_backbone(name: str, weights: str) -> Backbone:
                             f"{name}, or use imagenet or none.")
         options.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
     try:
-        network = timm.create_model(name, **options)
+        built = build_timm_map(timm, backbone, name, options, cut, input_size, drop_path_rate)
     except RuntimeError as err:  # timm's "does not support features_only", or a state dict that does not fit
-        raise UserError(f"timm could not build {name} as a feature extractor ({err}); pick a convolutional "
-                        "network that gives a feature map.") from None
+        raise UserError(f"timm could not build {name} as a feature extractor ({err}); pick a network that gives a "
+                        "feature map or a token grid.") from None
     except (URLError, OSError) as err:
-        raise UserError(f"could not load timm's ImageNet weights of {name} ({type(err).__name__}: {err}); put "
+        raise UserError(f"could not load timm's pretrained weights of {name} ({type(err).__name__}: {err}); put "
                         "them in timm's cache by hand, or set model.backbone_weights=none or to a file.") from None
-    info = network.feature_info
-    config = network.pretrained_cfg
-    mean, std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
-    fixed = config.get("input_size", (0, 0, 0))[-1] if config.get("fixed_input_size") else None
-    return Backbone(_LastFeatureMap(network), channels=info.channels()[-1], stride=info.reduction()[-1], mean=mean,
-                    std=std, fixed_size=fixed)
+    mean, std = input_normalisation(backbone)
+    return Backbone(built.module, channels=built.channels, stride=built.stride, mean=mean, std=std)
 
 
 def vgg16_features(cut: str = "relu5_3", weights: str = "none") -> nn.Module:

@@ -82,9 +82,11 @@ class BilinearCNN(nn.Module):
 
 def build_model(cfg, num_classes: int, input_size: int | None = None) -> BilinearCNN:
     """The model the config describes (cfg: bcnn.config.ModelConfig); its backbone(s) frozen when
-    cfg.freeze_backbone (stage 1). input_size: data.crop, refused in one sentence when a backbone cannot take it."""
-    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.cut)
-    backbone_b = build_backbone(cfg.backbone_b, cfg.backbone_b_weights, cfg.cut) if cfg.backbone_b else None
+    cfg.freeze_backbone (stage 1). input_size: data.crop, which a transformer backbone is built for (None: its native
+    size), refused in one sentence when a backbone cannot take it."""
+    backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.cut, input_size, cfg.drop_path_rate)
+    backbone_b = (build_backbone(cfg.backbone_b, cfg.backbone_b_weights, cfg.cut, input_size, cfg.drop_path_rate)
+                  if cfg.backbone_b else None)
     for name, built in ((cfg.backbone, backbone), (cfg.backbone_b, backbone_b)):
         problem = built and input_size and input_size_problem(name, built, input_size)
         if problem:

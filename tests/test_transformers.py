@@ -1,0 +1,178 @@
+"""Transformer backbones (issue 19): every named family built for a crop that is not its native size, its map on the
+right grid (a marked patch answers in its own cell), prefix tokens dropped, channels-last maps made channels-first,
+an earlier block, weights from a file resampled to the crop, a frozen transformer unmoved by a step, sizes that
+cannot work refused in one sentence, and tiny runs end to end (train, eval, predict, report) on a ViT and a Swin
+with second-order heads. Random weights or a file in a temporary folder: nothing is downloaded."""
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from bcnn import eval as eval_cli  # noqa: E402
+from bcnn import predict as predict_cli  # noqa: E402
+from bcnn import report as report_cli  # noqa: E402
+from bcnn import train as train_cli  # noqa: E402
+from bcnn.config import ModelConfig, load_config  # noqa: E402
+from bcnn.errors import UserError  # noqa: E402
+from bcnn.models import build_model  # noqa: E402
+from bcnn.models.backbones import TIMM_FAMILIES, build_backbone, input_normalisation  # noqa: E402
+from helpers.runs import STAGE1  # noqa: E402
+
+# A size that is not the family's native one (224, 518 for DINOv2, 192 for Swin-V2): whole patches for a ViT (7 x 7
+# of 16 px, 8 x 8 of 14 px), whole 32-px cells for a Swin (4 x 4, its window shrunk to 4 to tile them).
+SMALL = {name: 128 if name.startswith("swin") else 112 for name in TIMM_FAMILIES}
+
+
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
+def test_each_named_family_builds_for_a_crop_that_is_not_its_native_size(name):
+    size = SMALL[name]
+    backbone = build_backbone(name, "none", "auto", size)
+    native = timm.models.get_pretrained_cfg(TIMM_FAMILIES[name]).input_size[-1]
+    assert native != size
+    with torch.no_grad():
+        feature_map = backbone.module.eval()(torch.randn(2, 3, size, size))
+    assert feature_map.shape == (2, backbone.channels, size // backbone.stride, size // backbone.stride)
+    assert (backbone.mean, backbone.std) == input_normalisation(name)
+
+
+def response_cell(module, size: int, stride: int, row: int, column: int) -> tuple[int, int]:
+    """The map cell whose features change most when the input's patch (row, column) is painted over."""
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 0.1
+    marked = images.clone()
+    marked[..., row * stride:(row + 1) * stride, column * stride:(column + 1) * stride] = 3.0
+    with torch.no_grad():
+        change = (module(marked) - module(images)).norm(dim=1)[0]  # (H, W)
+    return divmod(int(change.argmax()), change.shape[1])
+
+
+# A ViT (one class token), DeiT (class + distillation), DINOv2 with 4 registers, a Swin: a prefix token left in,
+# or a grid laid out transposed or shifted, moves the response out of the marked cell.
+@pytest.mark.parametrize("name, size", [("vit_b16_in21k", 112), ("deit_b16_distilled", 112),
+                                        ("dinov2_vitb14_reg", 112), ("swin_b_in22k", 128)])
+def test_a_marked_patch_answers_in_its_own_cell_of_the_map(name, size):
+    backbone = build_backbone(name, "none", "auto", size)
+    module, cells = backbone.module.eval(), size // backbone.stride
+    for row, column in ((0, 0), (cells - 1, 1), (2, cells - 1), (cells // 2, cells // 2)):
+        assert response_cell(module, size, backbone.stride, row, column) == (row, column)
+
+
+def test_an_earlier_block_is_that_block_s_tokens_on_their_grid_after_the_final_norm():
+    backbone = build_backbone("timm:vit_tiny_patch16_224", "none", "block5", 64)
+    network = backbone.module.network.model  # timm's ViT, cut after block 5 (the later blocks are pruned)
+    assert len(network.blocks) == 6
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # By hand from the ViT's parts: patches, class token and position embedding, blocks 0-5, the final norm,
+        # the class token dropped, the 16 patch tokens laid out row by row on the 4 x 4 grid.
+        tokens = network.norm(network.blocks(network.norm_pre(network._pos_embed(network.patch_embed(images)))))
+        expected = tokens[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
+        assert torch.allclose(backbone.module.eval()(images), expected, atol=1e-6)  # same ops, same order
+    with pytest.raises(UserError, match=r"model.cut for timm:vit_tiny_patch16_224 must be auto or one of "
+                                        r"block0...block11 \(timm's feature indices\), got 'block12'"):
+        build_backbone("timm:vit_tiny_patch16_224", "none", "block12", 64)
+    with pytest.raises(UserError, match="must be auto or one of block0...block11"):
+        build_backbone("timm:vit_tiny_patch16_224", "none", "stage2", 64)
+    with pytest.raises(UserError, match=r"model.cut for timm:resnet18 must be auto \(its last feature map\), "
+                                        r"block<i>"):
+        load_config(None, ["--model.backbone=timm:resnet18", "--model.cut=layer4"])
+
+
+def test_a_channels_last_map_is_made_channels_first():
+    # MambaOut's timm feature maps are (B, H, W, C); its forward_features, on the same random weights (the same
+    # seed, the same initialisation order), is the same map: the reference.
+    torch.manual_seed(0)
+    backbone = build_backbone("timm:mambaout_femto", "none", "auto", 64)
+    torch.manual_seed(0)
+    network = timm.create_model("mambaout_femto")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours, reference = backbone.module.eval()(images), network.eval().forward_features(images)
+    assert reference.shape == (2, 2, 2, backbone.channels)  # channels last
+    assert torch.equal(ours, reference.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("name, size, expected", [
+    ("dinov2_vitb14", 448 + 2, "data.crop=450 does not fit model.backbone=dinov2_vitb14: it cuts the image into whole "
+                               "14 x 14 px cells; set data.crop (and data.resize) to 448 or 462."),
+    ("swin_b_in22k", 112, "data.crop=112 does not fit model.backbone=swin_b_in22k: its windows tile whole 32 x 32 px "
+                          "cells; set data.crop (and data.resize) to 96 or 128."),
+    ("timm:vit_tiny_patch16_224", 8, "data.crop=8 does not fit model.backbone=timm:vit_tiny_patch16_224: it cuts the "
+                                     "image into whole 16 x 16 px cells; set data.crop (and data.resize) to 16."),
+])
+def test_a_crop_a_transformer_cannot_be_built_for_is_one_sentence(name, size, expected):
+    with pytest.raises(UserError) as error:
+        build_model(ModelConfig(backbone=name, backbone_weights="none", pooling="avg"), 3, input_size=size)
+    assert str(error.value) == expected
+
+
+def test_weights_from_a_file_are_resampled_to_the_crop(tmp_path):
+    # A ViT's state dict at its native 224 px (a 14 x 14 position grid) and a Swin's with its 7 x 7 window, read
+    # into networks built for 64 px (4 x 4) and 128 px (window 4): timm resamples what depends on the size.
+    for name, arch, size in (("timm:vit_tiny_patch16_224", "vit_tiny_patch16_224", 64),
+                             ("timm:swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224", 128)):
+        source = timm.create_model(arch)
+        path = tmp_path / f"{arch}.pth"
+        torch.save(source.state_dict(), path)
+        loaded = build_backbone(name, str(path), "auto", size).module.network.model.state_dict()
+        same_shape = [key for key, value in loaded.items() if key in source.state_dict()
+                      and value.shape == source.state_dict()[key].shape]
+        assert len(same_shape) > 0.9 * len(loaded)
+        assert all(torch.equal(loaded[key], source.state_dict()[key]) for key in same_shape)
+        if arch.startswith("vit"):
+            assert loaded["pos_embed"].shape == (1, 1 + 16, 192)
+
+
+def test_a_frozen_transformer_is_bit_identical_after_a_step_and_drops_no_path():
+    cfg = ModelConfig(backbone="timm:vit_tiny_patch16_224", backbone_weights="none", pooling="matrix_sqrt",
+                      drop_path_rate=0.5, freeze_backbone=True)
+    model = build_model(cfg, 3, input_size=64).train()
+    before = {key: value.clone() for key, value in model.backbone.state_dict().items()}
+    images = torch.randn(4, 3, 64, 64)
+    first = model.embed(images)
+    assert torch.equal(first, model.embed(images))  # train mode, yet no stochastic depth: the same vector twice
+    optimizer = torch.optim.SGD(model.param_groups(backbone_lr=0.1, classifier_lr=0.1), lr=0.1)
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    assert all(torch.equal(before[key], value) for key, value in model.backbone.state_dict().items())
+    # Training, the same backbone drops paths: two passes differ.
+    trained = build_model(ModelConfig(**{**vars(cfg), "freeze_backbone": False}), 3, input_size=64).train()
+    assert not torch.equal(trained.embed(images), trained.embed(images))
+
+
+def test_drop_path_on_a_torchvision_backbone_is_refused():
+    with pytest.raises(UserError, match="model.drop_path_rate .stochastic depth. applies to timm backbones only"):
+        load_config(None, ["--model.drop_path_rate=0.1"])
+
+
+def test_a_bilinear_head_too_large_for_swin_l_names_the_ways_out():
+    with pytest.raises(UserError, match=r"model.pooling=bilinear on model.backbone=swin_l_in22k \(1536 channels"):
+        build_model(ModelConfig(backbone="swin_l_in22k", backbone_weights="none"), 200, input_size=128)
+
+
+# The two kinds end to end with second-order heads, loader workers on: a ViT (16-px patches, 4 x 4 tokens at 64 px)
+# with the matrix square root, a Swin (2 x 2 cells at 64 px, its window shrunk to 2) with the compact head.
+@pytest.mark.parametrize("backbone, options", [
+    ("timm:vit_tiny_patch16_224", ["--model.pooling=matrix_sqrt"]),
+    ("timm:swin_tiny_patch4_window7_224", ["--model.pooling=compact", "--model.compact_dim=1024"]),
+], ids=["vit", "swin"])
+def test_tiny_transformer_run_end_to_end(backbone, options, cub_3x13, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train_cli.main(["--config", STAGE1, f"--data-root={cub_3x13}", f"--run-dir={run_dir}", "--device=cpu",
+                    f"--model.backbone={backbone}", "--model.backbone_weights=none", "--data.resize=72",
+                    "--data.crop=64", "--data.val_fraction=0.34", "--data.num_workers=2", "--train.batch_size=4",
+                    "--train.epochs=1", "--train.log_every=0", "--train.precision=fp32",
+                    "--model.freeze_backbone=false", "--model.drop_path_rate=0.1", "--optim.lr=0.01",
+                    "--optim.backbone_lr=0.001", *options])
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    assert best["config"]["model"]["backbone"] == backbone
+    evaluated = eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "test", "--device", "cpu",
+                               "--no-figures"])
+    assert evaluated["count"] == 21
+    images = sorted((cub_3x13 / "images").rglob("*.jpg"))[:2]
+    predicted = predict_cli.main([*map(str, images), "--checkpoint", str(run_dir / "best.pt"), "--json",
+                                  "--device", "cpu"])
+    assert [len(result["predictions"]) for result in predicted] == [3, 3]
+    capsys.readouterr()
+    summary = report_cli.main([str(run_dir), "--json"])
+    assert summary["summary"]["top1"]["mean"] == evaluated["top1"]
