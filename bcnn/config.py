@@ -77,6 +77,9 @@ class OptimConfig:
     backbone_lr: float = 0.0  # used only when the backbone trains
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-8
+    # Fine-tuning a transformer (each off by default):
+    layer_decay: float = 1.0  # backbone block i's lr = backbone_lr * layer_decay^(blocks after it); 1 = off (timm's)
+    clip_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this before each step; 0 = off
 
 
 @dataclass
@@ -86,6 +89,8 @@ class ScheduleConfig:
     patience: int = 3  # plateau: epochs without improvement before the lr drops
     step_size: int = 20  # step: epochs between drops
     min_lr: float = 0.0  # cosine: final lr; plateau: floor
+    unit: str = "epoch"  # epoch: step and cosine change the lr once per epoch; step: cosine at every optimizer step
+    warmup_epochs: float = 0.0  # linear warmup over this many epochs' optimizer steps into the schedule; 0 = off
 
 
 @dataclass
@@ -105,6 +110,9 @@ class TrainConfig:
     cache_dir: str = "cache/features"  # computed once, reused by every run with the same backbone, size, data
     log_every: int = 20  # optimizer steps between log lines; 0 = one line per epoch
     checkpoint_every: int = 0  # optimizer steps between mid-epoch last.pt writes (long epochs); 0 = per epoch
+    label_smoothing: float = 0.0  # the training loss's (the val loss stays plain cross-entropy); 0 = off
+    ema_decay: float = 0.0  # an exponential moving average of the weights, updated every step and evaluated on val
+    best_of: str = "raw"  # which weights best.pt keeps: raw (the trained ones) or ema (train.ema_decay > 0)
 
 
 @dataclass
@@ -126,6 +134,8 @@ CHOICES = {
     ("model", "pooling"): ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
+    ("schedule", "unit"): ("epoch", "step"),
+    ("train", "best_of"): ("raw", "ema"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
 }
 
@@ -157,6 +167,11 @@ RANGES = {
     "schedule.patience": "[0, inf)",
     "schedule.step_size": "[1, inf)",
     "schedule.min_lr": "[0, inf)",
+    "schedule.warmup_epochs": "[0, inf)",
+    "optim.layer_decay": "(0, 1]",
+    "optim.clip_grad_norm": "[0, inf)",
+    "train.label_smoothing": "[0, 1)",
+    "train.ema_decay": "[0, 1)",
     "train.epochs": "[1, inf)",
     "train.batch_size": "[1, inf)",
     "train.accum_steps": "[1, inf)",
@@ -382,6 +397,19 @@ def validate(cfg: Config) -> None:
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "
             "use schedule.name=step, cosine or none, or set data.val_fraction > 0."
         )
+    if cfg.schedule.name == "plateau" and (cfg.schedule.warmup_epochs or cfg.schedule.unit == "step"):
+        raise UserError("schedule.warmup_epochs and schedule.unit=step need a schedule that is a function of the step "
+                        "(step, cosine or none), and plateau follows val accuracy; pick one of those, or set "
+                        "schedule.warmup_epochs=0 and schedule.unit=epoch.")
+    if cfg.train.best_of == "ema" and not cfg.train.ema_decay:
+        raise UserError("train.best_of=ema needs train.ema_decay > 0 (0.9998 is common for ViT fine-tuning); set it, "
+                        "or train.best_of=raw.")
+    if cfg.train.ema_decay and cfg.train.cache_features:
+        raise UserError("train.ema_decay averages a fine-tuned model's weights, and train.cache_features trains the "
+                        "classifier alone on fixed features; turn one of them off.")
+    if cfg.optim.layer_decay < 1 and cfg.model.freeze_backbone:
+        raise UserError("optim.layer_decay scales the backbone's learning rates, and model.freeze_backbone=true "
+                        "trains none; set model.freeze_backbone=false or optim.layer_decay=1.")
     if cfg.model.backbone_b and cfg.model.pooling != "bilinear":
         raise UserError(f"model.backbone_b (the asymmetric B-CNN) needs model.pooling=bilinear, got "
                         f"{cfg.model.pooling}; set model.backbone_b= (empty) or model.pooling=bilinear.")

@@ -85,12 +85,14 @@ def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps: int = 1, scaler=None,
                     meter: EpochMeter | None = None, first_step: int = 0, after_step=None, on_report=None,
                     log_every: int = 20, diverged_hint: str = "", precision: str = "fp32",
-                    channels_last: bool = False) -> dict:
+                    channels_last: bool = False, label_smoothing: float = 0.0, clip_grad_norm: float = 0.0) -> dict:
     """Train over the loader; one optimizer step per `accum_steps` micro-batches (the last step of an epoch
     may have fewer). The loss of each micro-batch is weighted by its share of the step's images, so the
     update equals that of one big batch; DDP's gradient all-reduce runs only on a step's last micro-batch.
 
     precision: the backbone's autocast (bcnn.precision); the head and the loss stay float32.
+    label_smoothing: of the training loss (torch's cross_entropy); clip_grad_norm > 0: the gradients' global L2
+    norm clipped to it before each optimizer step (after unscaling, under fp16).
     first_step: optimizer steps of this epoch already done before a resume (the loader then starts after them).
     after_step(step, meter): called after each optimizer step (step counts from the epoch start), e.g. to
     write a mid-epoch checkpoint.
@@ -118,7 +120,7 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             with sync:
                 with autocast(precision, device):
                     logits = model(images)
-                loss = F.cross_entropy(logits.float(), targets)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
                 weighted = loss * (size / step_images)
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
             meter.loss_sum += loss.detach().double() * size
@@ -128,6 +130,11 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             bad = ~torch.isfinite(loss.detach())
             meter.first_bad_step.copy_(torch.where(bad, meter.first_bad_step.clamp(max=step + 1),
                                                    meter.first_bad_step))
+        if clip_grad_norm:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           clip_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -1,11 +1,18 @@
 """The optimizer and the learning-rate schedule a config describes.
 
-    optimizer = build_optimizer(cfg, model)       # SGD/Adam/AdamW over model.param_groups(...)
-    scheduler = build_scheduler(cfg, optimizer)   # plateau, step, cosine, or None
-    step_schedule(scheduler, val_stats)           # once per epoch; plateau watches val top-1
+    optimizer = build_optimizer(cfg, model)                       # SGD/Adam/AdamW over model.param_groups(...)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)  # plateau, step, cosine, warmup, or None
+    after_optimizer_step(scheduler)                               # every optimizer step: warmup, cosine per step
+    step_schedule(scheduler, val_stats)                           # once per epoch; plateau watches val top-1
+
+Without warmup and with schedule.unit=epoch the schedules are torch's, stepped once per epoch (as every recipe
+before the transformer backbones, whose checkpoints stay valid). With schedule.warmup_epochs > 0 or
+schedule.unit=step, StepSchedule sets every group's lr at every optimizer step t from a formula (below).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,18 +21,78 @@ from bcnn.config import Config
 
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     """Fused kernels: one pass over each parameter per step. The 262,144 x 200 classifier makes the update
-    memory-bound (about 5x faster fused than the default on a CPU, measured with python -m bcnn.bench)."""
-    groups = model.param_groups(backbone_lr=cfg.optim.backbone_lr, classifier_lr=cfg.optim.lr)
+    memory-bound (about 5x faster fused than the default on a CPU, measured with python -m bcnn.bench).
+    optim.layer_decay < 1: the backbone's groups by depth (timm's layer-decay groups; bcnn.models.backbones)."""
     opt = cfg.optim
+    groups = model.param_groups(backbone_lr=opt.backbone_lr, classifier_lr=opt.lr, layer_decay=opt.layer_decay,
+                                weight_decay=opt.weight_decay)
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, fused=True)
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[opt.name]
     return optimizer_class(groups, lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
 
 
-def build_scheduler(cfg: Config, optimizer):
-    """Stepped once per epoch (step_schedule); None for schedule.name=none."""
+class StepSchedule:
+    """Each group's lr at optimizer step t (0 = the first step of the run), from its configured lr b:
+
+        lr(t) = b * warmup(t) * decay(t),   warmup(t) = min(1, (t + 1) / W)   (W = warmup steps; 1 when W = 0)
+        decay: none 1;  step factor^(e // step_size);  cosine m/b + (1 - m/b) (1 + cos(pi u)) / 2
+        with e = t // steps_per_epoch the epoch, m = schedule.min_lr, and u = t / (epochs * steps_per_epoch)
+        (schedule.unit=step) or e / epochs (unit=epoch, torch's CosineAnnealingLR in closed form).
+
+    A function of t alone: its state is t, which a resumed run restores with the rest."""
+
+    def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+        self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
+        self.epochs, self.sched = cfg.train.epochs, cfg.schedule
+        self.warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+        for group in optimizer.param_groups:  # kept in the optimizer's state: a resumed run finds the configured lr
+            group.setdefault("base_lr", group["lr"])
+        self.step_count = 0
+        self.apply()
+
+    def factor(self, step: int, base_lr: float) -> float:
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        epoch, sched = step // self.steps_per_epoch, self.sched
+        if sched.name == "step":
+            decay = sched.factor ** (epoch // sched.step_size)
+        elif sched.name == "cosine":
+            progress = (step / (self.epochs * self.steps_per_epoch) if sched.unit == "step" else epoch / self.epochs)
+            floor = min(sched.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+            decay = floor + (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+        else:
+            decay = 1.0
+        return warmup * decay
+
+    def apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * self.factor(self.step_count, group["base_lr"])
+
+    def step(self) -> None:
+        self.step_count += 1
+        self.apply()
+
+    def state_dict(self) -> dict:
+        return {"step_schedule": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = state["step_schedule"]  # a KeyError for an epoch scheduler's state: the resume says so
+        self.apply()
+
+
+def per_step(cfg: Config) -> bool:
+    """Whether the lr is a StepSchedule's formula of the optimizer step (warmup, or schedule.unit=step)."""
+    return cfg.schedule.warmup_epochs > 0 or cfg.schedule.unit == "step"
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int | None = None):
+    """torch's scheduler stepped once per epoch (step_schedule), built before the optimizer's state is restored
+    (torch's schedulers set the lr as they are built); or, when per_step(cfg), a StepSchedule, which needs the
+    epoch's length and may be built at any time (its configured lrs live in the optimizer's groups). None for
+    schedule.name=none, and for a per-step schedule while steps_per_epoch is not known."""
     sched = cfg.schedule
+    if per_step(cfg):
+        return StepSchedule(cfg, optimizer, steps_per_epoch) if steps_per_epoch else None
     if sched.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=sched.factor, patience=sched.patience, min_lr=sched.min_lr
@@ -37,9 +104,42 @@ def build_scheduler(cfg: Config, optimizer):
     return None
 
 
+def after_optimizer_step(scheduler) -> None:
+    """Every optimizer step: a StepSchedule sets the next step's lr; torch's epoch schedulers wait for the epoch."""
+    if isinstance(scheduler, StepSchedule):
+        scheduler.step()
+
+
 def step_schedule(scheduler, val_stats: dict | None) -> None:
     """The end of an epoch: plateau steps on the val top-1 (config validation guarantees a val split for it)."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_stats["top1"])
-    elif scheduler is not None:
+    elif scheduler is not None and not isinstance(scheduler, StepSchedule):
         scheduler.step()
+
+
+def _ema_update(decay: float):
+    """torch's AveragedModel update for an exponential moving average: floating-point tensors move toward the
+    model's by (1 - decay); integer buffers (the compact head's hashes, batch-norm counters) are copied, never
+    averaged (an average of integers would round them)."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], _count) -> None:
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:
+            torch._foreach_copy_(averaged, current)
+    return update
+
+
+def build_ema(cfg: Config, model):
+    """train.ema_decay > 0: an exponential moving average of every weight and buffer (torch.optim.swa_utils.
+    AveragedModel), updated after each optimizer step (update_ema): after the first step it is the weights w_1,
+    then e_t = decay * e_(t-1) + (1 - decay) * w_t. None when off."""
+    if not cfg.train.ema_decay:
+        return None
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.train.ema_decay),
+                                               use_buffers=True)
+
+
+def update_ema(ema, model) -> None:
+    if ema is not None:
+        ema.update_parameters(model)

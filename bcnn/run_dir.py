@@ -394,8 +394,9 @@ class RunRecorder:
     states a last.pt adds; fixed: entries every checkpoint carries (config, classes)."""
 
     def __init__(self, run: RunDirectory, counters: RunCounters, model, training_state, fixed: dict, is_main: bool,
-                 checkpoint_every: int, diverged_hint: str, board=None):
+                 checkpoint_every: int, diverged_hint: str, board=None, ema=None, best_of: str = "raw"):
         self.run, self.counters, self.model, self.training_state = run, counters, model, training_state
+        self.ema, self.best_of = ema, best_of  # the weights' average (AveragedModel), and which of the two best.pt keeps
         self.fixed, self.is_main, self.checkpoint_every = fixed, is_main, checkpoint_every
         self.diverged_hint, self.board = diverged_hint, board
         self.metrics_path = run.path / "metrics.jsonl"
@@ -429,15 +430,23 @@ class RunRecorder:
             if self.is_main:
                 self.save_last(dataclasses.replace(self.counters, step_in_epoch=step, epoch_totals=totals))
 
-    def end_epoch(self, train_stats: dict, val_stats: dict | None, val_confusion, device) -> dict:
-        """metrics.jsonl, TensorBoard, best.pt when val improved, last.pt; returns the epoch's row."""
+    def end_epoch(self, train_stats: dict, val_stats: dict | None, device, ema_val_stats: dict | None = None) -> dict:
+        """metrics.jsonl, TensorBoard, best.pt when val improved, last.pt; returns the epoch's row. val_stats (and
+        ema_val_stats, the average's) hold a "confusion" matrix, drawn when best.pt is written."""
         epoch, counters = self.epoch, self.counters
+        val_stats, ema_val_stats = (dict(stats) if stats else None for stats in (val_stats, ema_val_stats))
+        confusions = {name: stats.pop("confusion", None) for name, stats in (("raw", val_stats),
+                                                                             ("ema", ema_val_stats)) if stats}
         row = {"epoch": epoch, "global_step": counters.global_step,
                **{f"lr_{name}": lr for name, lr in self.lrs.items()},
                **{f"train_{k}": v for k, v in train_stats.items()},
-               **({f"val_{k}": v for k, v in val_stats.items()} if val_stats else {})}
-        # Selection on val only; with no val split the paper's fixed schedule keeps the last epoch.
-        score = val_stats["top1"] if val_stats else epoch
+               **({f"val_{k}": v for k, v in val_stats.items()} if val_stats else {}),
+               **({f"val_ema_{k}": v for k, v in ema_val_stats.items()} if ema_val_stats else {})}
+        # Selection on val only (the weights train.best_of names); with no val split the paper's fixed schedule
+        # keeps the last epoch.
+        selected = ema_val_stats if self.best_of == "ema" else val_stats
+        val_confusion = confusions.get(self.best_of)
+        score = selected["top1"] if selected else epoch
         improved = score > counters.best_score
         counters.epoch, counters.step_in_epoch, counters.epoch_totals, counters.metrics = epoch, 0, None, row
         counters.best_score = max(counters.best_score, score)
@@ -448,7 +457,8 @@ class RunRecorder:
             if improved and val_confusion is not None:
                 self.board.evaluation_figures("val", val_confusion, self.fixed["classes"], counters.global_step)
             if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
-                save_checkpoint({"model": self.model.state_dict(), **self.fixed, "epoch": epoch, "metrics": row},
+                weights = self.ema.module if self.best_of == "ema" else self.model
+                save_checkpoint({"model": weights.state_dict(), **self.fixed, "epoch": epoch, "metrics": row},
                                 self.run.path / "best.pt", then=self.run.how_to_continue())
             self.save_last(counters)
         return row

@@ -25,7 +25,8 @@ from torchvision.utils import make_grid
 from bcnn.figures import confusion_figure, denormalize, figure_to_array, per_class_accuracy_figure
 from bcnn.sampling import TrainSampler
 
-EPOCH_SCALARS = ("train_loss", "train_top1", "val_top1", "val_top5", "val_mean_class_acc", "val_loss")
+EPOCH_SCALARS = ("train_loss", "train_top1", "val_top1", "val_top5", "val_mean_class_acc", "val_loss",
+                 "val_ema_top1", "val_ema_top5", "val_ema_mean_class_acc", "val_ema_loss")  # ema: train.ema_decay > 0
 
 
 class TensorBoardLog:

@@ -43,7 +43,8 @@ from bcnn.feature_cache import build_feature_cache, feature_loader
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.backbones import resolve_cut
-from bcnn.optim import build_optimizer, build_scheduler, step_schedule
+from bcnn.optim import (after_optimizer_step, build_ema, build_optimizer, build_scheduler, per_step, step_schedule,
+                        update_ema)
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
 from bcnn.progress import ConsoleFilter
 from bcnn.run_dir import RunCounters, RunDirectory, RunRecorder
@@ -176,16 +177,26 @@ def read_init_from(path: str, classes: list[str]) -> dict:
     return state
 
 
-def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler) -> None:
+def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler, ema) -> None:
     load_model_weights(model, state["model"])
     try:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot resume from {path}: its optimizer or schedule state does not fit this run ({e}); "
                         "start again with --overwrite or another --run-dir.") from None
+
+
+def restore_step_schedule(state: dict, path: Path, scheduler) -> None:
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"cannot resume from {path}: its schedule state does not fit this run's per-step schedule "
+                        f"({type(e).__name__}: {e}); start again with --overwrite or another --run-dir.") from None
 
 
 def cached_feature_loaders(cfg: Config, model, with_val: bool, micro_batch: int, precision: str,
@@ -265,10 +276,11 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         del initial
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     optimizer, scaler = build_optimizer(cfg, model), grad_scaler(precision, device)
-    scheduler = build_scheduler(cfg, optimizer)
+    scheduler = build_scheduler(cfg, optimizer)  # a per-step schedule: once the epoch's length is known, below
+    ema = build_ema(cfg, model)
     counters = RunCounters()
     if state is not None:
-        restore_training_state(state, resume_path, model, optimizer, scheduler, scaler)
+        restore_training_state(state, resume_path, model, optimizer, scheduler, scaler, ema)
         counters = RunCounters.from_checkpoint(state)
         restore_rng_states(state["rng"])
         log.info("resumed from %s: epoch %d, step %d of it (global step %d)", resume_path, counters.epoch + 1,
@@ -289,6 +301,11 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         val_loader = (build_image_loader(cfg.data, val_set, cfg.train.eval_batch_size, train=False, **shard)
                       if val_set is not None else None)
         step_model, step_precision, step_channels_last = model, precision, cfg.train.channels_last
+    if per_step(cfg):
+        steps = math.ceil(math.ceil(train_loader.sampler.num_samples / micro_batch) / cfg.train.accum_steps)
+        scheduler = build_scheduler(cfg, optimizer, steps)
+        if state is not None:
+            restore_step_schedule(state, resume_path, scheduler)
     # DDP all-reduces the gradients of the trainable parameters; a frozen backbone takes no part.
     ddp_model = (DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
                  if ctx.distributed else step_model)
@@ -301,9 +318,15 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
             board.augmented_images(train_set, cfg.train.seed)
     diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
                      f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run.path}")
-    recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler),
+    recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler, ema),
                            {"config": config_dict, "classes": classes}, ctx.is_main, cfg.train.checkpoint_every,
-                           diverged_hint, board)
+                           diverged_hint, board, ema=ema, best_of=cfg.train.best_of)
+
+    def after_step(step: int, meter: EpochMeter) -> None:
+        """After each optimizer step, before a mid-epoch checkpoint: the next step's lr, the weights' average."""
+        after_optimizer_step(scheduler)
+        update_ema(ema, model)
+        recorder.after_step(step, meter)
 
     for epoch in range(counters.epoch + 1, cfg.train.epochs + 1):
         train_loader.sampler.set_epoch(epoch, skip=counters.step_in_epoch * cfg.train.batch_size)
@@ -312,16 +335,17 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
                                       accum_steps=cfg.train.accum_steps, scaler=scaler,
                                       meter=EpochMeter.resumed(counters.epoch_totals, device, ctx.is_main),
-                                      first_step=counters.step_in_epoch, after_step=recorder.after_step,
+                                      first_step=counters.step_in_epoch, after_step=after_step,
                                       on_report=recorder.report, log_every=cfg.train.log_every,
                                       diverged_hint=diverged_hint, precision=step_precision,
-                                      channels_last=step_channels_last)
-        val_stats = (evaluate(step_model, val_loader, device, len(classes), confusion=True,
-                              precision=step_precision, channels_last=step_channels_last)
-                     if val_loader is not None else None)
-        val_confusion = val_stats.pop("confusion") if val_stats else None
+                                      channels_last=step_channels_last, label_smoothing=cfg.train.label_smoothing,
+                                      clip_grad_norm=cfg.optim.clip_grad_norm)
+        val_stats, ema_val_stats = ((evaluate(weights, val_loader, device, len(classes), confusion=True,
+                                              precision=step_precision, channels_last=step_channels_last)
+                                     if val_loader is not None and weights is not None else None)
+                                    for weights in (step_model, ema and ema.module))
         step_schedule(scheduler, val_stats)
-        recorder.end_epoch(train_stats, val_stats, val_confusion, device)
+        recorder.end_epoch(train_stats, val_stats, device, ema_val_stats)
         log.info("epoch %d done: train loss %.4f top1 %.2f%%%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
@@ -385,10 +409,11 @@ def log_model(cfg: Config, model, precision: str) -> None:
              "channels_last" if cfg.train.channels_last else "NCHW")
 
 
-def training_state(optimizer, scheduler, scaler) -> dict:
+def training_state(optimizer, scheduler, scaler, ema) -> dict:
     """What a last.pt holds beyond the weights and the counters, to continue exactly."""
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "rng": rng_states()}
+            "scaler": scaler.state_dict(), "rng": rng_states(), **({"ema": ema.state_dict()} if ema else {})}
+
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import torch
 
 from bcnn import eval as eval_cli
 from bcnn import predict as predict_cli
-from bcnn import run_dir
 from bcnn import train as train_cli
 from bcnn.config import load_config
 from bcnn.errors import Interrupted, UserError
+from helpers.runs import interrupt_after_first_last_pt
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -56,19 +56,6 @@ TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fracti
 def run(recipe, data, run_path, *extra):
     return train_cli.main(["--config", str(EXPERIMENTS / recipe), f"--data-root={data}", f"--run-dir={run_path}",
                            *TINY, *extra])
-
-
-def interrupt_after_first_last_pt(monkeypatch):
-    """Ctrl-C right after the first last.pt is written, as a user would press it."""
-    real_save = run_dir.save_checkpoint
-
-    def save_then_interrupt(state, path, **options):
-        real_save(state, path, **options)
-        if Path(path).name == "last.pt":
-            monkeypatch.setattr(run_dir, "save_checkpoint", real_save)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_dir, "save_checkpoint", save_then_interrupt)
 
 
 @pytest.mark.parametrize("head", HEADS)

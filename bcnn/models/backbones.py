@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from bcnn.errors import UserError
+from bcnn.models import timm_maps
 from bcnn.models.timm_maps import CUT_PATTERN, build_timm_map
 from bcnn.models.weights import backbone_file_format, describe_mismatch, read_backbone_file
 
@@ -257,6 +258,16 @@ def _timm_backbone(backbone: str, weights: str, cut: str, input_size: int | None
                         "them in timm's cache by hand, or set model.backbone_weights=none or to a file.") from None
     mean, std = input_normalisation(backbone)
     return Backbone(built.module, channels=built.channels, stride=built.stride, mean=mean, std=std)
+
+
+def layer_decay_groups(module: nn.Module, backbone_lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
+    """A backbone's parameters in optimizer groups by depth, for optim.layer_decay < 1: a timm transformer's
+    (timm_maps.layer_decay_groups); any other backbone is refused in one sentence."""
+    groups = timm_maps.layer_decay_groups(module, backbone_lr, layer_decay, weight_decay)
+    if groups is None:
+        raise UserError(f"optim.layer_decay={layer_decay} needs a backbone whose blocks timm can group by depth (a "
+                        "named transformer or timm:<vit or swin>); set optim.layer_decay=1 for this one.")
+    return groups
 
 
 def vgg16_features(cut: str = "relu5_3", weights: str = "none") -> nn.Module:

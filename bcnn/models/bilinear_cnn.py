@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bcnn.errors import UserError
-from bcnn.models.backbones import build_backbone, input_size_problem
+from bcnn.models.backbones import build_backbone, input_size_problem, layer_decay_groups
 from bcnn.models.pooling import Pooling, build_pooling
 
 
@@ -67,12 +67,18 @@ class BilinearCNN(nn.Module):
                 backbone.eval()
         return self
 
-    def param_groups(self, backbone_lr: float, classifier_lr: float) -> list[dict]:
+    def param_groups(self, backbone_lr: float, classifier_lr: float, layer_decay: float = 1.0,
+                     weight_decay: float = 0.0) -> list[dict]:
         """Optimizer parameter groups, one lr each: "backbone" (none when frozen) and "classifier", which also
-        holds the pooling head's own layers (iSQRT-COV's 1x1 reduction): new layers, trained like the classifier."""
+        holds the pooling head's own layers (iSQRT-COV's 1x1 reduction): new layers, trained like the classifier.
+        layer_decay < 1: the backbone in groups by depth instead, each with its lr and weight decay
+        (bcnn.models.backbones.layer_decay_groups)."""
         groups = []
         backbone_params = [p for backbone in self.backbones() for p in backbone.parameters() if p.requires_grad]
-        if backbone_params:
+        if backbone_params and layer_decay < 1:
+            groups += [group for backbone in self.backbones()
+                       for group in layer_decay_groups(backbone, backbone_lr, layer_decay, weight_decay)]
+        elif backbone_params:
             groups.append({"params": backbone_params, "lr": backbone_lr, "name": "backbone"})
         head_params = [p for module in (self.pooling, self.classifier) for p in module.parameters() if p.requires_grad]
         if head_params:

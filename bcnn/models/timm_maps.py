@@ -18,6 +18,7 @@ timm's out_indices count them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -141,3 +142,25 @@ def build_timm_map(timm, backbone: str, name: str, options: dict, cut: str, inpu
 
     getter = FeatureGetterNet(network, out_indices=(index,), output_fmt="NCHW", norm=True)
     return TimmMap(LastFeatureMap(getter), getter.feature_info.channels()[-1], getter.feature_info.reduction()[-1])
+
+
+def layer_decay_groups(module: nn.Module, backbone_lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
+    """A timm backbone's parameters in groups by depth (timm's param_groups_layer_decay, as BEiT and timm fine-tune):
+    the last block's lr is backbone_lr, each block before it layer_decay times the next, the patch embedding the
+    smallest; no weight decay on biases, norms and position embeddings (timm's rule with layer decay).
+    None for a module that is not a timm transformer built here."""
+    network = getattr(getattr(module, "network", None), "model", None)  # LastFeatureMap -> FeatureGetterNet -> net
+    if network is None or not hasattr(network, "group_matcher"):
+        return None
+    from timm.optim import param_groups_layer_decay
+
+    skip = network.no_weight_decay() if hasattr(network, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(network, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                      layer_decay=layer_decay)
+    # Each group's depth from its scale (layer_decay^(blocks above it)), named from the input: backbone_layer0 is
+    # the patch embedding; "_no_wd" marks the groups without weight decay.
+    above = [round(math.log(group["lr_scale"]) / math.log(layer_decay)) if layer_decay < 1 else 0 for group in groups]
+    top = max(above)
+    return [{"params": group["params"], "lr": backbone_lr * group["lr_scale"], "weight_decay": group["weight_decay"],
+             "name": f"backbone_layer{top - up}{'' if group['weight_decay'] else '_no_wd'}"}
+            for up, group in zip(above, groups)]

@@ -50,3 +50,18 @@ def launch(*command, env=None, processes=1):
     threads = str(max(1, suite_threads() // processes))
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **(env or {})})
+
+
+def interrupt_after_first_last_pt(monkeypatch):
+    """Ctrl-C right after the first last.pt is written, as a user would press it (in this process)."""
+    from bcnn import run_dir
+
+    real_save = run_dir.save_checkpoint
+
+    def save_then_interrupt(state, path, **options):
+        real_save(state, path, **options)
+        if Path(path).name == "last.pt":
+            monkeypatch.setattr(run_dir, "save_checkpoint", real_save)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_dir, "save_checkpoint", save_then_interrupt)
