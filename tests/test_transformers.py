@@ -4,6 +4,9 @@ an earlier block, weights from a file resampled to the crop, a frozen transforme
 cannot work refused in one sentence, and tiny runs end to end (train, eval, predict, report) on a ViT and a Swin
 with second-order heads. Random weights or a file in a temporary folder: nothing is downloaded."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -176,3 +179,24 @@ def test_tiny_transformer_run_end_to_end(backbone, options, cub_3x13, tmp_path, 
     capsys.readouterr()
     summary = report_cli.main([str(run_dir), "--json"])
     assert summary["summary"]["top1"]["mean"] == evaluated["top1"]
+
+
+# The transformer recipes of experiments/ as `make stage1 stage2 RECIPE=...` runs them, shrunk: random weights, one
+# epoch each, 2 x 2 tokens (of 14-, 16- and 32-px cells), loader workers on.
+TRANSFORMER_RECIPES = {"cub_dinov2_vitb14_avg": 28, "cub_dinov2_vitb14_matrix_sqrt": 28, "cub_vit_b16_in21k": 32,
+                       "cub_swin_b_in22k_compact": 64}
+
+
+@pytest.mark.parametrize("recipe", TRANSFORMER_RECIPES)
+def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x13, tmp_path):
+    crop, experiments = TRANSFORMER_RECIPES[recipe], Path(STAGE1).parent
+    shrink = [f"--data-root={cub_3x13}", "--device=cpu", f"--data.resize={crop + 4}", f"--data.crop={crop}",
+              "--data.val_fraction=0.34", "--data.num_workers=2", "--train.epochs=1", "--train.batch_size=4",
+              "--train.log_every=0", "--train.precision=fp32"]
+    train_cli.main(["--config", str(experiments / f"{recipe}_stage1.yaml"), f"--run-dir={tmp_path / 's1'}",
+                    "--model.backbone_weights=none", *shrink])
+    stage2 = train_cli.main(["--config", str(experiments / f"{recipe}_stage2.yaml"), f"--run-dir={tmp_path / 's2'}",
+                             f"--train.init_from={tmp_path / 's1' / 'best.pt'}", *shrink])
+    assert math.isfinite(stage2["train_loss"])
+    config = torch.load(tmp_path / "s2" / "best.pt", map_location="cpu", weights_only=True)["config"]
+    assert config["model"]["backbone"] == load_config(experiments / f"{recipe}_stage2.yaml").model.backbone
