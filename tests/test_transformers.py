@@ -20,6 +20,8 @@ from bcnn.config import ModelConfig, load_config  # noqa: E402
 from bcnn.errors import UserError  # noqa: E402
 from bcnn.models import build_model  # noqa: E402
 from bcnn.models.backbones import TIMM_FAMILIES, build_backbone, input_normalisation  # noqa: E402
+from bcnn.models.bilinear_cnn import MAX_POOLED_DIM  # noqa: E402
+from bcnn.models.pooling import build_pooling  # noqa: E402
 from helpers.runs import STAGE1  # noqa: E402
 
 # A size that is not the family's native one (224, 518 for DINOv2, 192 for Swin-V2): whole patches for a ViT (7 x 7
@@ -200,3 +202,19 @@ def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x13, tmp_path):
     assert math.isfinite(stage2["train_loss"])
     config = torch.load(tmp_path / "s2" / "best.pt", map_location="cpu", weights_only=True)["config"]
     assert config["model"]["backbone"] == load_config(experiments / f"{recipe}_stage2.yaml").model.backbone
+
+
+# Every head on the maps the recipes train on: 448 px, DINOv2 ViT-B/14 (32 x 32 x 768) and Swin-B (14 x 14 x 1,024),
+# each within the size build_model allows (1,024 channels' bilinear vector just fits).
+@pytest.mark.parametrize("name, grid", [("dinov2_vitb14", 32), ("swin_b_in22k", 14)])
+def test_every_head_on_a_transformer_at_the_recipe_s_448_px(name, grid):
+    backbone = build_backbone(name, "none", "auto", 448)
+    with torch.no_grad():
+        feature_map = backbone.module.eval()(torch.randn(1, 3, 448, 448))
+    assert feature_map.shape == (1, backbone.channels, grid, grid)
+    for head in ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"):
+        pooling = build_pooling(ModelConfig(pooling=head), backbone.channels).eval()
+        assert pooling.output_dim <= MAX_POOLED_DIM
+        with torch.no_grad():
+            vector = pooling(feature_map)
+        assert vector.shape == (1, pooling.output_dim) and torch.isfinite(vector).all(), head
