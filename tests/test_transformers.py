@@ -5,6 +5,7 @@ cannot work refused in one sentence, and tiny runs end to end (train, eval, pred
 with second-order heads. Random weights or a file in a temporary folder: nothing is downloaded."""
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from bcnn.models import build_model  # noqa: E402
 from bcnn.models.backbones import TIMM_FAMILIES, build_backbone, input_normalisation  # noqa: E402
 from bcnn.models.bilinear_cnn import MAX_POOLED_DIM  # noqa: E402
 from bcnn.models.pooling import build_pooling  # noqa: E402
-from helpers.runs import STAGE1  # noqa: E402
+from helpers.runs import STAGE1, launch  # noqa: E402
 
 # A size that is not the family's native one (224, 518 for DINOv2, 192 for Swin-V2): whole patches for a ViT (7 x 7
 # of 16 px, 8 x 8 of 14 px), whole 32-px cells for a Swin (4 x 4, its window shrunk to 4 to tile them).
@@ -204,17 +205,54 @@ def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x13, tmp_path):
     assert config["model"]["backbone"] == load_config(experiments / f"{recipe}_stage2.yaml").model.backbone
 
 
-# Every head on the maps the recipes train on: 448 px, DINOv2 ViT-B/14 (32 x 32 x 768) and Swin-B (14 x 14 x 1,024),
-# each within the size build_model allows (1,024 channels' bilinear vector just fits).
-@pytest.mark.parametrize("name, grid", [("dinov2_vitb14", 32), ("swin_b_in22k", 14)])
-def test_every_head_on_a_transformer_at_the_recipe_s_448_px(name, grid):
+# Every head on every named family at the recipes' 448 px (DINOv2 and EVA-02: 32 x 32 tokens; ViTs: 28 x 28; Swins:
+# 14 x 14), or refused where its vector would pass the size build_model allows (Swin-L's 1,536 channels).
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
+def test_every_head_on_every_named_family_at_the_recipe_s_448_px(name):
     backbone = build_backbone(name, "none", "auto", 448)
     with torch.no_grad():
         feature_map = backbone.module.eval()(torch.randn(1, 3, 448, 448))
-    assert feature_map.shape == (1, backbone.channels, grid, grid)
+    grid = 448 // backbone.stride
+    assert feature_map.shape == (1, backbone.channels, grid, grid) and grid in (14, 28, 32)
     for head in ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"):
         pooling = build_pooling(ModelConfig(pooling=head), backbone.channels).eval()
-        assert pooling.output_dim <= MAX_POOLED_DIM
+        if pooling.output_dim > MAX_POOLED_DIM:
+            assert backbone.channels > 1024 and head in ("bilinear", "matrix_sqrt")
+            continue
         with torch.no_grad():
             vector = pooling(feature_map)
         assert vector.shape == (1, pooling.output_dim) and torch.isfinite(vector).all(), head
+
+
+CACHED_WEIGHTS = """
+import os, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+import timm
+from bcnn.errors import UserError
+from bcnn.models.backbones import build_backbone
+cache = Path(os.environ["HF_HOME"]) / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+(cache / "refs").mkdir(parents=True)
+(cache / "refs" / "main").write_text("0" * 40)  # the layout huggingface_hub's own download leaves
+(cache / "snapshots" / ("0" * 40)).mkdir(parents=True)
+source = timm.create_model("vit_tiny_patch16_224").state_dict()
+save_file({key: value.contiguous() for key, value in source.items()}, cache / "snapshots" / ("0" * 40) / "model.safetensors")
+loaded = build_backbone("timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k", "imagenet", "auto", 64).module.network.model
+assert torch.equal(loaded.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+assert loaded.state_dict()["pos_embed"].shape == (1, 17, 192)  # resampled to 4 x 4 patches as it loaded
+try:
+    build_backbone("dinov2_vitb14", "imagenet", "auto", 112)
+except UserError as error:
+    print(error)
+"""
+
+
+def test_pretrained_weights_come_from_the_hugging_face_cache_offline(tmp_path):
+    # A fresh process: huggingface_hub reads HF_HOME as it is imported. Offline, a network whose weights are not
+    # in the cache is one sentence saying how to put them there.
+    result = launch(sys.executable, "-c", CACHED_WEIGHTS, env={"HF_HOME": str(tmp_path / "hf"),
+                                                              "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("could not load timm's pretrained weights of vit_base_patch14_dinov2.lvd142m" in result.stdout
+            and "huggingface-cli download timm/vit_base_patch14_dinov2.lvd142m" in result.stdout
+            and str(tmp_path / "hf" / "hub") in result.stdout), result.stdout

@@ -254,8 +254,8 @@ def _timm_backbone(backbone: str, weights: str, cut: str, input_size: int | None
         raise UserError(f"timm could not build {name} as a feature extractor ({err}); pick a network that gives a "
                         "feature map or a token grid.") from None
     except (URLError, OSError) as err:
-        raise UserError(f"could not load timm's pretrained weights of {name} ({type(err).__name__}: {err}); put "
-                        "them in timm's cache by hand, or set model.backbone_weights=none or to a file.") from None
+        raise UserError(f"could not load timm's pretrained weights of {name} ({type(err).__name__}: {err}); "
+                        f"{_timm_cache_hint(timm, name)}, or set model.backbone_weights=none or to a file.") from None
     mean, std = input_normalisation(backbone)
     return Backbone(built.module, channels=built.channels, stride=built.stride, mean=mean, std=std)
 
@@ -268,6 +268,18 @@ def layer_decay_groups(module: nn.Module, backbone_lr: float, layer_decay: float
         raise UserError(f"optim.layer_decay={layer_decay} needs a backbone whose blocks timm can group by depth (a "
                         "named transformer or timm:<vit or swin>); set optim.layer_decay=1 for this one.")
     return groups
+
+
+def _timm_cache_hint(timm, name: str) -> str:
+    """Where timm looks for a network's weights offline: the Hugging Face hub cache (HF_HOME), or torch's."""
+    config = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(config, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return (f"download them where there is a network (huggingface-cli download {hub_id}) and copy the "
+                f"models--{hub_id.replace('/', '--')} folder into the Hugging Face cache, {HF_HUB_CACHE}")
+    return f"put them in torch's hub cache by hand ({Path(torch.hub.get_dir()) / 'checkpoints'})"
 
 
 def vgg16_features(cut: str = "relu5_3", weights: str = "none") -> nn.Module:
