@@ -22,6 +22,7 @@ setup(
     ],
     extras_require={
         "timm": ["timm>=1.0.15"],  # model.backbone=timm:<name>
-        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15"],  # the tests build a timm network too
+        "explain": ["captum>=0.7"],  # heatmaps: bcnn.predict --explain (bcnn/explain.py)
+        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15", "captum>=0.7"],  # the tests build a timm network too
     },
 )

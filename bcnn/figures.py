@@ -13,8 +13,12 @@ Every class name is a tick label, so sizes grow with the number of classes (200 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
@@ -141,8 +145,46 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+FIGURE_SOFTWARE = "bcnn"  # the PNG's Software entry: how a later run knows the file is one bcnn wrote
+
+
 def save_figure(fig: Figure, path, dpi: int = SAVE_DPI) -> None:
-    fig.savefig(path, dpi=dpi, format="png")
+    """A PNG written whole or not at all: drawn into a temporary file beside it, then renamed over it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, dpi=dpi, format="png", metadata={"Software": FIGURE_SOFTWARE})
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def written_by_bcnn(path) -> bool:
+    """Whether the PNG at path is a figure save_figure wrote (its Software entry), so it may be replaced."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == FIGURE_SOFTWARE
+    except OSError:
+        return False
+
+
+def explanation_figure(image: np.ndarray, heatmap: np.ndarray, title: str, lines: list[str]) -> Figure:
+    """An image (H, W, 3) in [0, 1] beside itself with a heatmap (H, W) in [0, 1] laid over it, a title above and
+    lines of text (the top-k classes) below."""
+    height, width = image.shape[:2]
+    panel = 3.2  # inches per image
+    text_inches = 0.22 * (len(lines) + 1)
+    fig = _new_figure(2 * panel, panel * height / width + text_inches + 0.4)
+    for column, overlay in enumerate((False, True)):
+        axes = fig.add_axes([column / 2 + 0.01, (text_inches + 0.05) / fig.get_figheight(), 0.48,
+                             panel * height / width / fig.get_figheight()])
+        axes.imshow(image)
+        if overlay:
+            axes.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        axes.set_axis_off()
+    fig.suptitle(title, fontsize=TITLE_FONTSIZE, y=0.99)
+    fig.text(0.02, 0.02, "\n".join(lines), fontsize=8, family="monospace", va="bottom")
+    return fig
 
 
 def denormalize(images: torch.Tensor, normalisation=(IMAGENET_MEAN, IMAGENET_STD)) -> torch.Tensor:

@@ -4,6 +4,8 @@
     python -m bcnn.predict photos/ more/gull.png --topk 3             # a folder means its images, sorted
     python -m bcnn.predict photos/ --checkpoint runs/cub_vgg16_stage1/best.pt --json > predictions.json
     python -m bcnn.predict my_birds/test/                             # class folders: true classes, top-1
+    python -m bcnn.predict photos/*.jpg --explain heatmaps/           # + a PNG each: where the top-1 class is
+    python -m bcnn.predict gull.jpg --explain --explain-class "Herring Gull"   # the evidence for another class
 
 Everything comes from the checkpoint: the model, the class names and the eval transform of the run's config
 (resize, centre crop, normalise), and what its dataset's reader cut from every image first: FGVC-Aircraft's
@@ -17,6 +19,11 @@ checkpoint's classes gets that class as its true class ("true_class" in --json),
 accuracy over those images. An input that cannot be read (missing, not an image, a folder without images) gets
 an `error: PATH: ...` line on stderr and an "error" entry in --json; the other images are still predicted and the
 exit status is 1.
+
+--explain [DIR] writes, for each image, DIR/<image>_<checkpoint>_explain.png (DIR: explanations/ by default): the
+model's view of the image beside it with the heatmap of its top-1 class (or --explain-class's) laid over it and
+the top-k classes written below (bcnn.explain: Grad-CAM through captum, an optional extra). --json gives each
+image's PNG as "explanation". A file of that name that bcnn did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from bcnn.config import config_from_dict
 from bcnn.data import READERS, REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
+from bcnn.explain import class_heatmaps, require_captum, upsample
+from bcnn.figures import denormalize, explanation_figure, save_figure, written_by_bcnn
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device
 
@@ -52,6 +61,11 @@ def parse_args(argv):
                         help="print one JSON list on stdout and nothing else (no top-1 line)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default: 16")
+    parser.add_argument("--explain", nargs="?", const="explanations", metavar="DIR",
+                        help="also write a PNG per image with the heatmap of its top-1 class into DIR "
+                             "(default: explanations/); needs captum")
+    parser.add_argument("--explain-class", metavar="NAME",
+                        help="with --explain: the heatmap of this class instead of the top-1 (e.g. the true one)")
     return parser.parse_args(argv)
 
 
@@ -72,6 +86,13 @@ def main(argv=None) -> list[dict]:
 
 
 def run(args, device: torch.device) -> list[dict]:
+    if args.explain_class and not args.explain:
+        raise UserError("--explain-class needs --explain [DIR]; add it.")
+    if args.explain:
+        require_captum()  # before the model's seconds, not after
+        if Path(args.explain).exists() and not Path(args.explain).is_dir():
+            raise UserError(f"--explain {args.explain} is a file; --explain takes the folder to write the heatmaps "
+                            "into (put it before the images, or write --explain=DIR).")
     state = load_checkpoint(args.checkpoint)
     if not isinstance(state.get("classes"), list) or "config" not in state:
         raise UserError(f"checkpoint {args.checkpoint} has no class names or config; use a checkpoint written by "
@@ -85,10 +106,12 @@ def run(args, device: torch.device) -> list[dict]:
     configure_device(device, tf32=False)  # IEEE float32 on a GPU too, as bcnn.eval's default: the same numbers
     transform = build_transforms(cfg.data, train=False, normalisation=input_normalisation(cfg.model.backbone))
     banner = training_cut(cfg.data)
+    explain = explainer(args, model, classes, cfg) if args.explain else None
 
     results = []
     for result in predict(expand_inputs(args.images), model, transform, classes, device,
-                          topk=min(args.topk, len(classes)), batch_size=args.batch_size, banner=banner):
+                          topk=min(args.topk, len(classes)), batch_size=args.batch_size, banner=banner,
+                          explain=explain):
         results.append(result)
         if "error" in result:
             print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
@@ -185,9 +208,9 @@ def cut_banner(image, banner: int, path: str):
 
 
 def predict(inputs: Iterable[tuple[str, str | None]], model: torch.nn.Module, transform, classes: list[str],
-            device: torch.device, topk: int, batch_size: int, banner: int = 0) -> Iterator[dict]:
+            device: torch.device, topk: int, batch_size: int, banner: int = 0, explain=None) -> Iterator[dict]:
     """One result per input, in input order, as soon as the batch holding it has run; banner: pixel rows cut off
-    the bottom of each image first (training_cut)."""
+    the bottom of each image first (training_cut); explain(batch): called on each batch once predicted."""
     true_class = true_class_finder(classes)
     waiting, batch = [], []  # results not yet yielded; (result, image tensor) pairs not yet through the model
     for path, problem in inputs:
@@ -206,10 +229,14 @@ def predict(inputs: Iterable[tuple[str, str | None]], model: torch.nn.Module, tr
         waiting.append(result)
         if len(batch) == batch_size:
             _add_predictions(batch, model, classes, device, topk)
+            if explain is not None:
+                explain(batch)
             yield from waiting
             waiting, batch = [], []
     if batch:
         _add_predictions(batch, model, classes, device, topk)
+        if explain is not None:
+            explain(batch)
     yield from waiting
 
 
@@ -221,6 +248,54 @@ def _add_predictions(batch: list[tuple[dict, torch.Tensor]], model, classes, dev
     for (result, _), values, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
         result["predictions"] = [{"class": classes[index], "index": index, "probability": value}
                                  for value, index in zip(values, indices)]
+
+
+def explainer(args, model, classes: list[str], cfg):
+    """The --explain step: for a predicted batch, each image's heatmap (its top-1 class, or --explain-class) drawn
+    over the model's view of it, saved as a PNG whose path goes into the result as "explanation"."""
+    folder = Path(args.explain)
+    target = None
+    if args.explain_class is not None:
+        named = true_class_finder(classes)(str(Path(args.explain_class) / "x"))  # the folder-name rules: 001.Name
+        if named is None:
+            raise UserError(f"--explain-class {args.explain_class!r} is not one of the checkpoint's {len(classes)} "
+                            f"classes (e.g. {classes[0]!r}); give a class name as the top-k lines print it.")
+        target = classes.index(named)
+    normalisation = input_normalisation(cfg.model.backbone)
+    checkpoint = Path(args.checkpoint).stem
+    used: set[Path] = set()
+
+    def explain(batch: list[tuple[dict, torch.Tensor]]) -> None:
+        images = torch.stack([image for _, image in batch]).to(next(model.parameters()).device)
+        chosen = [target if target is not None else result["predictions"][0]["index"] for result, _ in batch]
+        maps = upsample(class_heatmaps(model, images, torch.tensor(chosen)), tuple(images.shape[-2:])).cpu()
+        views = denormalize(images.cpu(), normalisation).permute(0, 2, 3, 1).numpy()
+        folder.mkdir(parents=True, exist_ok=True)
+        for (result, _), view, heatmap, index in zip(batch, views, maps.numpy(), chosen):
+            path = explanation_path(folder, result["image"], checkpoint, used)
+            lines = [f"{100 * prediction['probability']:6.2f}%  {prediction['class']}"
+                     + ("  <- true" if prediction["class"] == result.get("true_class") else "")
+                     for prediction in result["predictions"]]
+            title = f"{Path(result['image']).name}: where the evidence for {classes[index]} lies"
+            save_figure(explanation_figure(view, heatmap, title, lines), path)
+            result["explanation"] = str(path)
+
+    return explain
+
+
+def explanation_path(folder: Path, image: str, checkpoint: str, used: set[Path]) -> Path:
+    """folder/<image stem>_<checkpoint>_explain.png, numbered _2, _3... when two inputs share a stem; a file there
+    that bcnn did not write is refused, never replaced."""
+    stem = f"{Path(image).stem}_{checkpoint}_explain"
+    path, number = folder / f"{stem}.png", 1
+    while path in used:
+        number += 1
+        path = folder / f"{stem}_{number}.png"
+    if path.exists() and not written_by_bcnn(path):
+        raise UserError(f"{path} exists and is not a heatmap bcnn wrote, so bcnn.predict will not replace it; pass "
+                        "--explain another folder, or move the file away.")
+    used.add(path)
+    return path
 
 
 def _what_is_wrong(error: UserError, path: str) -> str:

@@ -1,0 +1,144 @@
+"""Heatmaps (issue 20, bcnn/explain.py): the evidence of a model whose answer is known by construction, every head
+on a real backbone, and bcnn.predict --explain on a PNG, a grayscale JPEG and a CMYK JPEG (the files the
+synthetic CUB writes), a missing captum in one sentence, and never replacing a file bcnn did not write."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bcnn import predict as predict_cli
+from bcnn.checkpoint import save_checkpoint
+from bcnn.config import ModelConfig, config_to_dict, load_config
+from bcnn.data import write_synthetic_cub
+from bcnn.errors import UserError
+from bcnn.explain import class_heatmaps, peak_cells, upsample
+from bcnn.models import BilinearCNN, build_model
+from bcnn.models.pooling import Pooling
+from helpers.runs import STAGE1
+
+pytest.importorskip("captum")
+
+
+class TopLeftAverage(Pooling):
+    """The mean feature over the map's top-left quadrant only: evidence elsewhere cannot reach the score."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.output_dim = channels
+
+    def forward(self, x, x_b=None):
+        return x[:, :, : x.shape[2] // 2, : x.shape[3] // 2].mean(dim=(2, 3))
+
+
+def test_the_evidence_of_a_quadrant_classifier_lies_in_its_quadrant():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, kernel_size=4, stride=4), nn.ReLU())  # 32 px -> an 8 x 8 map
+    model = BilinearCNN(backbone, TopLeftAverage(8), num_classes=3)
+    maps = class_heatmaps(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    assert maps.shape == (4, 8, 8)
+    inside, outside = maps[:, :4, :4], maps.clone()
+    outside[:, :4, :4] = 0
+    assert torch.all(outside == 0)  # no gradient reaches the other three quadrants: exactly zero
+    assert torch.all(inside.flatten(1).sum(1) > 0)
+    assert all(row < 4 and column < 4 for row, column in peak_cells(maps))
+
+
+def test_the_bilinear_evidence_is_each_position_s_term_of_the_score():
+    # Before normalisation a bilinear head's score for class k is sum_p x_p' W_k x_p / HW; with the identity for the
+    # normalisation the evidence at p must be twice position p's term (x_p . dS/dx_p = 2 x_p' W_k x_p / HW).
+    torch.manual_seed(0)
+
+    class Raw(Pooling):
+        def __init__(self):
+            super().__init__()
+            self.output_dim = 16
+
+        def forward(self, x, x_b=None):
+            flat = x.flatten(2)  # (B, C, HW)
+            return (flat @ flat.transpose(1, 2)).flatten(1) / flat.shape[2]
+
+    model = BilinearCNN(nn.Conv2d(3, 4, kernel_size=8, stride=8), Raw(), num_classes=2).double()
+    images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        x = model.backbone(images)[0].flatten(1)  # (4, 16 positions)
+        weights = model.classifier.weight[1].view(4, 4)
+        terms = 2 * torch.einsum("cp,cd,dp->p", x, weights, x) / x.shape[1]
+    model.float()
+    maps = class_heatmaps(model, images.float(), torch.tensor([1]))[0].flatten()
+    assert torch.allclose(maps.double(), terms.clamp_min(0), rtol=1e-4, atol=1e-6)  # float32 against float64
+
+
+@pytest.mark.parametrize("head", ["bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"])
+def test_every_head_has_finite_evidence_on_the_backbone_grid(head):
+    model = build_model(ModelConfig(backbone_weights="none", pooling=head, isqrt_reduce_dim=16, compact_dim=512), 3)
+    images = torch.randn(2, 3, 64, 64)
+    maps = class_heatmaps(model, images, torch.tensor([0, 2]))
+    assert maps.shape == (2, 4, 4) and torch.isfinite(maps).all() and (maps >= 0).all()
+    assert not any(param.grad is not None for param in model.parameters())  # the weights get no gradient
+    on_image = upsample(maps, (64, 64))
+    assert on_image.shape == (2, 64, 64) and float(on_image.amax()) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    cub = write_synthetic_cub(root / "cub", classes=3, per_class=6, seed=0)
+    cfg = load_config(STAGE1, ["--data.crop=32", "--data.resize=40", f"--data.root={cub}"])
+    photos = root / "photos"
+    photos.mkdir()
+    images = cub / "images"
+    shutil.copy(images / "001.Synthetic_Class_1" / "Synthetic_Class_1_0001.jpg", photos / "gray.jpg")
+    shutil.copy(images / "002.Synthetic_Class_2" / "Synthetic_Class_2_0002.jpg", photos / "cmyk.jpg")
+    Image.open(images / "003.Synthetic_Class_3" / "Synthetic_Class_3_0001.jpg").save(photos / "colour.png")
+    assert Image.open(photos / "gray.jpg").mode == "L" and Image.open(photos / "cmyk.jpg").mode == "CMYK"
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    path = root / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1, "metrics": {},
+                     "classes": ["Laysan Albatross", "Sooty Albatross", "Herring Gull"]}, path)
+    return {"checkpoint": str(path), "photos": photos}
+
+
+def test_predict_explain_writes_a_heatmap_per_image_and_names_it_in_json(checkpoint, tmp_path, capsys):
+    images = [str(checkpoint["photos"] / name) for name in ("colour.png", "gray.jpg", "cmyk.jpg")]
+    folder = tmp_path / "heatmaps"
+    results = predict_cli.main([*images, "--checkpoint", checkpoint["checkpoint"], "--json", "--device", "cpu",
+                                "--explain", str(folder), "--topk", "3"])
+    printed = json.loads(capsys.readouterr().out)
+    assert [result["explanation"] for result in printed] == [result["explanation"] for result in results]
+    for image, result in zip(images, results):
+        png = Image.open(result["explanation"])
+        assert png.format == "PNG" and png.info.get("Software") == "bcnn" and png.size[0] > 300
+        assert result["explanation"] == str(folder / f"{image.rsplit('/', 1)[1].rsplit('.', 1)[0]}_best_explain.png")
+        # the overlay differs from the plain view beside it: a heatmap was drawn
+        pixels = np.asarray(png.convert("RGB"), dtype=np.int16)
+        half = pixels.shape[1] // 2
+        assert np.abs(pixels[:, :half] - pixels[:, half: 2 * half]).mean() > 1
+    # Again, with another class: the files bcnn wrote are replaced, none other.
+    predict_cli.main([images[0], "--checkpoint", checkpoint["checkpoint"], "--device", "cpu",
+                      "--explain", str(folder), "--explain-class", "Herring Gull"])
+    assert "Herring Gull" in capsys.readouterr().out
+
+
+def test_predict_explain_refuses_what_it_cannot_do_in_one_sentence(checkpoint, tmp_path, monkeypatch):
+    image = str(checkpoint["photos"] / "colour.png")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "colour_best_explain.png").write_bytes(b"the user's own file")
+    with pytest.raises(UserError, match="exists and is not a heatmap bcnn wrote, so bcnn.predict will not replace"):
+        predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain", str(folder)])
+    assert (folder / "colour_best_explain.png").read_bytes() == b"the user's own file"
+    with pytest.raises(UserError, match="--explain-class 'Albatross' is not one of the checkpoint's 3 classes"):
+        predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain", str(tmp_path / "x"),
+                          "--explain-class", "Albatross"])
+    with pytest.raises(UserError, match="--explain-class needs --explain"):
+        predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain-class", "Herring Gull"])
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if captum were not installed
+    with pytest.raises(UserError, match=r"heatmaps need captum, an optional extra: pip install captum"):
+        predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain", str(tmp_path / "y")])
