@@ -25,12 +25,15 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
 from bcnn.data import build_dataset, build_image_loader
+from bcnn.distributed import all_reduce_
 from bcnn.engine import evaluate
+from bcnn.explain import box_in_view, pointing_game, require_captum
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
                           save_figure)
@@ -57,6 +60,9 @@ def parse_args(argv):
     parser.add_argument("--num-workers", type=int, help="default: the run's data.num_workers")
     parser.add_argument("--output", help="JSON file to write; default: eval_<checkpoint name>_<split>[_flip].json "
                         "beside the checkpoint; the CSV and PNGs are named after its stem")
+    parser.add_argument("--pointing-game", action="store_true",
+                        help="also score where the model looks: the share of images whose heatmap peak (true "
+                             "class) falls in the object's bounding box (datasets with boxes; needs captum)")
     parser.add_argument("--no-figures", action="store_true",
                         help="skip the confusion and per-class PNGs (slow to draw for 200 classes); JSON and CSV only")
     return parser.parse_args(argv)
@@ -96,6 +102,8 @@ def run(args, ctx: distributed.Context) -> dict:
     if args.num_workers is not None and args.num_workers < -1:
         raise UserError(f"--num-workers must be -1 (from this machine's cores) or at least 0, got {args.num_workers}.")
     outputs = output_paths(args)  # checked before the evaluation's minutes, not after
+    if args.pointing_game:
+        require_captum()
     state = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(state["config"])
     if args.data_root:
@@ -120,6 +128,8 @@ def run(args, ctx: distributed.Context) -> dict:
     configure_device(ctx.device, tf32=precision != "fp32")
     metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta, confusion=True,
                        precision=precision, channels_last=True)
+    if args.pointing_game:
+        metrics["pointing_game"] = run_pointing_game(model, loader, dataset, cfg.data, ctx.device)
     confusion = metrics.pop("confusion")  # (C, C) counts [true, predicted], the same on every rank
     most_confused = most_confused_pairs(confusion, state["classes"], k=MOST_CONFUSED_SAVED)
     result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,
@@ -131,6 +141,11 @@ def run(args, ctx: distributed.Context) -> dict:
     print(f"{args.split}: {metrics['count']} images, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
           f"mean per-class {metrics['mean_class_acc']:.2f}% (tta {args.tta}; {args.checkpoint})")
     print_most_confused(most_confused[:MOST_CONFUSED_PRINTED], {row["class"]: row["images"] for row in rows})
+    if "pointing_game" in metrics:
+        game = metrics["pointing_game"]
+        print(f"pointing game: {game['hits']} of {game['images']} images ({100 * game['hits'] / game['images']:.1f}%) "
+              f"have their heatmap's peak in the object's box; the boxes cover {100 * game['box_share']:.1f}% of "
+              "the view on average (a random point's chance)")
     try:
         outputs["json"].parent.mkdir(parents=True, exist_ok=True)
         outputs["json"].write_text(json.dumps(result, indent=2) + "\n")
@@ -143,6 +158,24 @@ def run(args, ctx: distributed.Context) -> dict:
     for path in outputs.values():
         print(f"wrote {path}")
     return result
+
+
+def run_pointing_game(model, loader, dataset, data_cfg, device) -> dict:
+    """bcnn.explain.pointing_game over this evaluation's loader (its shard under DDP, summed over ranks)."""
+    require_captum()
+    if not getattr(dataset, "HAS_BOXES", False) or data_cfg.crop_to_bbox:
+        raise UserError(f"--pointing-game needs bounding boxes around the objects, and data.format={data_cfg.format}"
+                        f"{' is cropped to them (data.crop_to_bbox)' if data_cfg.crop_to_bbox else ' has none'}; "
+                        "drop --pointing-game.")
+    order = list(loader.sampler)  # the images in the order the loader yields them
+    boxes = []
+    for index in order:
+        with Image.open(dataset.samples[index][0]) as image:  # the size only: no pixels are decoded
+            boxes.append(box_in_view(dataset.bboxes[index], image.size, data_cfg.resize, data_cfg.crop))
+    game = pointing_game(model.float(), loader, boxes, data_cfg.crop, device)
+    totals = all_reduce_(torch.tensor([game["hits"], game["images"], game["box_share"] * game["images"]],
+                                      dtype=torch.float64, device=device)).tolist()
+    return {"hits": int(totals[0]), "images": int(totals[1]), "box_share": totals[2] / max(totals[1], 1)}
 
 
 def print_most_confused(pairs: list[dict], images_of: dict) -> None:

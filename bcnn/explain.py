@@ -61,3 +61,34 @@ def peak_cells(maps: torch.Tensor) -> list[tuple[int, int]]:
     """Each map's (row, column) of its largest value: where it points."""
     width = maps.shape[-1]
     return [divmod(int(index), width) for index in maps.flatten(1).argmax(1)]
+
+
+def box_in_view(box, image_size: tuple[int, int], resize: int, crop: int) -> tuple[float, float, float, float]:
+    """An (x, y, w, h) box of an image of image_size (width, height) in the eval view's pixels, (x0, y0, x1, y1)
+    clipped to it: the eval transform's Resize(resize) of the shorter side, then CenterCrop(crop) as torchvision
+    places it (offsets rounded)."""
+    width, height = image_size
+    scale = resize / min(width, height)
+    new_width, new_height = int(resize * width / height) if width > height else resize, \
+        int(resize * height / width) if height > width else resize
+    left, top = int(round((new_width - crop) / 2.0)), int(round((new_height - crop) / 2.0))
+    x, y, w, h = (value * scale for value in box)
+    clip = lambda value: min(max(value, 0.0), float(crop))  # noqa: E731
+    return clip(x - left), clip(y - top), clip(x + w - left), clip(y + h - top)
+
+
+def pointing_game(model, loader, boxes: list[tuple[float, float, float, float]], crop: int, device) -> dict:
+    """The pointing game (Zhang et al., ECCV 2016) over a loader's images in its order, boxes[i] the i-th image's
+    object box in the view (box_in_view): a hit when the centre of the heatmap's peak cell, for the image's true
+    class, falls inside the box. Returns hits, images, and the boxes' mean share of the view: what a heatmap that
+    points anywhere at random would score."""
+    hits, seen, box_share = 0, 0, 0.0
+    for images, targets in loader:
+        maps = class_heatmaps(model, images.to(device), targets)
+        rows, columns = maps.shape[-2:]
+        for (row, column), (x0, y0, x1, y1) in zip(peak_cells(maps), boxes[seen:seen + len(images)]):
+            x, y = (column + 0.5) * crop / columns, (row + 0.5) * crop / rows
+            hits += x0 <= x <= x1 and y0 <= y <= y1
+            box_share += (x1 - x0) * (y1 - y0) / crop**2
+        seen += len(images)
+    return {"hits": hits, "images": seen, "box_share": box_share / max(seen, 1)}

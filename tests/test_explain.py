@@ -17,7 +17,7 @@ from bcnn.checkpoint import save_checkpoint
 from bcnn.config import ModelConfig, config_to_dict, load_config
 from bcnn.data import write_synthetic_cub
 from bcnn.errors import UserError
-from bcnn.explain import class_heatmaps, peak_cells, upsample
+from bcnn.explain import box_in_view, class_heatmaps, peak_cells, upsample
 from bcnn.models import BilinearCNN, build_model
 from bcnn.models.pooling import Pooling
 from helpers.runs import STAGE1
@@ -142,3 +142,20 @@ def test_predict_explain_refuses_what_it_cannot_do_in_one_sentence(checkpoint, t
     monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if captum were not installed
     with pytest.raises(UserError, match=r"heatmaps need captum, an optional extra: pip install captum"):
         predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain", str(tmp_path / "y")])
+
+
+@pytest.mark.parametrize("size, box", [((500, 375), (120, 80, 200, 150)), ((300, 450), (10, 300, 280, 140)),
+                                       ((64, 64), (0, 0, 64, 64))])
+def test_a_box_lands_where_the_eval_transform_puts_its_pixels(size, box):
+    # The reference: the box painted white on a black image of that size, through torchvision's own Resize and
+    # CenterCrop; its white pixels' extent is where the box is in the view (to a pixel: interpolation blurs edges).
+    from torchvision import transforms as T
+
+    mask = Image.new("L", size)
+    x, y, w, h = box
+    mask.paste(255, (x, y, x + w, y + h))
+    view = np.asarray(T.Compose([T.Resize(56), T.CenterCrop(48)])(mask)) > 127
+    rows, columns = np.nonzero(view)
+    x0, y0, x1, y1 = box_in_view(box, size, resize=56, crop=48)
+    assert abs(x0 - columns.min()) <= 1 and abs(x1 - (columns.max() + 1)) <= 1
+    assert abs(y0 - rows.min()) <= 1 and abs(y1 - (rows.max() + 1)) <= 1
