@@ -30,19 +30,20 @@ from PIL import Image
 from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint
 from bcnn.config import config_from_dict
-from bcnn.data import build_dataset, build_image_loader
+from bcnn.data import build_dataset, build_image_loader, default_num_workers
 from bcnn.distributed import all_reduce_
 from bcnn.engine import evaluate
-from bcnn.explain import box_in_view, pointing_game, require_captum
+from bcnn.explain import box_in_view, confusion_gallery, pointing_game, require_captum
 from bcnn.errors import UserError, exit_on_user_error
-from bcnn.figures import (confusion_figure, most_confused_pairs, per_class_accuracy_figure, per_class_rows,
-                          save_figure)
+from bcnn.figures import (confusion_figure, confusion_gallery_figure, most_confused_pairs, per_class_accuracy_figure,
+                          per_class_rows, save_figure)
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.run_dir import EVAL_SIBLINGS, written_by_eval
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
 MOST_CONFUSED_SAVED, MOST_CONFUSED_PRINTED = 10, 5
+GALLERY_PAIRS, GALLERY_PER_SIDE = 3, 4  # the confusion gallery: its pairs, and images on each side of a pair
 
 
 def parse_args(argv):
@@ -130,6 +131,7 @@ def run(args, ctx: distributed.Context) -> dict:
                        precision=precision, channels_last=True)
     if args.pointing_game:
         metrics["pointing_game"] = run_pointing_game(model, loader, dataset, cfg.data, ctx.device)
+    gallery = None
     confusion = metrics.pop("confusion")  # (C, C) counts [true, predicted], the same on every rank
     most_confused = most_confused_pairs(confusion, state["classes"], k=MOST_CONFUSED_SAVED)
     result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,
@@ -152,12 +154,39 @@ def run(args, ctx: distributed.Context) -> dict:
         write_per_class_csv(rows, outputs["per_class.csv"])
         if not args.no_figures:  # last: drawing 200 classes takes seconds
             write_figures(confusion, state["classes"], outputs, figure_subtitle(args, metrics))
+            gallery = write_gallery(model, dataset, most_confused[:GALLERY_PAIRS], state["classes"], cfg, ctx.device,
+                                    outputs, figure_subtitle(args, metrics))
     except OSError as error:
         raise UserError(f"cannot write {error.filename or outputs['json']} ({(error.strerror or str(error)).lower()}); "
                         "the numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
+    if gallery is not None:  # which images the gallery shows, beside the numbers
+        result["confusion_gallery"] = gallery
+        outputs["json"].write_text(json.dumps(result, indent=2) + "\n")
     for path in outputs.values():
-        print(f"wrote {path}")
+        if path.exists():
+            print(f"wrote {path}")
     return result
+
+
+def write_gallery(model, dataset, pairs: list[dict], class_names: list[str], cfg, device, outputs: dict,
+                  title: str) -> list[dict] | None:
+    """The most confused pairs' images with their evidence (bcnn.explain.confusion_gallery), one page; None, with a
+    note, where captum is missing or nothing was confused."""
+    if not pairs:
+        return None
+    try:
+        require_captum()
+    except UserError as missing:
+        print(f"note: no confusion gallery: {missing}")
+        return None
+    gallery = confusion_gallery(model.float(), dataset, pairs, class_names, device, per_side=GALLERY_PER_SIDE,
+                                num_workers=default_num_workers() if cfg.data.num_workers == -1 else cfg.data.num_workers)
+    save_figure(confusion_gallery_figure(gallery, input_normalisation(cfg.model.backbone),
+                                         f"most confused pairs, with the evidence for the class predicted\n{title}",
+                                         per_side=GALLERY_PER_SIDE), outputs["confused_gallery.png"])
+    return [{"true": entry["true"], "predicted": entry["predicted"], "count": entry["count"],
+             **{side: [{"image": item["image"], "probability": item["probability"]} for item in entry[side]]
+                for side in ("confused", "correct")}} for entry in gallery]
 
 
 def run_pointing_game(model, loader, dataset, data_cfg, device) -> dict:

@@ -92,3 +92,46 @@ def pointing_game(model, loader, boxes: list[tuple[float, float, float, float]],
             box_share += (x1 - x0) * (y1 - y0) / crop**2
         seen += len(images)
     return {"hits": hits, "images": seen, "box_share": box_share / max(seen, 1)}
+
+
+def confusion_gallery(model, dataset, pairs: list[dict], class_names: list[str], device, per_side: int = 4,
+                      batch_size: int = 16, num_workers: int = 0) -> list[dict]:
+    """For each most-confused pair {"true": A, "predicted": B} (bcnn.figures.most_confused_pairs), the images of A
+    the model calls B and images of B it gets right, at most per_side of each in dataset order, each with its
+    probability of B and its evidence for B (upsampled, [0, 1]) on its eval view (the dataset's transform):
+    [{"true", "predicted", "count", "confused": [item, ...], "correct": [item, ...]}], item = {"index", "image" (path),
+    "probability", "view" (3, H, W) normalised, "heatmap" (H, W)}."""
+    index_of = {name: position for position, name in enumerate(class_names)}
+    predicted: dict[int, list[tuple[int, int, torch.Tensor]]] = {}  # class -> [(index, prediction, probs)]
+
+    def predictions_of(label: int):
+        if label not in predicted:
+            members = [index for index, target in enumerate(dataset.targets) if target == label]
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, members), batch_size=batch_size,
+                                                 num_workers=num_workers)
+            rows = []
+            with torch.no_grad():
+                for images, _ in loader:
+                    probabilities = model(images.to(device).float()).float().softmax(1).cpu()
+                    rows += list(zip(probabilities.argmax(1).tolist(), probabilities))
+            predicted[label] = [(index, guess, probs) for index, (guess, probs) in zip(members, rows)]
+        return predicted[label]
+
+    gallery = []
+    for pair in pairs:
+        true, wrong = index_of[pair["true"]], index_of[pair["predicted"]]
+        sides = {"confused": [(index, probs) for index, guess, probs in predictions_of(true) if guess == wrong],
+                 "correct": [(index, probs) for index, guess, probs in predictions_of(wrong) if guess == wrong]}
+        entry = {"true": pair["true"], "predicted": pair["predicted"], "count": pair["count"]}
+        for side, chosen in sides.items():
+            chosen = chosen[:per_side]
+            items = []
+            if chosen:
+                views = torch.stack([dataset[index][0] for index, _ in chosen])
+                maps = upsample(class_heatmaps(model, views.to(device), torch.full((len(chosen),), wrong)),
+                                tuple(views.shape[-2:])).cpu()
+                items = [{"index": index, "image": str(dataset.samples[index][0]), "probability": float(probs[wrong]),
+                          "view": view, "heatmap": heatmap} for (index, probs), view, heatmap in zip(chosen, views, maps)]
+            entry[side] = items
+        gallery.append(entry)
+    return gallery

@@ -187,6 +187,31 @@ def explanation_figure(image: np.ndarray, heatmap: np.ndarray, title: str, lines
     return fig
 
 
+def confusion_gallery_figure(gallery: list[dict], normalisation, title: str, per_side: int = 4) -> Figure:
+    """One row per confused pair (bcnn.explain.confusion_gallery): on the left the images of A called B, on the
+    right images of B called B, each with the evidence for B laid over it and p(B) above it."""
+    cell = 1.3  # inches per image
+    fig = _new_figure(2 * per_side * cell, len(gallery) * (cell + 0.5) + 0.9)
+    fig.suptitle(title, fontsize=TITLE_FONTSIZE)
+    rows = fig.subfigures(len(gallery) + 1, 1, height_ratios=[0.9] + [cell + 0.5] * len(gallery))[1:]
+    for row, entry in zip(rows, gallery):
+        row.suptitle(f"left: {entry['true']} called {entry['predicted']} ({len(entry['confused'])} of "
+                     f"{entry['count']} shown)   "
+                     f"right: {entry['predicted']} called {entry['predicted']}; the evidence for "
+                     f"{entry['predicted']} on each", fontsize=7)
+        cells = row.subplots(1, 2 * per_side)
+        for side, offset in (("confused", 0), ("correct", per_side)):
+            for column in range(per_side):
+                axes = cells[offset + column]
+                axes.set_axis_off()
+                if column < len(entry[side]):
+                    item = entry[side][column]
+                    axes.imshow(denormalize(item["view"], normalisation).permute(1, 2, 0).numpy())
+                    axes.imshow(_numpy(item["heatmap"]), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+                    axes.set_title(f"p={item['probability']:.2f}", fontsize=6, pad=2)
+    return fig
+
+
 def denormalize(images: torch.Tensor, normalisation=(IMAGENET_MEAN, IMAGENET_STD)) -> torch.Tensor:
     """Undo Normalize(mean, std): (B, 3, H, W) or (3, H, W) -> the same in [0, 1]."""
     mean = images.new_tensor(normalisation[0]).view(3, 1, 1)

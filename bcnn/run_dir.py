@@ -63,7 +63,7 @@ PREVIOUS_RUN = "previous_run"  # the run --overwrite replaces, until the new one
 STALE_TEMPORARIES = ".*.pt.*.tmp"
 # bcnn.eval's files beside its JSON, <JSON stem>_<suffix>, and how each begins.
 EVAL_SIBLINGS = {"per_class.csv": b"index,class,images,correct,accuracy\r\n", "confusion.png": b"\x89PNG",
-                 "per_class.png": b"\x89PNG"}
+                 "per_class.png": b"\x89PNG", "confused_gallery.png": b"\x89PNG"}
 EVAL_KEYS = {"checkpoint", "split", "tta", "top1", "count", "most_confused"}
 TRAIN_LOG_START = re.compile(r"\d\d:\d\d:\d\d run dir")  # bcnn.train's first log line: "run dir(ectory) PATH"
 READ_LIMIT = 16 << 20  # no file of these kinds is larger; a larger one is not bcnn's

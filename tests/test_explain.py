@@ -101,8 +101,26 @@ def checkpoint(tmp_path_factory):
     model = build_model(cfg.model, 3)
     path = root / "best.pt"
     save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1, "metrics": {},
-                     "classes": ["Laysan Albatross", "Sooty Albatross", "Herring Gull"]}, path)
-    return {"checkpoint": str(path), "photos": photos}
+                     "classes": CLASSES}, path)
+    return {"checkpoint": str(path), "photos": photos, "cub": cub}
+
+
+CLASSES = ["Synthetic Class 1", "Synthetic Class 2", "Synthetic Class 3"]  # as the CUB reader names them
+
+
+def eval_split_images(checkpoint) -> dict[str, list[str]]:
+    """Each class's test images in images.txt order, read from the CUB files themselves (not through bcnn.data)."""
+    cub = checkpoint["cub"]
+    paths = dict(line.split() for line in (cub / "images.txt").read_text().splitlines() if line.strip())
+    test = {image_id for image_id, flag in (line.split() for line in
+                                            (cub / "train_test_split.txt").read_text().splitlines() if line.strip())
+            if flag == "0"}
+    by_class = {name: [] for name in CLASSES}
+    for image_id, relative in paths.items():
+        if image_id in test:
+            folder = relative.split("/")[0]  # 001.Synthetic_Class_1
+            by_class[folder.split(".", 1)[1].replace("_", " ")].append(str(cub / "images" / relative))
+    return by_class
 
 
 def test_predict_explain_writes_a_heatmap_per_image_and_names_it_in_json(checkpoint, tmp_path, capsys):
@@ -122,8 +140,8 @@ def test_predict_explain_writes_a_heatmap_per_image_and_names_it_in_json(checkpo
         assert np.abs(pixels[:, :half] - pixels[:, half: 2 * half]).mean() > 1
     # Again, with another class: the files bcnn wrote are replaced, none other.
     predict_cli.main([images[0], "--checkpoint", checkpoint["checkpoint"], "--device", "cpu",
-                      "--explain", str(folder), "--explain-class", "Herring Gull"])
-    assert "Herring Gull" in capsys.readouterr().out
+                      "--explain", str(folder), "--explain-class", "Synthetic Class 3"])
+    assert "Synthetic Class 3" in capsys.readouterr().out
 
 
 def test_predict_explain_refuses_what_it_cannot_do_in_one_sentence(checkpoint, tmp_path, monkeypatch):
@@ -138,7 +156,7 @@ def test_predict_explain_refuses_what_it_cannot_do_in_one_sentence(checkpoint, t
         predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain", str(tmp_path / "x"),
                           "--explain-class", "Albatross"])
     with pytest.raises(UserError, match="--explain-class needs --explain"):
-        predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain-class", "Herring Gull"])
+        predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain-class", "Synthetic Class 3"])
     monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if captum were not installed
     with pytest.raises(UserError, match=r"heatmaps need captum, an optional extra: pip install captum"):
         predict_cli.main([image, "--checkpoint", checkpoint["checkpoint"], "--explain", str(tmp_path / "y")])
@@ -159,3 +177,28 @@ def test_a_box_lands_where_the_eval_transform_puts_its_pixels(size, box):
     x0, y0, x1, y1 = box_in_view(box, size, resize=56, crop=48)
     assert abs(x0 - columns.min()) <= 1 and abs(x1 - (columns.max() + 1)) <= 1
     assert abs(y0 - rows.min()) <= 1 and abs(y1 - (rows.max() + 1)) <= 1
+
+
+def test_eval_s_confusion_gallery_shows_exactly_the_pair_s_misclassified_images(checkpoint, tmp_path, capsys):
+    from bcnn import eval as eval_cli
+
+    output = tmp_path / "eval_best_test.json"
+    result = eval_cli.main(["--checkpoint", checkpoint["checkpoint"], "--split", "test", "--device", "cpu",
+                            f"--output={output}"])
+    gallery = result["confusion_gallery"]
+    assert gallery and [(entry["true"], entry["predicted"]) for entry in gallery] == \
+        [(pair["true"], pair["predicted"]) for pair in result["most_confused"][:len(gallery)]]
+    png = tmp_path / "eval_best_test_confused_gallery.png"
+    assert Image.open(png).info.get("Software") == "bcnn"
+    # The reference: bcnn.predict's top-1 of every test image of the two classes, listed from the CUB files.
+    capsys.readouterr()
+    split = eval_split_images(checkpoint)
+    for entry in gallery:
+        predicted = {item["image"]: item["predictions"][0]["class"] for item in predict_cli.main(
+            [*split[entry["true"]], *split[entry["predicted"]], "--checkpoint", checkpoint["checkpoint"],
+             "--json", "--device", "cpu"])}
+        confused = [path for path in split[entry["true"]] if predicted[path] == entry["predicted"]]
+        correct = [path for path in split[entry["predicted"]] if predicted[path] == entry["predicted"]]
+        assert entry["count"] == len(confused)
+        assert [item["image"] for item in entry["confused"]] == confused[:4]
+        assert [item["image"] for item in entry["correct"]] == correct[:4]
