@@ -113,6 +113,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # the training loss's (the val loss stays plain cross-entropy); 0 = off
     ema_decay: float = 0.0  # an exponential moving average of the weights, updated every step and evaluated on val
     best_of: str = "raw"  # which weights best.pt keeps: raw (the trained ones) or ema (train.ema_decay > 0)
+    heatmap_images: int = 8  # TensorBoard: the first N val images with their evidence at each best.pt; 0 = none
+    projector: bool = True  # TensorBoard: the val set's embed vectors in the projector at the end of training
 
 
 @dataclass
@@ -171,6 +173,7 @@ RANGES = {
     "optim.layer_decay": "(0, 1]",
     "optim.clip_grad_norm": "[0, inf)",
     "train.label_smoothing": "[0, 1)",
+    "train.heatmap_images": "[0, inf)",
     "train.ema_decay": "[0, 1)",
     "train.epochs": "[1, inf)",
     "train.batch_size": "[1, inf)",

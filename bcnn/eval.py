@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ from bcnn.figures import (confusion_figure, confusion_gallery_figure, most_confu
                           per_class_rows, save_figure)
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
+from bcnn.projector import embed_split, projector_vectors
 from bcnn.run_dir import EVAL_SIBLINGS, written_by_eval
+from bcnn.tensorboard_log import TensorBoardLog
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
 MOST_CONFUSED_SAVED, MOST_CONFUSED_PRINTED = 10, 5
@@ -64,6 +67,9 @@ def parse_args(argv):
     parser.add_argument("--pointing-game", action="store_true",
                         help="also score where the model looks: the share of images whose heatmap peak (true "
                              "class) falls in the object's bounding box (datasets with boxes; needs captum)")
+    parser.add_argument("--projector", action="store_true",
+                        help="also put the split's embed vectors, classes and thumbnails in TensorBoard's projector: "
+                             "a log folder projector_<checkpoint>_<split>/ beside the checkpoint")
     parser.add_argument("--no-figures", action="store_true",
                         help="skip the confusion and per-class PNGs (slow to draw for 200 classes); JSON and CSV only")
     return parser.parse_args(argv)
@@ -159,6 +165,9 @@ def run(args, ctx: distributed.Context) -> dict:
     except OSError as error:
         raise UserError(f"cannot write {error.filename or outputs['json']} ({(error.strerror or str(error)).lower()}); "
                         "the numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
+    if args.projector:
+        folder = write_projector(model, dataset, state["classes"], cfg, ctx.device, args)
+        print(f"projector: {folder} (tensorboard --logdir {folder})")
     if gallery is not None:  # which images the gallery shows, beside the numbers
         result["confusion_gallery"] = gallery
         outputs["json"].write_text(json.dumps(result, indent=2) + "\n")
@@ -187,6 +196,25 @@ def write_gallery(model, dataset, pairs: list[dict], class_names: list[str], cfg
     return [{"true": entry["true"], "predicted": entry["predicted"], "count": entry["count"],
              **{side: [{"image": item["image"], "probability": item["probability"]} for item in entry[side]]
                 for side in ("confused", "correct")}} for entry in gallery]
+
+
+def write_projector(model, dataset, class_names: list[str], cfg, device, args) -> Path:
+    """The split's model.embed vectors in TensorBoard's projector (bcnn.projector), in a log folder of their own
+    beside the checkpoint, replaced only when an earlier --projector wrote it."""
+    checkpoint = Path(args.checkpoint)
+    folder = checkpoint.parent / f"projector_{checkpoint.stem}_{args.split}"
+    if folder.exists() and not (folder / "projector_config.pbtxt").exists():
+        raise UserError(f"{folder} exists and is not a projector bcnn.eval wrote; move it away, or evaluate a "
+                        "checkpoint in another folder.")
+    shutil.rmtree(folder, ignore_errors=True)
+    loader = build_image_loader(cfg.data, dataset, args.batch_size or cfg.train.eval_batch_size, train=False, seed=0,
+                                device=device, num_workers=args.num_workers)  # every image, on this rank
+    vectors, labels, thumbnails = embed_split(model, loader, input_normalisation(cfg.model.backbone), device)
+    board = TensorBoardLog(folder)
+    board.projector(projector_vectors(vectors), [class_names[label] for label in labels.tolist()], thumbnails, 0,
+                    tag=args.split)
+    board.close()
+    return folder
 
 
 def run_pointing_game(model, loader, dataset, data_cfg, device) -> dict:

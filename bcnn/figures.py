@@ -212,6 +212,21 @@ def confusion_gallery_figure(gallery: list[dict], normalisation, title: str, per
     return fig
 
 
+def heatmap_grid_figure(views: torch.Tensor, heatmaps: torch.Tensor, titles: list[str], normalisation,
+                        title: str, columns: int = 8) -> Figure:
+    """Images (N, 3, H, W) normalised, each with its heatmap (N, H, W) in [0, 1] laid over it and a title."""
+    cell, rows = 1.3, -(-len(views) // columns)
+    fig = _new_figure(columns * cell, rows * (cell + 0.3) + 0.4)
+    fig.suptitle(title, fontsize=TITLE_FONTSIZE)
+    for index, (view, heatmap, name) in enumerate(zip(views, heatmaps, titles)):
+        axes = fig.add_subplot(rows, columns, index + 1)
+        axes.imshow(denormalize(view.cpu(), normalisation).permute(1, 2, 0).numpy())
+        axes.imshow(_numpy(heatmap), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        axes.set_title(name, fontsize=5, pad=2)
+        axes.set_axis_off()
+    return fig
+
+
 def denormalize(images: torch.Tensor, normalisation=(IMAGENET_MEAN, IMAGENET_STD)) -> torch.Tensor:
     """Undo Normalize(mean, std): (B, 3, H, W) or (3, H, W) -> the same in [0, 1]."""
     mean = images.new_tensor(normalisation[0]).view(3, 1, 1)

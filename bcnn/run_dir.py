@@ -58,6 +58,8 @@ log = logging.getLogger("bcnn")
 
 LOCK_FILE = "run.lock"
 CHECKPOINTS = ("last.pt", "best.pt")
+PROJECTOR_FOLDER = "projector"  # TensorBoard's projector of the val embeddings, a log folder of its own
+PROJECTOR_FILES = ("tensors.tsv", "metadata.tsv", "sprite.png")
 PREVIOUS_RUN = "previous_run"  # the run --overwrite replaces, until the new one has its first last.pt
 # save_checkpoint writes .<name>.<random>.tmp and renames it; one left behind means a save was cut short.
 STALE_TEMPORARIES = ".*.pt.*.tmp"
@@ -214,13 +216,13 @@ class RunDirectory:
                                 "last.pt to resume from; pass --overwrite to replace that run, or another "
                                 "--run-dir.")
             for path in entries:  # what a run left that stopped before its first checkpoint
-                path.unlink()
+                remove(path)
             return
         if previous.is_dir() and (self.path / "last.pt").exists():  # the replacing run was killed after its last.pt
             self.notes.append(self._remove_previous_run())
         if previous.is_dir():
             for path in entries:  # what a killed --overwrite wrote; previous_run/ still holds the run it replaced
-                path.unlink()
+                remove(path)
         elif entries:
             previous.mkdir()
             self._replacing = True  # from here on, release() puts back whatever was moved
@@ -245,7 +247,7 @@ class RunDirectory:
         previous = self.path / PREVIOUS_RUN
         for path in self.path.iterdir():
             if path.name not in (LOCK_FILE, PREVIOUS_RUN) and written_by_bcnn(path):
-                path.unlink()
+                remove(path)
         for path in previous.iterdir():
             os.replace(path, self.path / path.name)
         previous.rmdir()
@@ -262,7 +264,9 @@ class RunDirectory:
 
 def written_by_bcnn(path: Path) -> bool:
     """Whether path is a file a bcnn command wrote into a run directory, by its name and content (module
-    docstring); a folder never is."""
+    docstring); of folders, only the projector's (PROJECTOR_FOLDER) is."""
+    if path.is_dir():
+        return path.name == PROJECTOR_FOLDER and _is_projector(path)
     if not path.is_file():
         return False
     if path.name in CHECKPOINTS:
@@ -278,6 +282,30 @@ def written_by_bcnn(path: Path) -> bool:
         head = _read_head(path, 64)
         return head == b"" or b"brain.Event:" in head
     return written_by_eval(path)
+
+
+def _is_projector(folder: Path) -> bool:
+    """A TensorBoard projector log as bcnn.train writes it: its config, event files, and per step and tag the
+    vectors, labels and thumbnails, nothing else."""
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            continue
+        relative = path.relative_to(folder).parts
+        if relative == ("projector_config.pbtxt",) or (len(relative) == 1 and
+                                                       path.name.startswith("events.out.tfevents.")):
+            continue
+        if len(relative) == 3 and relative[0].isdigit() and path.name in PROJECTOR_FILES:
+            continue
+        return False
+    return True
+
+
+def remove(path: Path) -> None:
+    """A file, or the projector's folder, that bcnn wrote."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def written_by_eval(path: Path) -> bool:
@@ -394,9 +422,11 @@ class RunRecorder:
     states a last.pt adds; fixed: entries every checkpoint carries (config, classes)."""
 
     def __init__(self, run: RunDirectory, counters: RunCounters, model, training_state, fixed: dict, is_main: bool,
-                 checkpoint_every: int, diverged_hint: str, board=None, ema=None, best_of: str = "raw"):
+                 checkpoint_every: int, diverged_hint: str, board=None, ema=None, best_of: str = "raw",
+                 on_best=None):
         self.run, self.counters, self.model, self.training_state = run, counters, model, training_state
         self.ema, self.best_of = ema, best_of  # the weights' average (AveragedModel), and which of the two best.pt keeps
+        self.on_best = on_best  # on_best(weights, global_step): after each best.pt, on rank 0 (the val heatmaps)
         self.fixed, self.is_main, self.checkpoint_every = fixed, is_main, checkpoint_every
         self.diverged_hint, self.board = diverged_hint, board
         self.metrics_path = run.path / "metrics.jsonl"
@@ -460,6 +490,8 @@ class RunRecorder:
                 weights = self.ema.module if self.best_of == "ema" else self.model
                 save_checkpoint({"model": weights.state_dict(), **self.fixed, "epoch": epoch, "metrics": row},
                                 self.run.path / "best.pt", then=self.run.how_to_continue())
+                if self.on_best is not None:
+                    self.on_best(weights, counters.global_step)
             self.save_last(counters)
         return row
 

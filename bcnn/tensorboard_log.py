@@ -82,5 +82,15 @@ class TensorBoardLog:
             self.writer.add_scalar(tag, value, global_step)
         self.writer.flush()
 
+    def heatmaps(self, figure_array, global_step: int) -> None:
+        """The fixed val images with their evidence (bcnn.explain), each time best.pt is written."""
+        self.writer.add_image("val/heatmaps", figure_array, global_step, dataformats="HWC")
+        self.writer.flush()
+
+    def projector(self, vectors, labels: list[str], thumbnails, global_step: int, tag: str = "val") -> None:
+        """Vectors (bcnn.projector) in the PROJECTOR tab with their class names and thumbnails."""
+        self.writer.add_embedding(vectors, metadata=labels, label_img=thumbnails, global_step=global_step, tag=tag)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()

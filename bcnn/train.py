@@ -39,7 +39,9 @@ from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, r
 from bcnn.config import Config, config_to_dict, load_config
 from bcnn.data import build_dataset, build_image_loader, decode_on_device
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
+from bcnn.explain import class_heatmaps, require_captum, upsample
 from bcnn.feature_cache import build_feature_cache, feature_loader
+from bcnn.figures import figure_to_array, heatmap_grid_figure
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.backbones import resolve_cut
@@ -47,7 +49,8 @@ from bcnn.optim import (after_optimizer_step, build_ema, build_optimizer, build_
                         update_ema)
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
 from bcnn.progress import ConsoleFilter
-from bcnn.run_dir import RunCounters, RunDirectory, RunRecorder
+from bcnn.projector import COMPONENTS, MAX_DIM, embed_split, projector_vectors
+from bcnn.run_dir import PROJECTOR_FOLDER, RunCounters, RunDirectory, RunRecorder, remove, written_by_bcnn
 from bcnn.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("bcnn")
@@ -56,6 +59,9 @@ log = logging.getLogger("bcnn")
 RESUMABLE_CHANGES = {"data.root", "data.num_workers", "train.epochs", "train.device", "train.run_dir",
                      "train.cache_dir", "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
                      "train.init_from"}
+
+
+PROJECTOR_LIMIT = 2000  # val images in the projector at most (its sprite of thumbnails grows with them)
 
 
 def parse_args(argv):
@@ -320,7 +326,8 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
                      f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run.path}")
     recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler, ema),
                            {"config": config_dict, "classes": classes}, ctx.is_main, cfg.train.checkpoint_every,
-                           diverged_hint, board, ema=ema, best_of=cfg.train.best_of)
+                           diverged_hint, board, ema=ema, best_of=cfg.train.best_of,
+                           on_best=val_heatmaps(cfg, val_set, classes, board, device))
 
     def after_step(step: int, meter: EpochMeter) -> None:
         """After each optimizer step, before a mid-epoch checkpoint: the next step's lr, the weights' average."""
@@ -357,10 +364,59 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         if "val_top1" in row:
             final.update(best_val_top1=counters.best_score, final_val_top1=row["val_top1"])
         board.hyperparameters(config_dict, ctx.world_size, final, counters.global_step)
+        if cfg.train.projector and val_set is not None and not cfg.train.cache_features:
+            write_projector(cfg, model, val_set, classes, run.path / PROJECTOR_FOLDER, device, counters.global_step)
         board.close()
     log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run.path,
              tensorboard_command(run.path.parent))
     return row
+
+
+def val_heatmaps(cfg: Config, val_set, classes: list[str], board, device):
+    """The on_best hook that draws the first train.heatmap_images val images with the evidence for their true
+    class (bcnn.explain) into TensorBoard: the same images each time, so attention is seen to sharpen. None where
+    there is nothing to draw: another rank, no val split, cached features, or captum missing (a log line says so)."""
+    count = min(cfg.train.heatmap_images, len(val_set)) if val_set is not None else 0
+    if board is None or not count or cfg.train.cache_features:
+        return None
+    try:
+        require_captum()
+    except UserError as missing:
+        log.info("no val heatmaps in TensorBoard: %s", missing)
+        return None
+    images, labels = (torch.stack(items) if index == 0 else torch.tensor(items)
+                      for index, items in enumerate(zip(*(val_set[item] for item in range(count)))))
+    normalisation = input_normalisation(cfg.model.backbone)
+
+    def draw(weights, global_step: int) -> None:
+        maps = upsample(class_heatmaps(weights, images.to(device), labels), tuple(images.shape[-2:])).cpu()
+        figure = heatmap_grid_figure(images, maps, [classes[label] for label in labels.tolist()], normalisation,
+                                     f"val: the evidence for each image's class, step {global_step}")
+        board.heatmaps(figure_to_array(figure), global_step)
+
+    return draw
+
+
+def write_projector(cfg: Config, model, val_set, classes: list[str], folder: Path, device, global_step: int) -> None:
+    """The val set's model.embed vectors, classes and thumbnails in TensorBoard's projector (bcnn.projector), from
+    the final weights, read by rank 0 alone with the eval transform, in a log folder of its own inside the run
+    directory (replaced by a later run's)."""
+    loader = build_image_loader(cfg.data, val_set, cfg.train.eval_batch_size, train=False, seed=cfg.train.seed,
+                                device=device)
+    vectors, labels, thumbnails = embed_split(model, loader, input_normalisation(cfg.model.backbone), device,
+                                              limit=PROJECTOR_LIMIT)
+    if folder.exists() and not written_by_bcnn(folder):
+        log.info("no projector: %s holds files bcnn did not write; move it away to get one", folder)
+        return
+    if folder.exists():
+        remove(folder)  # a resumed run's earlier projector
+    board = TensorBoardLog(folder)
+    board.projector(projector_vectors(vectors), [classes[label] for label in labels.tolist()], thumbnails,
+                    global_step)
+    board.close()
+    log.info("projector: %d val images' %d-d embed vectors%s in TensorBoard's PROJECTOR tab", len(vectors),
+             vectors.shape[1], "" if vectors.shape[1] <= MAX_DIM else
+             f" (their first {min(COMPONENTS, len(vectors))} principal components)")
 
 
 def build_model_once_per_machine(cfg: Config, num_classes: int, ctx: distributed.Context):

@@ -14,7 +14,7 @@ from torch import nn
 
 from bcnn import predict as predict_cli
 from bcnn.checkpoint import save_checkpoint
-from bcnn.config import ModelConfig, config_to_dict, load_config
+from bcnn.config import ModelConfig, config_from_dict, config_to_dict, load_config
 from bcnn.data import write_synthetic_cub
 from bcnn.errors import UserError
 from bcnn.explain import box_in_view, class_heatmaps, peak_cells, upsample
@@ -202,3 +202,65 @@ def test_eval_s_confusion_gallery_shows_exactly_the_pair_s_misclassified_images(
         assert entry["count"] == len(confused)
         assert [item["image"] for item in entry["confused"]] == confused[:4]
         assert [item["image"] for item in entry["correct"]] == correct[:4]
+
+
+def test_projector_vectors_are_the_embeddings_or_their_principal_components():
+    from bcnn.projector import COMPONENTS, MAX_DIM, projector_vectors
+
+    small = torch.randn(30, 512)
+    assert projector_vectors(small) is small  # the avg head's 512-d vectors go in whole
+    torch.manual_seed(0)
+    large = torch.randn(40, MAX_DIM + 100) @ torch.diag(torch.linspace(3, 0.1, MAX_DIM + 100))
+    scores = projector_vectors(large).double()
+    # The reference: the float64 SVD of the centred matrix, scores U S, each component up to its sign.
+    centred = large.double() - large.double().mean(0)
+    left, singular, _ = torch.linalg.svd(centred, full_matrices=False)
+    reference = (left * singular)[:, : min(COMPONENTS, 40)]
+    assert scores.shape == reference.shape
+    kept = singular[: reference.shape[1]] > 1e-3 * singular[0]  # below that a direction is rounding, not data
+    signs = torch.sign((scores * reference).sum(0))
+    assert torch.allclose((scores * signs)[:, kept], reference[:, kept], rtol=1e-3, atol=1e-3 * float(singular[0]))
+
+
+def read_projector(folder) -> tuple[np.ndarray, list[str]]:
+    tensors = next(folder.rglob("tensors.tsv"))
+    labels = (tensors.parent / "metadata.tsv").read_text().splitlines()
+    assert (tensors.parent / "sprite.png").exists()  # the thumbnails
+    return np.loadtxt(tensors, ndmin=2), labels
+
+
+def test_training_writes_val_heatmaps_at_each_best_pt_and_the_val_embeddings_to_the_projector(checkpoint, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bcnn import eval as eval_cli
+    from bcnn import train as train_cli
+    from bcnn.data import build_dataset
+    from bcnn.models import input_normalisation, load_model_weights
+
+    run_dir = tmp_path / "run"
+    train_cli.main(["--config", STAGE1, f"--data-root={checkpoint['cub']}", f"--run-dir={run_dir}", "--device=cpu",
+                    "--data.crop=32", "--data.resize=40", "--data.val_fraction=0.34", "--train.epochs=3",
+                    "--model.pooling=avg", "--train.heatmap_images=4", "--train.log_every=0"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best_writes = sum(row["val_top1"] > max([-1.0] + [r["val_top1"] for r in rows[:i]]) for i, row in enumerate(rows))
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Images("val/heatmaps")) == best_writes >= 1
+
+    # The projector holds model.embed of every val image under the final weights (last.pt), in the val order.
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg.model, 3, input_size=cfg.data.crop)
+    load_model_weights(model, state["model"])
+    val = build_dataset(cfg.data, "val", train_transform=False, normalisation=input_normalisation(cfg.model.backbone))
+    with torch.no_grad():
+        expected = model.eval().embed(torch.stack([val[index][0] for index in range(len(val))])).numpy()
+    vectors, labels = read_projector(run_dir / "projector")
+    assert vectors.shape == expected.shape == (len(val), 512)
+    assert np.allclose(vectors, expected, rtol=1e-5, atol=1e-6)  # the file's decimal text, from float32
+    assert labels == [CLASSES[val.targets[index]] for index in range(len(val))]
+
+    eval_cli.main(["--checkpoint", str(run_dir / "last.pt"), "--split", "val", "--device", "cpu", "--no-figures",
+                   "--projector"])
+    vectors, labels = read_projector(run_dir / "projector_last_val")
+    assert np.allclose(vectors, expected, rtol=1e-5, atol=1e-6)

@@ -177,7 +177,7 @@ def test_a_killed_overwrite_leaves_the_earlier_run_in_previous_run(cub_3x13, unr
     previous = finished_run / "previous_run"  # what a SIGKILL before the new run's first last.pt leaves:
     previous.mkdir()
     for path in list(finished_run.iterdir()):
-        if path.is_file() and path.name != LOCK_FILE:
+        if path.name not in (LOCK_FILE, "previous_run"):  # files, and the projector's folder
             path.rename(previous / path.name)
     for name in ("config.yaml", "train.log"):  # the killed run's own
         shutil.copy(previous / name, finished_run / name)
