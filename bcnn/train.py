@@ -384,11 +384,13 @@ def val_heatmaps(cfg: Config, val_set, classes: list[str], board, device):
     except UserError as missing:
         log.info("no val heatmaps in TensorBoard: %s", missing)
         return None
-    images, labels = (torch.stack(items) if index == 0 else torch.tensor(items)
-                      for index, items in enumerate(zip(*(val_set[item] for item in range(count)))))
-    normalisation = input_normalisation(cfg.model.backbone)
+    normalisation, fixed = input_normalisation(cfg.model.backbone), []
 
     def draw(weights, global_step: int) -> None:
+        if not fixed:  # read once, at the first best.pt, through the loader (its workers, their timeout)
+            loader = build_image_loader(cfg.data, val_set, count, train=False, seed=cfg.train.seed, device=device)
+            fixed.extend(next(iter(loader)))  # the val split's first images, in its order
+        images, labels = fixed
         maps = upsample(class_heatmaps(weights, images.to(device), labels), tuple(images.shape[-2:])).cpu()
         figure = heatmap_grid_figure(images, maps, [classes[label] for label in labels.tolist()], normalisation,
                                      f"val: the evidence for each image's class, step {global_step}")
