@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from bcnn.figures import (confusion_figure, confusion_gallery_figure, most_confu
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors
-from bcnn.run_dir import EVAL_SIBLINGS, written_by_eval
+from bcnn.run_dir import EVAL_SIBLINGS, write_projector_folder, written_by_bcnn, written_by_eval
 from bcnn.tensorboard_log import TensorBoardLog
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
@@ -203,17 +202,20 @@ def write_projector(model, dataset, class_names: list[str], cfg, device, args) -
     beside the checkpoint, replaced only when an earlier --projector wrote it."""
     checkpoint = Path(args.checkpoint)
     folder = checkpoint.parent / f"projector_{checkpoint.stem}_{args.split}"
-    if folder.exists() and not (folder / "projector_config.pbtxt").exists():
+    if folder.exists() and not written_by_bcnn(folder):
         raise UserError(f"{folder} exists and is not a projector bcnn.eval wrote; move it away, or evaluate a "
                         "checkpoint in another folder.")
-    shutil.rmtree(folder, ignore_errors=True)
     loader = build_image_loader(cfg.data, dataset, args.batch_size or cfg.train.eval_batch_size, train=False, seed=0,
                                 device=device, num_workers=args.num_workers)  # every image, on this rank
     vectors, labels, thumbnails = embed_split(model, loader, input_normalisation(cfg.model.backbone), device)
-    board = TensorBoardLog(folder)
-    board.projector(projector_vectors(vectors), [class_names[label] for label in labels.tolist()], thumbnails, 0,
-                    tag=args.split)
-    board.close()
+
+    def write(into: Path) -> None:
+        board = TensorBoardLog(into)
+        board.projector(projector_vectors(vectors), [class_names[label] for label in labels.tolist()], thumbnails,
+                        0, tag=args.split)
+        board.close()
+
+    write_projector_folder(folder, write)
     return folder
 
 

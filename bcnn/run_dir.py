@@ -179,6 +179,10 @@ class RunDirectory:
         for stale in sorted(self.path.glob(STALE_TEMPORARIES)):
             stale.unlink()
             self.notes.append(f"removed {stale}, left by a checkpoint save that was cut short")
+        for stale in sorted(self.path.glob(f"{PROJECTOR_FOLDER}*.tmp")):
+            if stale.is_dir() and _is_projector(stale):
+                shutil.rmtree(stale)
+                self.notes.append(f"removed {stale}/, left by a projector write that was cut short")
         previous = self.path / PREVIOUS_RUN
         if not fresh:
             if previous.is_dir() and (self.path / "last.pt").exists():  # the replacing run was killed after it
@@ -265,8 +269,8 @@ class RunDirectory:
 def written_by_bcnn(path: Path) -> bool:
     """Whether path is a file a bcnn command wrote into a run directory, by its name and content (module
     docstring); of folders, only the projector's (PROJECTOR_FOLDER) is."""
-    if path.is_dir():
-        return path.name == PROJECTOR_FOLDER and _is_projector(path)
+    if path.is_dir():  # bcnn.train's projector/, bcnn.eval --projector's projector_<checkpoint>_<split>/
+        return path.name.startswith(PROJECTOR_FOLDER) and not path.name.endswith(".tmp") and _is_projector(path)
     if not path.is_file():
         return False
     if path.name in CHECKPOINTS:
@@ -298,6 +302,18 @@ def _is_projector(folder: Path) -> bool:
             continue
         return False
     return True
+
+
+def write_projector_folder(folder: Path, write) -> None:
+    """A projector log folder written whole or not at all: write(temporary folder) fills a folder beside it, which
+    then replaces `folder` (the projector's config names its files relative to the folder)."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    write(temporary)
+    if folder.exists():
+        remove(folder)
+    os.replace(temporary, folder)
 
 
 def remove(path: Path) -> None:

@@ -50,7 +50,8 @@ from bcnn.optim import (after_optimizer_step, build_ema, build_optimizer, build_
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
 from bcnn.progress import ConsoleFilter
 from bcnn.projector import COMPONENTS, MAX_DIM, embed_split, projector_vectors
-from bcnn.run_dir import PROJECTOR_FOLDER, RunCounters, RunDirectory, RunRecorder, remove, written_by_bcnn
+from bcnn.run_dir import (PROJECTOR_FOLDER, RunCounters, RunDirectory, RunRecorder, write_projector_folder,
+                          written_by_bcnn)
 from bcnn.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("bcnn")
@@ -410,12 +411,14 @@ def write_projector(cfg: Config, model, val_set, classes: list[str], folder: Pat
     if folder.exists() and not written_by_bcnn(folder):
         log.info("no projector: %s holds files bcnn did not write; move it away to get one", folder)
         return
-    if folder.exists():
-        remove(folder)  # a resumed run's earlier projector
-    board = TensorBoardLog(folder)
-    board.projector(projector_vectors(vectors), [classes[label] for label in labels.tolist()], thumbnails,
-                    global_step)
-    board.close()
+
+    def write(into: Path) -> None:
+        board = TensorBoardLog(into)
+        board.projector(projector_vectors(vectors), [classes[label] for label in labels.tolist()], thumbnails,
+                        global_step)
+        board.close()
+
+    write_projector_folder(folder, write)  # replaces a resumed run's earlier projector
     log.info("projector: %d val images' %d-d embed vectors%s in TensorBoard's PROJECTOR tab", len(vectors),
              vectors.shape[1], "" if vectors.shape[1] <= MAX_DIM else
              f" (their first {min(COMPONENTS, len(vectors))} principal components)")

@@ -264,3 +264,12 @@ def test_training_writes_val_heatmaps_at_each_best_pt_and_the_val_embeddings_to_
                    "--projector"])
     vectors, labels = read_projector(run_dir / "projector_last_val")
     assert np.allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+
+    # The projectors are bcnn's own: a new run over this one (--overwrite) sets them aside with the rest, and a
+    # projector write cut short (its temporary folder) is cleared away.
+    shutil.copytree(run_dir / "projector", run_dir / "projector.tmp")
+    train_cli.main(["--config", STAGE1, f"--data-root={checkpoint['cub']}", f"--run-dir={run_dir}", "--device=cpu",
+                    "--data.crop=32", "--data.resize=40", "--data.val_fraction=0.34", "--train.epochs=1",
+                    "--model.pooling=avg", "--train.log_every=0", "--overwrite"])
+    assert not (run_dir / "projector.tmp").exists() and not (run_dir / "projector_last_val").exists()
+    assert read_projector(run_dir / "projector")[0].shape == expected.shape
