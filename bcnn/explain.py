@@ -69,8 +69,10 @@ def box_in_view(box, image_size: tuple[int, int], resize: int, crop: int) -> tup
     places it (offsets rounded)."""
     width, height = image_size
     scale = resize / min(width, height)
-    new_width, new_height = int(resize * width / height) if width > height else resize, \
-        int(resize * height / width) if height > width else resize
+    if width <= height:  # the shorter side becomes resize, the longer one its truncated share (torchvision's rule)
+        new_width, new_height = resize, int(resize * height / width)
+    else:
+        new_width, new_height = int(resize * width / height), resize
     left, top = int(round((new_width - crop) / 2.0)), int(round((new_height - crop) / 2.0))
     x, y, w, h = (value * scale for value in box)
     clip = lambda value: min(max(value, 0.0), float(crop))  # noqa: E731

@@ -159,7 +159,7 @@ def save_figure(fig: Figure, path, dpi: int = SAVE_DPI) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def written_by_bcnn(path) -> bool:
+def is_bcnn_figure(path) -> bool:
     """Whether the PNG at path is a figure save_figure wrote (its Software entry), so it may be replaced."""
     try:
         with Image.open(path) as image:

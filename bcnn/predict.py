@@ -45,7 +45,7 @@ from bcnn.data import READERS, REPLACE_IMAGE, build_transforms, clean_class_name
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
 from bcnn.explain import class_heatmaps, require_captum, upsample
-from bcnn.figures import denormalize, explanation_figure, save_figure, written_by_bcnn
+from bcnn.figures import denormalize, explanation_figure, is_bcnn_figure, save_figure
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device
 
@@ -291,7 +291,7 @@ def explanation_path(folder: Path, image: str, checkpoint: str, used: set[Path])
     while path in used:
         number += 1
         path = folder / f"{stem}_{number}.png"
-    if path.exists() and not written_by_bcnn(path):
+    if path.exists() and not is_bcnn_figure(path):
         raise UserError(f"{path} exists and is not a heatmap bcnn wrote, so bcnn.predict will not replace it; pass "
                         "--explain another folder, or move the file away.")
     used.add(path)

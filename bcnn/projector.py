@@ -27,10 +27,10 @@ def embed_split(model, loader, normalisation, device, limit: int | None = None):
     model.eval()
     vectors, labels, thumbnails, seen = [], [], [], 0
     for images, targets in loader:
-        if limit is not None and seen >= limit:
+        take = len(images) if limit is None else min(len(images), limit - seen)
+        if take <= 0:
             break
-        images, targets = images[: None if limit is None else limit - seen], targets[: None if limit is None else
-                                                                                   limit - seen]
+        images, targets = images[:take], targets[:take]
         vectors.append(model.embed(images.to(device).float()).float().cpu())
         labels.append(targets.cpu())
         small = F.interpolate(images.float().cpu(), size=(THUMBNAIL, THUMBNAIL), mode="bilinear", antialias=True,

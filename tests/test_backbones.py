@@ -178,6 +178,12 @@ def test_the_resnet50_isqrt_cov_recipe_trains_and_evaluates(cub_3x13, tmp_path):
                                       "or 80."),
     ("timm:resnet18", 16, "data.crop=16 is too small for model.backbone=timm:resnet18, whose feature map is 1/32 of "
                           "the image; set data.crop to at least 32."),
+    ("dinov2_vitb14", 448 + 2, "data.crop=450 does not fit model.backbone=dinov2_vitb14: it cuts the image into whole "
+                               "14 x 14 px cells; set data.crop (and data.resize) to 448 or 462."),
+    ("swin_b_in22k", 112, "data.crop=112 does not fit model.backbone=swin_b_in22k: its windows tile whole 32 x 32 px "
+                          "cells; set data.crop (and data.resize) to 96 or 128."),
+    ("timm:vit_tiny_patch16_224", 8, "data.crop=8 does not fit model.backbone=timm:vit_tiny_patch16_224: it cuts the "
+                                     "image into whole 16 x 16 px cells; set data.crop (and data.resize) to 16."),
 ])
 def test_a_backbone_that_cannot_take_the_input_size_names_the_size_it_needs(backbone, crop, expected):
     with pytest.raises(UserError) as error:

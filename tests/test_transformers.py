@@ -98,20 +98,6 @@ def test_a_channels_last_map_is_made_channels_first():
     assert torch.equal(ours, reference.permute(0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("name, size, expected", [
-    ("dinov2_vitb14", 448 + 2, "data.crop=450 does not fit model.backbone=dinov2_vitb14: it cuts the image into whole "
-                               "14 x 14 px cells; set data.crop (and data.resize) to 448 or 462."),
-    ("swin_b_in22k", 112, "data.crop=112 does not fit model.backbone=swin_b_in22k: its windows tile whole 32 x 32 px "
-                          "cells; set data.crop (and data.resize) to 96 or 128."),
-    ("timm:vit_tiny_patch16_224", 8, "data.crop=8 does not fit model.backbone=timm:vit_tiny_patch16_224: it cuts the "
-                                     "image into whole 16 x 16 px cells; set data.crop (and data.resize) to 16."),
-])
-def test_a_crop_a_transformer_cannot_be_built_for_is_one_sentence(name, size, expected):
-    with pytest.raises(UserError) as error:
-        build_model(ModelConfig(backbone=name, backbone_weights="none", pooling="avg"), 3, input_size=size)
-    assert str(error.value) == expected
-
-
 def test_weights_from_a_file_are_resampled_to_the_crop(tmp_path):
     # A ViT's state dict at its native 224 px (a 14 x 14 position grid) and a Swin's with its 7 x 7 window, read
     # into networks built for 64 px (4 x 4) and 128 px (window 4): timm resamples what depends on the size.
