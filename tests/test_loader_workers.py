@@ -16,6 +16,7 @@ from torch.utils.data import get_worker_info
 from bcnn import train as train_cli
 from bcnn.config import DataConfig, ModelConfig
 from bcnn.data import build_dataset, build_image_loader, write_synthetic_cub
+from bcnn.data.loader import build_loader
 from bcnn.data.dataset import _ImageDataset
 from bcnn.data.gpu import EncodedFiles
 from bcnn.errors import exit_on_user_error
@@ -122,3 +123,52 @@ def test_a_worker_that_stalls_ends_the_run_after_the_timeout(cub, tmp_path, monk
                      "data.num_workers (--num-workers in bcnn.eval and bcnn.bench), or set it to 0 to see any error "
                      "in the main process.\n")
     assert not multiprocessing.active_children(), "no worker is left behind to keep the process from exiting"
+
+
+class _CutHandoffs(torch.utils.data.Dataset):
+    """Run in a loader worker: a batch handoff to the main process cut as a stopped main process cuts it (its
+    socket closed before the handshake, the challenge unread), once with Python's own excepthook and once with the
+    one bcnn's loader installs; then an unrelated error. Gives what the worker printed each time."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        import io
+        import socket
+        import sys
+        from multiprocessing import resource_sharer
+
+        def printed_by(excepthook, cut):
+            sys.excepthook, installed = excepthook, sys.excepthook
+            sys.stderr, stderr = io.StringIO(), sys.stderr
+            try:
+                if cut:
+                    address = resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))._id[0]
+                    client = socket.socket(socket.AF_UNIX)
+                    client.connect(address)
+                    client.close()
+                    # A whole handoff after it: served once the cut one has been, so its report is printed by now
+                    os.close(resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY)).detach())
+                else:
+                    try:
+                        raise ValueError("a worker's own error")
+                    except ValueError:
+                        sys.excepthook(*sys.exc_info())
+                return sys.stderr.getvalue()
+            finally:
+                sys.excepthook, sys.stderr = installed, stderr
+
+        return printed_by(sys.__excepthook__, True), printed_by(sys.excepthook, True), printed_by(sys.excepthook, False)
+
+
+def test_a_cut_batch_handoff_prints_nothing_in_the_worker_and_other_errors_still_print():
+    # Ctrl-C or SIGTERM stopping the main process mid-handoff made a worker print a ConnectionResetError traceback
+    # above the "stopped training" sentence (CI, test_run_dir's signal test).
+    loader = build_loader(_CutHandoffs(), 1, train=False, num_workers=1, seed=0, collate_fn=lambda items: items[0])
+    plain, quiet, other = next(iter(loader))
+    # Which error the cut gives depends on the moment: a reset or broken pipe (both ConnectionError), or EOF
+    assert "resource_sharer.py" in plain and re.search(r"^(ConnectionResetError|BrokenPipeError|EOFError)", plain,
+                                                       re.MULTILINE), plain
+    assert quiet == ""
+    assert "ValueError: a worker's own error" in other

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import threading
 
 import numpy as np
@@ -27,11 +28,26 @@ _WORKER_ADVICE = ("lower data.num_workers (--num-workers in bcnn.eval and bcnn.b
                   "error in the main process")
 
 
-def _seed_worker(worker_id: int) -> None:
+def _start_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; numpy and random augmentations follow it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    sys.excepthook = _quiet_cut_handoff(sys.excepthook)
+
+
+def _quiet_cut_handoff(print_error):
+    """sys.excepthook for a worker, silent for one error only. A worker hands each batch's shared memory to the
+    main process over a socket, served by multiprocessing's resource_sharer thread, which reports any error
+    through sys.excepthook and goes on serving. When Ctrl-C or SIGTERM stops the main process in the middle of
+    such a handoff, the worker's thread sees the connection reset and printed its traceback above bcnn's "stopped
+    training; the last checkpoint is ..." (seen in CI): noise about a handoff nobody is waiting for any more."""
+    def excepthook(kind, error, trace):
+        cut = issubclass(kind, (ConnectionError, EOFError))
+        if cut and trace is not None and os.path.basename(trace.tb_frame.f_code.co_filename) == "resource_sharer.py":
+            return
+        print_error(kind, error, trace)
+    return excepthook
 
 
 def default_num_workers() -> int:
@@ -67,7 +83,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_seed_worker,
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_start_worker,
                       generator=generator, collate_fn=collate_fn,
                       timeout=WORKER_TIMEOUT_S if num_workers > 0 else 0)
 
