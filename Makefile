@@ -117,17 +117,27 @@ bench: $(VENV_DEP)
 tensorboard: $(VENV_DEP)
 	$(PY) -m tensorboard.main --logdir runs
 
-# The README's TensorBoard pictures: a demo run, TensorBoard, and headless Chromium (apt install chromium).
+# The README's TensorBoard pictures: a demo run, TensorBoard, and headless Chromium (apt install chromium). The
+# projector draws with WebGL: SwiftShader, Chromium's software renderer, stands in for a GPU.
 CHROMIUM ?= chromium
 SHOT = $(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
 	--disable-component-update --disable-sync --hide-scrollbars --virtual-time-budget=15000
+SHOT_WEBGL = $(CHROMIUM) --headless --no-sandbox --use-angle=swiftshader --enable-unsafe-swiftshader --no-first-run \
+	--disable-background-networking --disable-component-update --disable-sync --hide-scrollbars \
+	--virtual-time-budget=25000
+
 screenshots: demo
-	$(VENV)/bin/tensorboard --logdir demo/runs --port 6123 > demo/tensorboard.log 2>&1 & pid=$$!; sleep 10; \
+	$(PY) -m bcnn.eval --checkpoint demo/runs/stage2/best.pt --split test --projector --no-figures
+	$(VENV)/bin/tensorboard --logdir demo/runs --port 6123 > demo/tensorboard.log 2>&1 & pid=$$!; \
+	$(VENV)/bin/tensorboard --logdir demo/runs/stage2/projector_best_test --port 6124 > demo/tensorboard_projector.log \
+		2>&1 & projector=$$!; sleep 10; \
 	$(SHOT) --user-data-dir=demo/chromium1 --window-size=1600,1300 --screenshot=docs/tensorboard_demo_scalars.png \
 		"http://localhost:6123/?darkMode=false#scalars&tagFilter=%5E(train%7Cval)%2F"; \
 	$(SHOT) --user-data-dir=demo/chromium2 --window-size=1600,900 --screenshot=docs/tensorboard_demo_images.png \
 		"http://localhost:6123/?darkMode=false#images&tagFilter=augmented"; \
-	kill $$pid
+	$(SHOT_WEBGL) --user-data-dir=demo/chromium3 --window-size=1600,1000 \
+		--screenshot=docs/tensorboard_demo_projector.png "http://localhost:6124/?darkMode=false#projector"; \
+	kill $$pid $$projector
 
 clean:
 	rm -rf demo
