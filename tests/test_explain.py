@@ -1,5 +1,5 @@
-"""Heatmaps (issue 20, bcnn/explain.py): the evidence of a model whose answer is known by construction, every head
-on a real backbone, and bcnn.predict --explain on a PNG, a grayscale JPEG and a CMYK JPEG (the files the
+"""Heatmaps (issue 20, bcnn/explain.py): the evidence of a model whose answer is known by construction (on a
+hand-made network and on every backbone family: ResNet, ConvNeXt, ViT, Swin), every head on a real backbone, and bcnn.predict --explain on a PNG, a grayscale JPEG and a CMYK JPEG (the files the
 synthetic CUB writes), a missing captum in one sentence, and never replacing a file bcnn did not write."""
 
 import json
@@ -19,6 +19,7 @@ from bcnn.data import write_synthetic_cub
 from bcnn.errors import UserError
 from bcnn.explain import box_in_view, class_heatmaps, peak_cells, upsample
 from bcnn.models import BilinearCNN, build_model
+from bcnn.models.backbones import build_backbone
 from bcnn.models.pooling import Pooling
 from helpers.runs import STAGE1
 
@@ -47,6 +48,25 @@ def test_the_evidence_of_a_quadrant_classifier_lies_in_its_quadrant():
     assert torch.all(outside == 0)  # no gradient reaches the other three quadrants: exactly zero
     assert torch.all(inside.flatten(1).sum(1) > 0)
     assert all(row < 4 and column < 4 for row, column in peak_cells(maps))
+
+
+@pytest.mark.parametrize("name, cut, size", [
+    ("resnet50", "layer3", 64), ("convnext_tiny", "stage3", 64), ("timm:vit_tiny_patch16_224", "auto", 64),
+    ("timm:swin_tiny_patch4_window7_224", "auto", 128)], ids=["resnet", "convnext", "vit", "swin"])
+def test_on_every_backbone_family_the_evidence_lies_on_its_grid_where_the_classifier_looks(name, cut, size):
+    # The same quadrant classifier on the real networks: a ResNet and a ConvNeXt map, a ViT's token grid and a
+    # Swin's last stage (its channels-last output brought to (B, C, H, W)), each a 4 x 4 map at these sizes.
+    pytest.importorskip("timm") if name.startswith("timm:") else None
+    torch.manual_seed(0)
+    backbone = build_backbone(name, "none", cut, size)
+    model = BilinearCNN(backbone.module, TopLeftAverage(backbone.channels), num_classes=3)
+    maps = class_heatmaps(model, torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0]))
+    assert maps.shape == (4, size // backbone.stride, size // backbone.stride) == (4, 4, 4)
+    outside = maps.clone()
+    outside[:, :2, :2] = 0
+    # Exactly zero outside; inside, an untrained network's evidence for a class may be negative (clamped to 0)
+    # for one image, not for all
+    assert torch.all(outside == 0) and float(maps[:, :2, :2].sum()) > 0
 
 
 def test_the_bilinear_evidence_is_each_position_s_term_of_the_score():
