@@ -1,6 +1,7 @@
-"""Heatmaps (issue 20, bcnn/explain.py): the evidence of a model whose answer is known by construction (on a
-hand-made network and on every backbone family: ResNet, ConvNeXt, ViT, Swin), every head on a real backbone, and bcnn.predict --explain on a PNG, a grayscale JPEG and a CMYK JPEG (the files the
-synthetic CUB writes), a missing captum in one sentence, and never replacing a file bcnn did not write."""
+"""Heatmaps (issue 20, bcnn/explain.py): the evidence of a model whose answer is known by construction (on a hand-made
+network and on every backbone family: ResNet, ConvNeXt, ViT, Swin), every head on a real backbone, and bcnn.predict
+--explain on a PNG, a grayscale JPEG and a CMYK JPEG (the files the synthetic CUB writes), a missing captum in one
+sentence, and never replacing a file bcnn did not write."""
 
 import json
 import shutil
