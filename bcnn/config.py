@@ -21,6 +21,7 @@ import yaml
 
 from bcnn.errors import UserError
 from bcnn.models.backbones import resolve_cut, timm_name
+from bcnn.models.pooling import HEADS
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ModelConfig:
     backbone_weights: str = "imagenet"  # "imagenet" (torchvision's or timm's cache/download), "none", or a file
     cut: str = "auto"  # where the backbone is cut: auto = its usual place (vgg16: relu5_3, pool5 dropped, as in
     # the paper; resnet: layer4; ...), or one of its cuts (vgg16: pool5; resnet: layer3): bcnn/models/backbones.py
-    pooling: str = "bilinear"  # bilinear | matrix_sqrt | isqrt_cov | compact | avg (bcnn/models/pooling.py)
+    pooling: str = "bilinear"  # bilinear | matrix_sqrt | isqrt_cov | compact | avg: HEADS in bcnn/models/pooling.py
     sqrt_eps: float = 1e-5  # sqrt(relu(x) + eps) - sqrt(relu(-x) + eps); sqrt(x + eps) for bilinear on ReLU maps
     # matrix_sqrt: Newton-Schulz iterations; 5 as the authors train and test (cvl-umass/bilinear-cnn README), a root
     # 21% from the exact one on VGG16 relu5_3 maps at 448 px; 20 gives it within 0.03% (docs/pooling.md)
@@ -133,7 +134,6 @@ CHOICES = {
     ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "folder"),
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
     ("data", "decode"): ("cpu", "gpu", "auto"),
-    ("model", "pooling"): ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
     ("schedule", "unit"): ("epoch", "step"),
@@ -142,9 +142,9 @@ CHOICES = {
 }
 
 
-# The values each number may take, as intervals: "[" includes the end, "(" excludes it. A value passes by being
-# inside, not by failing a `value < low` test, because NaN fails every comparison (nan < 0 is False); the open
-# end at inf refuses inf.
+# The values each number may take, as intervals (the pooling heads' options: each head's option_ranges): "["
+# includes the end, "(" excludes it. A value passes by being inside, not by failing a `value < low` test, because
+# NaN fails every comparison (nan < 0 is False); the open end at inf refuses inf.
 RANGES = {
     "data.val_fraction": "[0, 1)",
     "data.split_seed": "[0, inf)",
@@ -153,13 +153,6 @@ RANGES = {
     "data.rotation": "[0, inf)",
     "data.color_jitter": "[0, inf)",
     "data.num_workers": "[-1, inf)",
-    "model.sqrt_eps": "(0, inf)",  # at 0 the signed square root's gradient at 0 is NaN
-    # Newton-Schulz: converged by 20 steps (float64), while float32 rounding in a rank-deficient Gram matrix
-    # (H W < C) grows 9/4 a step past that and overflows by about 26 (bcnn/models/pooling.py).
-    "model.matrix_sqrt_iterations": "[1, 20]",
-    "model.isqrt_iterations": "[1, 20]",
-    "model.isqrt_reduce_dim": "[0, inf)",
-    "model.compact_dim": "[1, inf)",
     "optim.lr": "[0, inf)",
     "model.drop_path_rate": "[0, 1)",
     "optim.backbone_lr": "[0, inf)",
@@ -183,6 +176,22 @@ RANGES = {
     "train.log_every": "[0, inf)",
     "train.checkpoint_every": "[0, inf)",
 }
+
+
+def choices(section: str, key: str) -> tuple[str, ...] | None:
+    """The names a key may take; model.pooling's are the registered heads (bcnn.models.pooling.HEADS)."""
+    return tuple(HEADS) if (section, key) == ("model", "pooling") else CHOICES.get((section, key))
+
+
+def ranges() -> dict[str, str]:
+    """Every number's interval: RANGES and each pooling head's option_ranges (an option two heads share, such as
+    model.sqrt_eps, must have one range)."""
+    merged = dict(RANGES)
+    for name, head in HEADS.items():
+        for key, interval in head.option_ranges.items():
+            if merged.setdefault(key, interval) != interval:
+                raise ValueError(f"pooling head {name} gives {key} the range {interval}, another gave {merged[key]}")
+    return merged
 
 
 
@@ -229,7 +238,7 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
             f"unknown config key {dotted!r} in {source}; known keys of {parts[0]}: {', '.join(types)}."
         )
     value = _coerce(value, types[parts[1]], f"{dotted} ({source})")
-    allowed = CHOICES.get((parts[0], parts[1]))
+    allowed = choices(parts[0], parts[1])
     if allowed and value not in allowed:
         raise UserError(f"{dotted} ({source}) must be one of {', '.join(allowed)}, got {value!r}.")
     setattr(section, parts[1], value)
@@ -372,7 +381,7 @@ def _check_range(key: str, value: float, interval: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Values each of the right type can still be out of range or impossible together; say which and why."""
-    for key, interval in RANGES.items():
+    for key, interval in ranges().items():
         section, name = key.split(".")
         _check_range(key, getattr(getattr(cfg, section), name), interval)
     # The backbone and its cut are checked here, before anything is built; a feature map needs at least one pixel:
@@ -413,13 +422,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.layer_decay < 1 and cfg.model.freeze_backbone:
         raise UserError("optim.layer_decay scales the backbone's learning rates, and model.freeze_backbone=true "
                         "trains none; set model.freeze_backbone=false or optim.layer_decay=1.")
-    if cfg.model.backbone_b and cfg.model.pooling != "bilinear":
-        raise UserError(f"model.backbone_b (the asymmetric B-CNN) needs model.pooling=bilinear, got "
-                        f"{cfg.model.pooling}; set model.backbone_b= (empty) or model.pooling=bilinear.")
-    if cfg.train.cache_features and cfg.model.pooling == "isqrt_cov" and cfg.model.isqrt_reduce_dim:
-        raise UserError("train.cache_features needs a pooling head without trainable layers, and isqrt_cov's 1x1 "
-                        f"reduction to model.isqrt_reduce_dim={cfg.model.isqrt_reduce_dim} channels trains; set "
-                        "train.cache_features=false, or model.isqrt_reduce_dim=0.")
+    HEADS[cfg.model.pooling].check_config(cfg)  # the head's own refusals (bcnn/models/pooling.py)
     if cfg.train.cache_features and not cfg.model.freeze_backbone:
         raise UserError("train.cache_features needs model.freeze_backbone=true (a training backbone changes the "
                         "features); turn one of them off.")

@@ -21,7 +21,7 @@ from bcnn.config import ModelConfig, load_config  # noqa: E402
 from bcnn.errors import UserError  # noqa: E402
 from bcnn.models import build_model  # noqa: E402
 from bcnn.models.backbones import TIMM_FAMILIES, build_backbone, input_normalisation  # noqa: E402
-from bcnn.models.bilinear_cnn import MAX_POOLED_DIM  # noqa: E402
+from bcnn.models.pooling import MAX_POOLED_DIM  # noqa: E402
 from bcnn.models.pooling import build_pooling  # noqa: E402
 from helpers.runs import STAGE1, launch  # noqa: E402
 

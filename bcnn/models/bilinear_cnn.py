@@ -16,12 +16,7 @@ from torch import nn
 
 from bcnn.errors import UserError
 from bcnn.models.backbones import build_backbone, input_size_problem, layer_decay_groups
-from bcnn.models.pooling import Pooling, build_pooling
-
-
-# The largest pooled vector a model may have: 1,024 channels' bilinear vector (DenseNet-121, ConvNeXt-Base), whose
-# classifier for CUB is already 210M parameters; 2,048 channels (a ResNet's layer4) would be 4.2M-d and 840M.
-MAX_POOLED_DIM = 1024 * 1024
+from bcnn.models.pooling import HEADS, MAX_POOLED_DIM, Pooling, build_pooling
 
 
 class BilinearCNN(nn.Module):
@@ -112,15 +107,10 @@ def build_model(cfg, num_classes: int, input_size: int | None = None) -> Bilinea
 
 
 def too_large(cfg, channels: int, output_dim: int, num_classes: int) -> str:
-    """Why a head's vector is refused, naming the setting that made it so and a way out that is not that setting."""
+    """Why a head's vector is refused, naming the setting that made it so and a way out that is not that setting:
+    the head's own advice (Pooling.too_large), else a head that fits or a cut with fewer channels."""
     size = f"a {output_dim:,}-d vector and a {output_dim * num_classes / 1e6:,.0f}M-parameter classifier"
-    if cfg.pooling == "compact":
-        return (f"model.compact_dim={cfg.compact_dim:,} would make {size}; set model.compact_dim to at most "
-                f"{MAX_POOLED_DIM:,} (8192 is the paper's).")
-    if cfg.pooling == "isqrt_cov":
-        return (f"model.isqrt_reduce_dim={cfg.isqrt_reduce_dim} leaves model.backbone={cfg.backbone}'s {channels} "
-                f"channels unreduced: {size}; set model.isqrt_reduce_dim=256, as iSQRT-COV does.")
-    return (f"model.pooling={cfg.pooling} on model.backbone={cfg.backbone} ({channels} channels at model.cut="
-            f"{cfg.cut}) would make {size}; use model.pooling=compact (a {cfg.compact_dim:,}-d sketch), "
-            "model.pooling=isqrt_cov (its 1x1 reduction to 256 channels), or a model.cut with fewer channels.")
-
+    return HEADS[cfg.pooling].too_large(cfg, channels, size) or (
+        f"model.pooling={cfg.pooling} on model.backbone={cfg.backbone} ({channels} channels at model.cut="
+        f"{cfg.cut}) would make {size}; use model.pooling=compact (a {cfg.compact_dim:,}-d sketch), "
+        "model.pooling=isqrt_cov (its 1x1 reduction to 256 channels), or a model.cut with fewer channels.")

@@ -28,6 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bcnn.errors import UserError
+
+# The largest pooled vector a model may have: 1,024 channels' bilinear vector (DenseNet-121, ConvNeXt-Base), whose
+# classifier for CUB is already 210M parameters; 2,048 channels (a ResNet's layer4) would be 4.2M-d and 840M.
+MAX_POOLED_DIM = 1024 * 1024
+
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """sqrt(relu(x) + eps) - sqrt(relu(-x) + eps): the signed square root as Lin & Maji's own PyTorch code takes it
@@ -83,16 +89,63 @@ def newton_schulz_sqrt(a: torch.Tensor, scale: torch.Tensor, iterations: int) ->
 
 
 class Pooling(nn.Module):
-    """The contract of a pooling head: output_dim, cacheable, and forward(x[, x_b]) -> (B, output_dim)."""
+    """The contract of a pooling head, all that the rest of bcnn asks of one (docs/heads.md adds one, step by step):
+
+    forward(x[, x_b]) -> (B, output_dim)   x: the backbone's (B, C, H, W) map in float32 (x_b: the second
+                                          backbone's, for a head with two_maps)
+    output_dim                             the vector's size: the classifier's input
+    cacheable                              no trainable parameters: stage 1 can cache its vectors
+    from_config(cfg, channels, ...)        the head that cfg (bcnn.config.ModelConfig) describes
+    option_ranges, check_config(cfg)       its options' ranges and its refusals, which bcnn.config.validate asks
+    too_large(cfg, channels, size)         what to change when its vector is too large to classify (bilinear_cnn)
+    """
 
     output_dim: int
+    two_maps = False  # reads a second backbone's map (the asymmetric B-CNN's model.backbone_b)
+    # Its config options' values as intervals ("[" includes the end, "(" excludes it), checked for every config
+    option_ranges: dict[str, str] = {}
 
     @property
     def cacheable(self) -> bool:
         """No trainable parameters: on a frozen backbone, its output per image is fixed."""
         return not any(True for _ in self.parameters())
 
+    @classmethod
+    def from_config(cls, cfg, channels: int, channels_b: int | None = None,
+                    nonnegative_maps: bool = False) -> "Pooling":
+        """The head for cfg (bcnn.config.ModelConfig) on a map of `channels` channels (channels_b: the second
+        backbone's; nonnegative_maps: the backbones end in a ReLU)."""
+        return cls(channels)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse, in one sentence (a UserError), a config this head cannot run; asked when cfg.model.pooling names
+        it, after every value is in its range."""
+        if cfg.model.backbone_b and not cls.two_maps:
+            raise UserError(f"model.backbone_b (the asymmetric B-CNN) needs model.pooling=bilinear, got "
+                            f"{cfg.model.pooling}; set model.backbone_b= (empty) or model.pooling=bilinear.")
+
+    @classmethod
+    def too_large(cls, cfg, channels: int, size: str) -> str | None:
+        """The way out when this head's vector makes `size` (a sentence's middle); None: the general advice."""
+        return None
+
+
+# The heads by their model.pooling name, in the order the config's error messages list them.
+HEADS: dict[str, type[Pooling]] = {}
+
+
+def register_head(name: str):
+    """Class decorator: the head becomes model.pooling=<name> everywhere (config, train, eval, bench, docs' table)."""
+    def register(cls: type[Pooling]) -> type[Pooling]:
+        if name in HEADS:
+            raise ValueError(f"a pooling head named {name!r} is registered already ({HEADS[name].__name__})")
+        HEADS[name] = cls
+        return cls
+    return register
+
+
+@register_head("bilinear")
 class BilinearPooling(Pooling):
     """X Xᵀ / (H W) -> signed sqrt -> L2 normalisation: the B-CNN's (B, C*C) vector.
 
@@ -107,6 +160,13 @@ class BilinearPooling(Pooling):
         self.channels, self.channels_b, self.sqrt_eps = channels, channels_b or channels, sqrt_eps
         self.nonnegative_maps = nonnegative_maps
         self.output_dim = self.channels * self.channels_b
+
+    two_maps = True
+    option_ranges = {"model.sqrt_eps": "(0, inf)"}  # at 0 the signed square root's gradient at 0 is NaN
+
+    @classmethod
+    def from_config(cls, cfg, channels, channels_b=None, nonnegative_maps=False):
+        return cls(channels, channels_b, cfg.sqrt_eps, nonnegative_maps)
 
     def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
         x_b = x if x_b is None else match_size(x_b, x)
@@ -127,6 +187,7 @@ def match_size(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=other.shape[-2:], mode="bilinear", align_corners=False)
 
 
+@register_head("avg")
 class AveragePooling(Pooling):
     """The mean feature over all positions, (B, C): first-order, no normalisation, the fine-tuning baseline."""
 
@@ -138,6 +199,7 @@ class AveragePooling(Pooling):
         return x.mean(dim=(2, 3))
 
 
+@register_head("matrix_sqrt")
 class MatrixSqrtPooling(Pooling):
     """Improved B-CNN (Lin & Maji, BMVC 2017): the matrix square root of X Xᵀ / (H W), then the authors' element-wise
     signed_sqrt and L2 normalisation: (B, C*C). The square root by newton_schulz_sqrt on the Frobenius-normalised
@@ -157,6 +219,14 @@ class MatrixSqrtPooling(Pooling):
         self.channels, self.iterations, self.sqrt_eps = channels, iterations, sqrt_eps
         self.output_dim = channels * channels
 
+    # Newton-Schulz: converged by 20 steps (float64), while float32 rounding in a rank-deficient Gram matrix
+    # (H W < C) grows 9/4 a step past that and overflows by about 26 (newton_schulz_sqrt).
+    option_ranges = {"model.matrix_sqrt_iterations": "[1, 20]", "model.sqrt_eps": "(0, inf)"}
+
+    @classmethod
+    def from_config(cls, cfg, channels, channels_b=None, nonnegative_maps=False):
+        return cls(channels, cfg.matrix_sqrt_iterations, cfg.sqrt_eps)
+
     def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
         gram = gram_matrix(x, x)  # (B, C, C)
         root = newton_schulz_sqrt(gram, torch.linalg.matrix_norm(gram), self.iterations)
@@ -166,6 +236,7 @@ class MatrixSqrtPooling(Pooling):
         return f"channels={self.channels}, iterations={self.iterations}, sqrt_eps={self.sqrt_eps}"
 
 
+@register_head("isqrt_cov")
 class ISqrtCovPooling(Pooling):
     """iSQRT-COV (Li, Xie, Wang, Gao, CVPR 2018), as fast-MPN-COV (src/representation/MPNCOV.py) computes it: an
     optional 1x1 conv + BN + ReLU to reduce_dim channels d, the covariance Σ = X Î Xᵀ with Î = (I - 1 1ᵀ / M) / M
@@ -184,6 +255,25 @@ class ISqrtCovPooling(Pooling):
         dim = reduce_dim or channels
         self.output_dim = dim * (dim + 1) // 2
 
+    option_ranges = {"model.isqrt_iterations": "[1, 20]", "model.isqrt_reduce_dim": "[0, inf)"}
+
+    @classmethod
+    def from_config(cls, cfg, channels, channels_b=None, nonnegative_maps=False):
+        return cls(channels, cfg.isqrt_reduce_dim, cfg.isqrt_iterations)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.train.cache_features and cfg.model.isqrt_reduce_dim:
+            raise UserError("train.cache_features needs a pooling head without trainable layers, and isqrt_cov's 1x1 "
+                            f"reduction to model.isqrt_reduce_dim={cfg.model.isqrt_reduce_dim} channels trains; set "
+                            "train.cache_features=false, or model.isqrt_reduce_dim=0.")
+
+    @classmethod
+    def too_large(cls, cfg, channels, size):
+        return (f"model.isqrt_reduce_dim={cfg.isqrt_reduce_dim} leaves model.backbone={cfg.backbone}'s {channels} "
+                f"channels unreduced: {size}; set model.isqrt_reduce_dim=256, as iSQRT-COV does.")
+
     def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
         x = self.reduce(x)  # (B, d, H, W)
         # X Î Xᵀ is the covariance of the centred features, divided by M (not M - 1): computed without the M x M Î.
@@ -198,6 +288,7 @@ class ISqrtCovPooling(Pooling):
         return f"channels={self.channels}, reduce_dim={self.reduce_dim}, iterations={self.iterations}"
 
 
+@register_head("compact")
 class CompactBilinearPooling(Pooling):
     """Compact bilinear pooling (Gao, Beijbom, Zhang, Darrell, CVPR 2016), its Tensor Sketch variant (after Pham &
     Pagh 2013): each position's x ⊗ x sketched to D dimensions, summed over the positions, then signed sqrt and L2
@@ -216,6 +307,17 @@ class CompactBilinearPooling(Pooling):
         self.register_buffer("hashes", torch.randint(dim, (2, channels), generator=generator))  # (2, C) int64
         self.register_buffer("signs", torch.randint(2, (2, channels), generator=generator).float() * 2 - 1)  # (2, C)
         self._buckets = None  # (key, BucketTable) for the hashes in use: see bucket_table
+
+    option_ranges = {"model.compact_dim": "[1, inf)", "model.sqrt_eps": "(0, inf)"}
+
+    @classmethod
+    def from_config(cls, cfg, channels, channels_b=None, nonnegative_maps=False):
+        return cls(channels, cfg.compact_dim, cfg.sqrt_eps)
+
+    @classmethod
+    def too_large(cls, cfg, channels, size):
+        return (f"model.compact_dim={cfg.compact_dim:,} would make {size}; set model.compact_dim to at most "
+                f"{MAX_POOLED_DIM:,} (8192 is the paper's).")
 
     def sketch(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D): Σ_p TS(x_p), TS(x) = CS_1(x) ⊛ CS_2(x), the circular convolution of the two count
@@ -300,11 +402,4 @@ class _Permute(torch.autograd.Function):
 def build_pooling(cfg, channels: int, channels_b: int | None = None, nonnegative_maps: bool = False) -> Pooling:
     """The head `cfg.pooling` names (cfg: bcnn.config.ModelConfig), with its options from the config;
     nonnegative_maps: the backbone(s) end in a ReLU (Backbone.nonnegative)."""
-    builders = {
-        "bilinear": lambda: BilinearPooling(channels, channels_b, cfg.sqrt_eps, nonnegative_maps),
-        "matrix_sqrt": lambda: MatrixSqrtPooling(channels, cfg.matrix_sqrt_iterations, cfg.sqrt_eps),
-        "isqrt_cov": lambda: ISqrtCovPooling(channels, cfg.isqrt_reduce_dim, cfg.isqrt_iterations),
-        "compact": lambda: CompactBilinearPooling(channels, cfg.compact_dim, cfg.sqrt_eps),
-        "avg": lambda: AveragePooling(channels),
-    }
-    return builders[cfg.pooling]()
+    return HEADS[cfg.pooling].from_config(cfg, channels, channels_b, nonnegative_maps)
