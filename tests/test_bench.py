@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 
-from bcnn import bench
+from bcnn.bench import steps
+from bcnn.bench.__main__ import main
 from bcnn.errors import UserError
 
 # One loader worker whatever the machine (the default grows with its cores, and the loader case's batches with it).
@@ -23,7 +24,7 @@ def run_bench(args: list[str]) -> str:
     """What `python -m bcnn.bench ARGS` prints on stdout (run in this process)."""
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        bench.main(args)
+        main(args)
     return stdout.getvalue()
 
 
@@ -33,9 +34,9 @@ def bench_json() -> str:
 
 
 def expected_cases() -> set:
-    cases = set(bench.CASES)
-    if bench.feature_cache_module() is None:
-        cases -= set(bench.CACHE_CASES)
+    cases = set(steps.CASES)
+    if steps.feature_cache_module() is None:
+        cases -= set(steps.CACHE_CASES)
     return cases
 
 
@@ -60,11 +61,11 @@ def test_ratios_and_targets_follow_from_the_figures(bench_json):
     assert ratios["eval_time_vs_bare"] == pytest.approx(ips["bare"] / ips["eval"])
     assert ratios["speedup_vs_fp32_nchw"] == pytest.approx(ips["stage2_step"] / ips["stage2_step_fp32_nchw"])
     assert ratios["loader_vs_stage2_step"] == pytest.approx(ips["loader"] / ips["stage2_step"])
-    for head in bench.HEADS:
+    for head in steps.HEADS:
         assert ratios[f"{head}_step_time_vs_bilinear"] == pytest.approx(ips["stage2_step"] / ips[f"stage2_step_{head}"])
         rounds = zip(cases[f"heads_{head}"]["step_seconds"], cases["heads_bilinear"]["step_seconds"])
         assert ratios[f"heads_{head}_vs_bilinear"] == pytest.approx(statistics.median(a / b for a, b in rounds))
-    for head in ("bilinear", *bench.HEADS):  # at the heads' own size and batch, every round timed
+    for head in ("bilinear", *steps.HEADS):  # at the heads' own size and batch, every round timed
         case = cases[f"heads_{head}"]
         assert case["images_per_step"] == 3 and case["timed_steps"] == len(case["step_seconds"]) == 2
         assert case["ms_per_step"] == pytest.approx(1000 * statistics.median(case["step_seconds"]))
@@ -104,7 +105,7 @@ def test_human_form_prints_the_table_and_the_targets():
 
 def test_fp16_on_the_cpu_is_refused_before_any_work():
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        bench.main([*TOY, "--precision", "fp16"])
+        main([*TOY, "--precision", "fp16"])
 
 
 def test_the_recipe_bench_times_each_part_and_projects_cubs_size(tmp_path):
@@ -135,7 +136,7 @@ def test_the_recipe_bench_times_each_part_and_projects_cubs_size(tmp_path):
 
 
 def test_photo_like_images_compress_like_photos(tmp_path):
-    from bcnn.bench_recipe import write_photo_cub
+    from bcnn.bench.recipe import write_photo_cub
     _, mean_kb = write_photo_cub(tmp_path / "cub", trainval=4, test=2)
     assert 40 <= mean_kb <= 65  # CUB's photos: about 500 x 375 and 45 KB; the stripes of `synth` are a few KB
 
@@ -152,5 +153,5 @@ def test_photo_like_images_compress_like_photos(tmp_path):
 ])
 def test_bench_options_out_of_range_or_combined_badly_are_one_sentence_before_any_work(argv, expected):
     with pytest.raises(UserError) as error:
-        bench.main(["--device", "cpu", *argv])
+        main(["--device", "cpu", *argv])
     assert expected in str(error.value) and "\n" not in str(error.value)

@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bcnn import bench
 from bcnn import predict as predict_cli
+from bcnn.bench import steps as bench_steps
+from bcnn.bench.__main__ import main as bench_main
 from bcnn.config import Config, ModelConfig
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import train_one_epoch
@@ -160,12 +161,12 @@ def test_predict_on_cuda_gives_the_probabilities_of_the_cpu(data, cuda_run, caps
 
 
 def test_bench_on_cuda_emits_its_json(capsys):
-    bench.main(["--device", "cuda", "--image-size", "64", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+    bench_main(["--device", "cuda", "--image-size", "64", "--batch-size", "4", "--steps", "2", "--warmup", "1",
                 "--classes", "5", "--cache-image-size", "64", "--cache-batch-size", "8", "--num-workers", "1",
                 "--heads-image-size", "64", "--heads-batch-size", "4", "--json"])
     result = json.loads(capsys.readouterr().out)  # stdout is the JSON and nothing else
     assert result["device"]["type"] == "cuda" and result["precision"] in ("bf16", "fp16")
-    assert set(result["cases"]) == set(bench.CASES)
+    assert set(result["cases"]) == set(bench_steps.CASES)
     for name, case in result["cases"].items():
         assert case["images_per_sec"] > 0 and case["ms_per_step"] > 0, name
     # On CUDA every case that builds a model reports the allocator's peak (the loader alone allocates nothing; the

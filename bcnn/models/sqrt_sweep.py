@@ -4,7 +4,7 @@ element-wise signed square root moves the head's vector: measured on a backbone'
     python -m bcnn.models.sqrt_sweep --sizes 224,448 --images 4            # random VGG16 (downloads nothing)
     python -m bcnn.models.sqrt_sweep --weights imagenet --json             # torchvision's ImageNet VGG16
 
-For each input size: the relu5_3 maps of photo-like images (bcnn.bench_recipe.photo_like: 1/f colour noise, JPEG
+For each input size: the relu5_3 maps of photo-like images (bcnn.bench.recipe.photo_like: 1/f colour noise, JPEG
 statistics of real photographs, no dataset needed), their Gram matrices X Xᵀ / (H W), and
 - root_error[K]: ||NS_K - sqrtm|| / ||sqrtm|| (Frobenius), NS_K the float32 coupled Newton-Schulz root after K steps
   as the head computes it, sqrtm the float64 eigendecomposition's root (negative rounding eigenvalues set to 0);
@@ -40,7 +40,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def photo_batch(size: int, images: int, mean, std) -> torch.Tensor:
-    from bcnn.bench_recipe import photo_like  # a generator of test images; imported only where used
+    from bcnn.bench.recipe import photo_like  # a generator of test images; imported only where used
 
     return torch.stack([TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(photo_like(seed), size), size)), mean, std)
                         for seed in range(images)])

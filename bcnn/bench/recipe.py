@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bcnn import bench
+from bcnn.bench.probes import _sync, device_name
+from bcnn.bench.settings import Settings
+from bcnn.bench.steps import measure_eval, measure_train_step, new_model, stage_config
 from bcnn.config import DataConfig
 from bcnn.data import build_dataset, build_image_loader, decode_on_device
 from bcnn.engine import TrainingDiverged, evaluate, train_one_epoch
@@ -110,10 +112,10 @@ def write_photo_cub(root: Path, trainval: int, test: int, classes: int = 200, si
 
 
 def _timed(device: torch.device, function):
-    bench._sync(device)
+    _sync(device)
     start = time.perf_counter()
     result = function()
-    bench._sync(device)
+    _sync(device)
     return time.perf_counter() - start, result
 
 
@@ -138,14 +140,14 @@ def project(cases: dict, images: dict = CUB_IMAGES, epochs: dict = RECIPE_EPOCHS
             "epochs": dict(epochs)}
 
 
-def run_recipe(settings: bench.Settings, train_images: int, decode: str, photo_side: int) -> dict:
+def run_recipe(settings: Settings, train_images: int, decode: str, photo_side: int) -> dict:
     """Generate the data, time each part of the recipe, project it (see the module docstring)."""
     device, precision, batch = settings.device, settings.precision, settings.batch_size
     configure_device(device)
     backbone = vgg16_features("relu5_3", "none")
-    steps = {name: bench.measure_train_step(settings, backbone, name, freeze, precision, True, name)
+    steps = {name: measure_train_step(settings, backbone, name, freeze, precision, True, name)
              for name, freeze in (("stage2_step", False), ("stage1_step", True))}
-    steps["eval"] = bench.measure_eval(settings, backbone)
+    steps["eval"] = measure_eval(settings, backbone)
     step_rate = {name: record["images_per_sec"] for name, record in steps.items()}
     # The recipe's proportions: val is 10% of trainval, test about as large as trainval.
     trainval = math.ceil(train_images / 0.9)
@@ -164,8 +166,8 @@ def run_recipe(settings: bench.Settings, train_images: int, decode: str, photo_s
         def loader(dataset, train):
             return build_image_loader(cfg, dataset, batch, train, seed=0, device=device)
 
-        model = bench.new_model(settings, backbone, freeze_backbone=True, channels_last=True)
-        optimizer = build_optimizer(bench.stage_config(freeze_backbone=True), model)
+        model = new_model(settings, backbone, freeze_backbone=True, channels_last=True)
+        optimizer = build_optimizer(stage_config(freeze_backbone=True), model)
         scaler = grad_scaler(precision, device)
 
         def epoch_of(step_model, data, step_optimizer, step_precision, channels_last):
@@ -188,15 +190,15 @@ def run_recipe(settings: bench.Settings, train_images: int, decode: str, photo_s
         cases["cache_build"] = _case("cache_build", len(train_set) + len(val_set), seconds, None,
                                      "the train (center + flip: two forwards) and val (one) features")
         rows = feature_loader(caches["train"], batch, True, seed=0, device=device)
-        classifier_optimizer = build_optimizer(bench.stage_config(freeze_backbone=True), model)
+        classifier_optimizer = build_optimizer(stage_config(freeze_backbone=True), model)
         for _ in range(2):
             seconds, _ = _timed(device, lambda: epoch_of(model.classifier, rows, classifier_optimizer, "fp32",
                                                          False))
         cases["stage1_cached_epoch"] = _case("stage1_cached_epoch", len(caches["train"]), seconds, None,
                                              "the classifier on the cached train rows (both views)")
 
-        model = bench.new_model(settings, backbone, freeze_backbone=False, channels_last=True)
-        optimizer = build_optimizer(bench.stage_config(freeze_backbone=False), model)
+        model = new_model(settings, backbone, freeze_backbone=False, channels_last=True)
+        optimizer = build_optimizer(stage_config(freeze_backbone=False), model)
         train_loader = loader(train_set, True)
         seconds, _ = _timed(device, lambda: epoch_of(model, train_loader, optimizer, precision, True))
         cases["stage2_epoch"] = _case("stage2_epoch", len(train_set), seconds, step_rate["stage2_step"],
@@ -210,7 +212,7 @@ def run_recipe(settings: bench.Settings, train_images: int, decode: str, photo_s
                                 "images")
     return {
         "command": f"{settings.command()} --recipe --recipe-images {train_images} --decode {decode}",
-        "device": {"type": device.type, "name": bench.device_name(device)},
+        "device": {"type": device.type, "name": device_name(device)},
         "torch": torch.__version__,
         "image_size": settings.image_size,
         "batch_size": batch,
@@ -225,42 +227,8 @@ def run_recipe(settings: bench.Settings, train_images: int, decode: str, photo_s
     }
 
 
-def format_recipe(result: dict) -> str:
-    data, projection = result["data"], result["projection"]
-    lines = [
-        f"bcnn.bench --recipe on {result['device']['name']} ({result['device']['type']}); torch {result['torch']}",
-        f"image {result['image_size']} px, batch {result['batch_size']}, precision {result['precision']}, "
-        f"{result['num_workers']} loader workers, images decoded {result['decode']}",
-        f"data: {data['train']} train, {data['val']} val, {data['test']} test photo-like JPEGs of "
-        f"{data['mean_jpeg_kb']:.0f} KB on average (written in {data['generation_seconds']:.0f} s)",
-        "",
-        f"{'case':<20} {'images':>7} {'seconds':>9} {'images/s':>10} {'step images/s':>14} {'of step':>8}",
-    ]
-    for name, case in result["cases"].items():
-        step = "-" if case["step_images_per_sec"] is None else f"{case['step_images_per_sec']:,.1f}"
-        share = "-" if case["share_of_step"] is None else f"{case['share_of_step']:.0%}"
-        lines.append(f"{name:<20} {case['images']:>7} {case['seconds']:>9.2f} {case['images_per_sec']:>10,.1f} "
-                     f"{step:>14} {share:>8}")
-    counts = projection["images"]
-    lines += [
-        "",
-        f"projection at CUB's size ({counts['train']} train, {counts['val']} val, {counts['test']} test), from the "
-        "rates above:",
-        f"  stage 1, cached: cache + {projection['epochs']['stage1']} epochs  "
-        f"{projection['stage1_cached_seconds']:9.1f} s   (live instead: {projection['stage1_live_seconds']:.1f} s)",
-        f"  stage 2: {projection['epochs']['stage2']} epochs + val passes      {projection['stage2_seconds']:9.1f} s",
-        f"  test evaluation                       {projection['test_eval_seconds']:9.1f} s",
-        f"  total                                 {projection['total_seconds']:9.1f} s "
-        f"({projection['total_seconds'] / 60:.1f} min)",
-        "",
-        f"reproduce: {result['command']}",
-    ]
-    return "\n".join(lines)
-
-
 def check_recipe_arguments(train_images: int, photo_side: int) -> None:
     if train_images < 4:
         raise UserError(f"--recipe-images must be at least 4 (one val image per class needs two), got {train_images}.")
     if photo_side and photo_side < 32:
         raise UserError(f"--photo-side must be 0 (500 x 375) or at least 32, got {photo_side}.")
-

@@ -1,10 +1,4 @@
-"""How fast the B-CNN trains on this machine, against what it cannot beat: prints figures, asserts nothing.
-
-    python -m bcnn.bench                                  # CPU: 224 px, batch 8; CUDA: 448 px, batch 64
-    python -m bcnn.bench --device cuda --precision fp16 --steps 50
-    python -m bcnn.bench --json                           # the same figures as JSON, nothing else on stdout
-    python -m bcnn.bench --recipe --device cuda           # the whole recipe's wall time at CUB's scale
-    make bench ARGS="--batch-size 16"
+"""The step bench (`python -m bcnn.bench` without --recipe): its cases, their ratios and the targets they meet.
 
 Random weights (nothing is downloaded), random device-resident input batches for the steps, and a generated
 mini-CUB in a temporary folder for the loader and the epochs. The cases:
@@ -28,44 +22,35 @@ mini-CUB in a temporary folder for the loader and the epochs. The cases:
                             train.py runs it with train.cache_features=true
 
 A step's time is the median over --steps steps after --warmup steps (CUDA synchronised before every clock
-read); images/s = batch / median. The loader and the epochs are timed whole (see the notes it prints).
+read); images/s = batch / median. The loader and the epochs are timed whole (see the notes the report prints).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
 import importlib
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from bcnn import distributed
+from bcnn.bench.probes import CpuShare, MemoryProbe, _sync, device_name, memory_method
+from bcnn.bench.settings import Settings
 from bcnn.config import Config, DataConfig, ModelConfig
-from bcnn.data import build_dataset, build_loader, default_num_workers, write_synthetic_cub
+from bcnn.data import build_dataset, build_loader, write_synthetic_cub
 from bcnn.data.loader import worker_errors
 from bcnn.engine import TrainingDiverged, train_one_epoch
-from bcnn.errors import UserError, exit_on_user_error
 from bcnn.models import BilinearCNN
 from bcnn.models.backbones import vgg16_features
 from bcnn.models.pooling import build_pooling
-from bcnn.precision import autocast, configure_device, cpu_supports_bf16, grad_scaler, resolve_precision
+from bcnn.precision import autocast, configure_device, cpu_supports_bf16, grad_scaler
 from bcnn.optim import build_optimizer
 
 HEADS = ("matrix_sqrt", "compact", "isqrt_cov", "avg")  # timed against the bilinear head's stage2_step
@@ -85,238 +70,7 @@ TARGETS = (
     ("heads_matrix_sqrt_vs_bilinear", "<=", 1.10, "heads: matrix_sqrt step time / bilinear's"),
     ("heads_compact_vs_bilinear", "<=", 1.05, "heads: compact step time / bilinear's"),
 )
-DISTURBED = 0.1  # other processes' share of the CPUs above which a case's figures are flagged
 LOADER_BATCHES = 4  # batches of generated train images (the epoch cases'); the loader's epoch reads at least this
-
-
-@dataclass(frozen=True)
-class Settings:
-    device: torch.device
-    image_size: int
-    batch_size: int
-    precision: str  # resolved: bf16 | fp16 | fp32
-    steps: int
-    warmup: int
-    classes: int
-    num_workers: int
-    cache_image_size: int  # the cached-vs-live stage 1 epochs run at the recipe's size and batch by default
-    cache_batch_size: int
-    heads_image_size: int = 448  # the heads side by side, at the recipe's size by default
-    heads_batch_size: int = 4
-
-    def command(self) -> str:
-        return (f"python -m bcnn.bench --device {self.device.type} --image-size {self.image_size} "
-                f"--batch-size {self.batch_size} --precision {self.precision} --steps {self.steps} "
-                f"--warmup {self.warmup} --classes {self.classes} --num-workers {self.num_workers} "
-                f"--cache-image-size {self.cache_image_size} --cache-batch-size {self.cache_batch_size} "
-                f"--heads-image-size {self.heads_image_size} --heads-batch-size {self.heads_batch_size}")
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bcnn.bench", allow_abbrev=False,
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when available (default: auto)")
-    parser.add_argument("--image-size", type=int, help="input side in pixels (default: 448 on CUDA, 224 on CPU)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default: 64 on CUDA, 8 on CPU)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="the backbone's autocast, as train.precision (default: auto)")
-    parser.add_argument("--steps", type=int, help="timed steps per case (default: 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
-    parser.add_argument("--classes", type=int, default=200, help="classifier outputs (default: 200, CUB's)")
-    parser.add_argument("--num-workers", type=int,
-                        help="loader worker processes (default: data.num_workers's default for this machine)")
-    parser.add_argument("--cache-image-size", type=int,
-                        help="input side of the cached-vs-live stage 1 epochs (default: 448, the recipe's)")
-    parser.add_argument("--cache-batch-size", type=int,
-                        help="batch of the cached-vs-live stage 1 epochs, and their number of train images "
-                        "(default: 64, the recipe's batch: the live epoch is one step)")
-    parser.add_argument("--heads-image-size", type=int,
-                        help="input side of the heads timed side by side (default: 448, the recipe's)")
-    parser.add_argument("--heads-batch-size", type=int,
-                        help="batch of the heads timed side by side (default: 64 on CUDA, 4 on CPU)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON and nothing else")
-    recipe = parser.add_argument_group("the whole recipe at CUB's scale (bcnn/bench_recipe.py)")
-    recipe.add_argument("--recipe", action="store_true",
-                        help="time an epoch of each stage and the evaluations on generated photo-like JPEGs, and "
-                        "project the full recipe's wall time")
-    recipe.add_argument("--recipe-images", type=int,
-                        help="train images to generate (default: CUB's 5,394 on CUDA, 48 on a CPU); val and test "
-                        "in the recipe's proportions")
-    recipe.add_argument("--decode", choices=("auto", "cpu", "gpu"),
-                        help="data.decode for the recipe's loaders (default: auto, batched on a GPU)")
-    recipe.add_argument("--photo-side", type=int,
-                        help="height of the generated photos (default 0: 500 x 375, CUB's typical size)")
-    return parser.parse_args(argv)
-
-
-RECIPE_ONLY = ("recipe_images", "decode", "photo_side")  # options of --recipe alone
-STEPS_ONLY = ("cache_image_size", "cache_batch_size", "heads_image_size", "heads_batch_size")  # the step bench's
-
-
-def check_combination(args) -> None:
-    """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
-    ignored = [name for name in (STEPS_ONLY if args.recipe else RECIPE_ONLY) if getattr(args, name) is not None]
-    if ignored:
-        options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
-        raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply "
-                        f"{'with' if args.recipe else 'without'} --recipe; "
-                        f"{'drop --recipe' if args.recipe else 'add --recipe'} or leave {options} out.")
-
-
-def resolve_settings(args) -> Settings:
-    check_combination(args)
-    device = distributed.setup(args.device).device
-    cuda = device.type == "cuda"
-    settings = Settings(
-        device=device,
-        image_size=args.image_size if args.image_size is not None else (448 if cuda else 224),
-        batch_size=args.batch_size if args.batch_size is not None else (64 if cuda else 8),
-        precision=resolve_precision(args.precision, device),
-        steps=args.steps if args.steps is not None else (20 if cuda else 3),
-        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
-        classes=args.classes,
-        num_workers=args.num_workers if args.num_workers is not None else default_workers(),
-        cache_image_size=args.cache_image_size if args.cache_image_size is not None else 448,
-        cache_batch_size=args.cache_batch_size if args.cache_batch_size is not None else 64,
-        heads_image_size=args.heads_image_size if args.heads_image_size is not None else 448,
-        heads_batch_size=args.heads_batch_size if args.heads_batch_size is not None else (64 if cuda else 4),
-    )
-    for name, least in (("image_size", 32), ("batch_size", 1), ("steps", 1), ("warmup", 0), ("classes", 2),
-                        ("num_workers", 0), ("cache_image_size", 32), ("cache_batch_size", 2),
-                        ("heads_image_size", 32), ("heads_batch_size", 1)):
-        if getattr(settings, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(settings, name)}.")
-    return settings
-
-
-def default_workers() -> int:
-    """data.num_workers's default, resolved the way build_loader resolves it (-1: from this machine's cores)."""
-    workers = DataConfig().num_workers
-    return default_num_workers() if workers < 0 else workers
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS, so a case's RSS growth is its own and not a reuse of an earlier's."""
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: set VmHWM (the peak RSS) back to the current RSS; False where that cannot be done."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def memory_method(device: torch.device) -> str:
-    if device.type == "cuda":
-        return ("CUDA: torch.cuda.max_memory_allocated per case, after reset_peak_memory_stats (weights, "
-                "gradients, optimizer state, activations; not the CUDA context or the allocator's cache)")
-    return ("CPU: peak RSS growth of this process per case: VmHWM minus the RSS before the case built its "
-            "model (freed memory handed back with malloc_trim first; the peak reset through /proc/self/clear_refs "
-            "once the model is built, so the full VGG16 that torchvision creates and the bench cuts does not "
-            "count); weights, gradients, optimizer state and activations; loader workers are other processes "
-            "and not counted")
-
-
-class CpuShare:
-    """How much of the machine's CPU time other processes took while a case ran: on a shared machine their
-    load slows the figures down, and this says by how much they can be trusted. Linux (/proc/stat) only."""
-
-    def __init__(self):
-        self.start = self._snapshot()
-
-    @staticmethod
-    def _snapshot():
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return None
-        # user nice system idle iowait irq softirq steal (seconds * CLK_TCK); steal: taken by the hypervisor
-        ticks = [int(value) for value in lines[0].split()[1:9]]
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-        own = os.times()  # this process and its reaped children (loader workers, once shut down)
-        return busy, own.user + own.system + own.children_user + own.children_system, time.perf_counter(), cpus
-
-    def others(self) -> float | None:
-        """Share (0..1) of all CPUs' time that other processes used since this object was made."""
-        gc.collect()  # shuts down loaders' worker processes still referenced by cycles, so their time is ours
-        end = self._snapshot()
-        if self.start is None or end is None:
-            return None
-        busy, own, wall = (later - earlier for earlier, later in zip(self.start[:3], end[:3]))
-        cpus = end[3]
-        return min(max((busy - own) / (wall * cpus), 0.0), 1.0) if wall > 0 and cpus else None
-
-
-class MemoryProbe:
-    """Peak memory of one case: begin() before it builds anything, ready() once built, peak_mib() at the end."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start_kib = None
-        self.reset_ok = False
-
-    def begin(self) -> MemoryProbe:
-        _release_freed_memory()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.start_kib = _proc_status_kib("VmRSS")
-        return self
-
-    def ready(self) -> None:
-        if self.device.type != "cuda":
-            _release_freed_memory()
-            self.reset_ok = _reset_peak_rss()
-
-    def peak_mib(self) -> float | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        peak_kib = _proc_status_kib("VmHWM")
-        if not self.reset_ok or peak_kib is None or self.start_kib is None:
-            return None
-        return max(peak_kib - self.start_kib, 0) / 1024
 
 
 def _record(case: str, precision: str, layout: str, step_times: list[float], images_per_step: int,
@@ -761,115 +515,3 @@ def run(settings: Settings) -> dict:
         "ratios": ratios,
         "targets": check_targets(ratios),
     }
-
-
-def _ratio_text(name: str, ratios: dict) -> str:
-    text = {
-        "stage2_step": ("stage2_step_time_vs_bare", "{:.2f}x bare's time"),
-        "stage1_step": ("stage1_step_time_vs_bare", "{:.2f}x bare's time"),
-        "eval": ("eval_time_vs_bare", "{:.2f}x bare's time"),
-        "stage2_step_fp32_nchw": ("speedup_vs_fp32_nchw", "stage2_step {:.2f}x faster"),
-        "loader": ("loader_vs_stage2_step", "{:.2f}x stage2_step's images/s"),
-        "cached_stage1_epoch": ("cached_vs_live_epoch", "live epoch / this: {:.2f}x"),
-        **{f"stage2_step_{head}": (f"{head}_step_time_vs_bilinear", "{:.2f}x stage2_step's time") for head in HEADS},
-        **{f"heads_{head}": (f"heads_{head}_vs_bilinear", "{:.2f}x heads_bilinear's time") for head in HEADS},
-    }.get(name)
-    if name in ("bare", "heads_bilinear"):
-        return "the reference"
-    if text is None or ratios.get(text[0]) is None:
-        return ""
-    return text[1].format(ratios[text[0]])
-
-
-def _percent(share: float | None) -> str:
-    return "n/a" if share is None else f"{share:.0%}"
-
-
-def _digits_apart(value: float | None, target: float) -> int:
-    """Decimals enough that a value just short of its target (2.4996 vs 2.5) is not shown as the target."""
-    digits = 2
-    while value is not None and value != target and round(value, digits) == target and digits < 6:
-        digits += 1
-    return digits
-
-
-def _number(value, digits: int) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
-
-
-def format_report(result: dict) -> str:
-    """The human-readable form of run()'s result: header, table, notes, targets and the command."""
-    device = result["device"]
-    threads = f"{result['threads']} threads" + (f", native bf16 {'yes' if device['native_bf16'] else 'no'}"
-                                                if device["type"] == "cpu" else "")
-    lines = [
-        f"bcnn.bench on {device['name']} ({device['type']}, {threads}); torch {result['torch']}",
-        f"image {result['image_size']} px, batch {result['batch_size']}, precision {result['precision']}, "
-        f"{result['classes']} classes; median of {result['steps']} steps after {result['warmup']} warm-up; "
-        f"loader workers {result['num_workers']}; heads side by side at {result['heads_image_size']} px, batch "
-        f"{result['heads_batch_size']}",
-        f"other processes used {_percent(result['others_cpu_share'])} of the CPUs during the run "
-        f"(the figures are this machine's own only when that is near 0)",
-        "",
-    ]
-    header = ("case", "precision", "layout", "images/s", "ms/step", "peak MiB", "ratio")
-    rows = [(name, case["precision"], case["layout"], _number(case["images_per_sec"], 1),
-             _number(case["ms_per_step"], 1), _number(case["peak_memory_mib"], 0),
-             _ratio_text(name, result["ratios"])) for name, case in result["cases"].items()]
-    if result["feature_cache"] != "measured":
-        rows += [(name, "-", "-", "-", "-", "-", NOT_MEASURED) for name in CACHE_CASES]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    right = {3, 4, 5}
-    for row in [header, *rows]:
-        lines.append("  ".join(str(cell).rjust(widths[i]) if i in right else str(cell).ljust(widths[i])
-                               for i, cell in enumerate(row)).rstrip())
-    disturbed = [f"{name} ({_percent(case['others_cpu_share'])})" for name, case in result["cases"].items()
-                 if (case.get("others_cpu_share") or 0) > DISTURBED]
-    if disturbed:
-        lines += ["", f"warning: other processes took over {DISTURBED:.0%} of the CPUs during {', '.join(disturbed)}; "
-                      "run again on a quiet machine before trusting those rows"]
-    lines += [
-        "",
-        "notes:",
-        "  steps: random device-resident batches (no loader); ms/step is the median step, images/s = batch / it",
-        "  heads_*: one step of each head in turn, round after round; ratio = the median over rounds of the round's "
-        "ratio; no per-case peak memory (all five are built)",
-        "  loader: whole epochs of the generated images (workers running), ms/step = epoch / batches",
-        "  epochs: one epoch each (after at most one warm-up epoch), ms/step = epoch / optimizer steps; "
-        "cache_build is the one-off cost before the cached epochs",
-        f"  peak memory: {result['memory_method']}",
-        "",
-        "targets:",
-    ]
-    width = max(len(check["label"]) for check in result["targets"])
-    for check in result["targets"]:
-        value = (NOT_MEASURED if check["value"] is None and check["ratio"] == "cached_vs_live_epoch"
-                 else _number(check["value"], _digits_apart(check["value"], check["target"])))
-        lines.append(f"  {check['label'].ljust(width)}  {check['comparison']:>2} {check['target']:<5}  "
-                     f"{value:>6}  {check['status']}")
-    lines += ["", f"reproduce: {result['command']}"]
-    return "\n".join(lines)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    settings = resolve_settings(args)
-    # With --json, stdout carries the JSON alone: anything else printed on the way goes to stderr.
-    if args.recipe:
-        from bcnn import bench_recipe  # it imports this module
-        images = args.recipe_images if args.recipe_images is not None else (
-            bench_recipe.CUB_IMAGES["train"] if settings.device.type == "cuda" else 48)
-        photo_side = args.photo_side if args.photo_side is not None else 0
-        bench_recipe.check_recipe_arguments(images, photo_side)
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = bench_recipe.run_recipe(settings, images, args.decode or "auto", photo_side)
-        print(json.dumps(result, indent=2) if args.json else bench_recipe.format_recipe(result))
-        return result
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = run(settings)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return result
-
-
-if __name__ == "__main__":
-    exit_on_user_error(main)()

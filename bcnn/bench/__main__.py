@@ -1,0 +1,135 @@
+"""How fast the B-CNN trains on this machine, against what it cannot beat: prints figures, asserts nothing.
+
+    python -m bcnn.bench                                  # CPU: 224 px, batch 8; CUDA: 448 px, batch 64
+    python -m bcnn.bench --device cuda --precision fp16 --steps 50
+    python -m bcnn.bench --json                           # the same figures as JSON, nothing else on stdout
+    python -m bcnn.bench --recipe --device cuda           # the whole recipe's wall time at CUB's scale
+    make bench ARGS="--batch-size 16"
+
+The command line alone: the step bench's cases are in steps.py, the recipe's in recipe.py, the report in report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from bcnn import distributed
+from bcnn.bench.report import format_recipe, format_report
+from bcnn.bench.settings import Settings
+from bcnn.bench.steps import run
+from bcnn.config import DataConfig
+from bcnn.data import default_num_workers
+from bcnn.errors import UserError, exit_on_user_error
+from bcnn.precision import resolve_precision
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bcnn.bench", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available (default: auto)")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default: 448 on CUDA, 224 on CPU)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: 64 on CUDA, 8 on CPU)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="the backbone's autocast, as train.precision (default: auto)")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default: 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--classes", type=int, default=200, help="classifier outputs (default: 200, CUB's)")
+    parser.add_argument("--num-workers", type=int,
+                        help="loader worker processes (default: data.num_workers's default for this machine)")
+    parser.add_argument("--cache-image-size", type=int,
+                        help="input side of the cached-vs-live stage 1 epochs (default: 448, the recipe's)")
+    parser.add_argument("--cache-batch-size", type=int,
+                        help="batch of the cached-vs-live stage 1 epochs, and their number of train images "
+                        "(default: 64, the recipe's batch: the live epoch is one step)")
+    parser.add_argument("--heads-image-size", type=int,
+                        help="input side of the heads timed side by side (default: 448, the recipe's)")
+    parser.add_argument("--heads-batch-size", type=int,
+                        help="batch of the heads timed side by side (default: 64 on CUDA, 4 on CPU)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON and nothing else")
+    recipe = parser.add_argument_group("the whole recipe at CUB's scale (bcnn/bench/recipe.py)")
+    recipe.add_argument("--recipe", action="store_true",
+                        help="time an epoch of each stage and the evaluations on generated photo-like JPEGs, and "
+                        "project the full recipe's wall time")
+    recipe.add_argument("--recipe-images", type=int,
+                        help="train images to generate (default: CUB's 5,394 on CUDA, 48 on a CPU); val and test "
+                        "in the recipe's proportions")
+    recipe.add_argument("--decode", choices=("auto", "cpu", "gpu"),
+                        help="data.decode for the recipe's loaders (default: auto, batched on a GPU)")
+    recipe.add_argument("--photo-side", type=int,
+                        help="height of the generated photos (default 0: 500 x 375, CUB's typical size)")
+    return parser.parse_args(argv)
+
+
+RECIPE_ONLY = ("recipe_images", "decode", "photo_side")  # options of --recipe alone
+STEPS_ONLY = ("cache_image_size", "cache_batch_size", "heads_image_size", "heads_batch_size")  # the step bench's
+
+
+def check_combination(args) -> None:
+    """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
+    ignored = [name for name in (STEPS_ONLY if args.recipe else RECIPE_ONLY) if getattr(args, name) is not None]
+    if ignored:
+        options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
+        raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply "
+                        f"{'with' if args.recipe else 'without'} --recipe; "
+                        f"{'drop --recipe' if args.recipe else 'add --recipe'} or leave {options} out.")
+
+
+def resolve_settings(args) -> Settings:
+    check_combination(args)
+    device = distributed.setup(args.device).device
+    cuda = device.type == "cuda"
+    settings = Settings(
+        device=device,
+        image_size=args.image_size if args.image_size is not None else (448 if cuda else 224),
+        batch_size=args.batch_size if args.batch_size is not None else (64 if cuda else 8),
+        precision=resolve_precision(args.precision, device),
+        steps=args.steps if args.steps is not None else (20 if cuda else 3),
+        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        classes=args.classes,
+        num_workers=args.num_workers if args.num_workers is not None else default_workers(),
+        cache_image_size=args.cache_image_size if args.cache_image_size is not None else 448,
+        cache_batch_size=args.cache_batch_size if args.cache_batch_size is not None else 64,
+        heads_image_size=args.heads_image_size if args.heads_image_size is not None else 448,
+        heads_batch_size=args.heads_batch_size if args.heads_batch_size is not None else (64 if cuda else 4),
+    )
+    for name, least in (("image_size", 32), ("batch_size", 1), ("steps", 1), ("warmup", 0), ("classes", 2),
+                        ("num_workers", 0), ("cache_image_size", 32), ("cache_batch_size", 2),
+                        ("heads_image_size", 32), ("heads_batch_size", 1)):
+        if getattr(settings, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(settings, name)}.")
+    return settings
+
+
+def default_workers() -> int:
+    """data.num_workers's default, resolved the way build_loader resolves it (-1: from this machine's cores)."""
+    workers = DataConfig().num_workers
+    return default_num_workers() if workers < 0 else workers
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    settings = resolve_settings(args)
+    # With --json, stdout carries the JSON alone: anything else printed on the way goes to stderr.
+    if args.recipe:
+        # Imported for --recipe alone: it needs bcnn.feature_cache, which the step bench does without.
+        from bcnn.bench import recipe
+        images = args.recipe_images if args.recipe_images is not None else (
+            recipe.CUB_IMAGES["train"] if settings.device.type == "cuda" else 48)
+        photo_side = args.photo_side if args.photo_side is not None else 0
+        recipe.check_recipe_arguments(images, photo_side)
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = recipe.run_recipe(settings, images, args.decode or "auto", photo_side)
+        print(json.dumps(result, indent=2) if args.json else format_recipe(result))
+        return result
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = run(settings)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return result
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)()
