@@ -30,7 +30,7 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {describe(path, args.format)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bcnn.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="download, check and extract a dataset into ROOT")
@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out as val")
     verify.add_argument("--split-seed", type=int, default=0, help="seed of the val hold-out")
     verify.set_defaults(run=_verify)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     args.run(args)
 
 

@@ -208,7 +208,7 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bcnn.models.sqrt_backward", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=448, help="input side in pixels (default: 448, the recipe's)")
     parser.add_argument("--images", type=int, default=2, help="photo-like images (default: 2)")
@@ -217,7 +217,11 @@ def main(argv=None) -> dict:
                         help="Newton-Schulz steps, and Lyapunov steps (default: the head's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per part, after one warm-up")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.size < 32 or min(args.images, args.batch, args.iterations, args.repeats) < 1:
         raise UserError("--size must be at least 32 (VGG16's relu5_3 is then 2 x 2) and --images, --batch, "
                         "--iterations and --repeats at least 1.")

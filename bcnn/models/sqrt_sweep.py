@@ -74,14 +74,18 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bcnn.models.sqrt_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="112,224,448", help="input sides in pixels, comma-separated")
     parser.add_argument("--images", type=int, default=4, help="photo-like images per size")
     parser.add_argument("--weights", default="none", help="VGG16 weights: none (random, bcnn's init), imagenet, or "
                         "a file, as model.backbone_weights")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
     try:
         sizes = [int(size) for size in args.sizes.split(",")]
     except ValueError:
