@@ -2,7 +2,9 @@
 
 An experiment is data, not code: stage 1 and stage 2 differ only in their YAML files (which parameters train,
 where the weights come from, learning rates, schedule, epochs). Unknown keys and values of the wrong type are
-errors, so a typo never silently trains with a default.
+errors, so a typo never silently trains with a default. The rules of a pooling head's options and of a backbone
+live beside them (Pooling.option_ranges and check_config in bcnn/models/pooling.py, check_config in
+bcnn/models/backbones.py); validate() asks them, and keeps the rules of data, optimizer, schedule and training.
 
     cfg = load_config("experiments/cub_vgg16_stage1.yaml", ["--optim.lr=0.5", "--train.epochs=3"])
     cfg.optim.lr            # 0.5
@@ -20,7 +22,7 @@ from typing import Any, Iterable
 import yaml
 
 from bcnn.errors import UserError
-from bcnn.models.backbones import resolve_cut, timm_name
+from bcnn.models.backbones import check_config as check_backbone_config
 from bcnn.models.pooling import HEADS
 
 
@@ -384,17 +386,7 @@ def validate(cfg: Config) -> None:
     for key, interval in ranges().items():
         section, name = key.split(".")
         _check_range(key, getattr(getattr(cfg, section), name), interval)
-    # The backbone and its cut are checked here, before anything is built; a feature map needs at least one pixel:
-    # an image at least the backbone's stride (each of its halvings needs 2 pixels).
-    for backbone in filter(None, (cfg.model.backbone, cfg.model.backbone_b)):
-        cut, stride = resolve_cut(backbone, cfg.model.cut)
-        if stride is not None and cfg.data.crop < stride:
-            raise UserError(f"data.crop must be at least {stride} for {backbone} cut at {cut} (it halves the image "
-                            f"{stride.bit_length() - 1} times), got {cfg.data.crop}.")
-    if cfg.model.drop_path_rate and not all(timm_name(name) for name in (cfg.model.backbone, cfg.model.backbone_b)
-                                            if name):
-        raise UserError(f"model.drop_path_rate (stochastic depth) applies to timm backbones only, and "
-                        f"model.backbone is {cfg.model.backbone}; set model.drop_path_rate=0 or pick a timm backbone.")
+    check_backbone_config(cfg)  # the backbones' own rules, before anything is built (bcnn/models/backbones.py)
     if cfg.data.crop > cfg.data.resize and not cfg.data.random_resized_crop:
         raise UserError(f"data.crop ({cfg.data.crop}) cannot exceed data.resize ({cfg.data.resize}).")
     if cfg.data.annotation_level != "variant" and cfg.data.format != "aircraft":

@@ -165,6 +165,21 @@ def resolve_cut(name: str, cut: str) -> tuple[str, int | None]:
     return cut, cuts[cut].stride
 
 
+def check_config(cfg) -> None:
+    """Refuse, in one sentence (a UserError), a config the backbone(s) cannot run, before anything is built
+    (cfg: bcnn.config.Config; asked by its validate): an unknown name or cut, a crop smaller than the cut's stride
+    (a feature map needs at least one pixel: each halving needs 2), stochastic depth on a network without it."""
+    for backbone in filter(None, (cfg.model.backbone, cfg.model.backbone_b)):
+        cut, stride = resolve_cut(backbone, cfg.model.cut)
+        if stride is not None and cfg.data.crop < stride:
+            raise UserError(f"data.crop must be at least {stride} for {backbone} cut at {cut} (it halves the image "
+                            f"{stride.bit_length() - 1} times), got {cfg.data.crop}.")
+    if cfg.model.drop_path_rate and not all(timm_name(name) for name in (cfg.model.backbone, cfg.model.backbone_b)
+                                            if name):
+        raise UserError(f"model.drop_path_rate (stochastic depth) applies to timm backbones only, and "
+                        f"model.backbone is {cfg.model.backbone}; set model.drop_path_rate=0 or pick a timm backbone.")
+
+
 def build_backbone(name: str, weights: str, cut: str = "auto", input_size: int | None = None,
                    drop_path_rate: float = 0.0) -> Backbone:
     """input_size: data.crop, which a transformer is built for (None: its native size); drop_path_rate: stochastic
