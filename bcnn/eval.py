@@ -35,8 +35,8 @@ from bcnn.distributed import all_reduce_
 from bcnn.engine import evaluate
 from bcnn.explain import box_in_view, confusion_gallery, pointing_game, require_captum
 from bcnn.errors import UserError, exit_on_user_error
-from bcnn.figures import (confusion_figure, confusion_gallery_figure, most_confused_pairs, per_class_accuracy_figure,
-                          per_class_rows, save_figure)
+from bcnn.figures import confusion_figure, confusion_gallery_figure, per_class_accuracy_figure, save_figure
+from bcnn.metrics import most_confused_pairs, per_class_rows
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors

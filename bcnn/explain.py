@@ -98,7 +98,7 @@ def pointing_game(model, loader, boxes: list[tuple[float, float, float, float]],
 
 def confusion_gallery(model, dataset, pairs: list[dict], class_names: list[str], device, per_side: int = 4,
                       batch_size: int = 16, num_workers: int = 0) -> list[dict]:
-    """For each most-confused pair {"true": A, "predicted": B} (bcnn.figures.most_confused_pairs), the images of A
+    """For each most-confused pair {"true": A, "predicted": B} (bcnn.metrics.most_confused_pairs), the images of A
     the model calls B and images of B it gets right, at most per_side of each in dataset order, each with its
     probability of B and its evidence for B (upsampled, [0, 1]) on its eval view (the dataset's transform):
     [{"true", "predicted", "count", "confused": [item, ...], "correct": [item, ...]}], item = {"index", "image" (path),

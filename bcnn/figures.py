@@ -4,7 +4,6 @@
     save_figure(fig, "runs/cub_vgg16_stage2/eval_best_test_confusion.png")
     writer.add_image("val/confusion", figure_to_array(fig), epoch, dataformats="HWC")
     writer.add_images("train/augmented", denormalize(images[:16]), step)
-    most_confused_pairs(confusion, class_names, k=5)   # [{"true", "predicted", "count", "share"}, ...]
 
 Figures are built on matplotlib's Figure with an Agg canvas, not pyplot: no display is needed, pyplot's
 global figure list and the user's chosen backend stay untouched, and nothing leaks if a figure is dropped.
@@ -232,30 +231,3 @@ def denormalize(images: torch.Tensor, normalisation=(IMAGENET_MEAN, IMAGENET_STD
     mean = images.new_tensor(normalisation[0]).view(3, 1, 1)
     std = images.new_tensor(normalisation[1]).view(3, 1, 1)
     return (images * std + mean).clamp(0.0, 1.0)
-
-
-def most_confused_pairs(confusion, class_names: list[str], k: int = 10) -> list[dict]:
-    """The k largest off-diagonal cells as {true, predicted, count, share}: share is count over the true class's
-    images. Ordered by count, then share, then names, so equal counts come out the same way every run."""
-    counts = _numpy(confusion).astype(np.int64)
-    images = counts.sum(axis=1)
-    pairs = [
-        {"true": class_names[true], "predicted": class_names[predicted], "count": int(counts[true, predicted]),
-         "share": float(counts[true, predicted] / images[true])}
-        for true, predicted in zip(*np.nonzero(counts))
-        if true != predicted
-    ]
-    pairs.sort(key=lambda pair: (-pair["count"], -pair["share"], pair["true"], pair["predicted"]))
-    return pairs[:k]
-
-
-def per_class_rows(confusion, class_names: list[str]) -> list[dict]:
-    """One row per class: index (the model's label), class, images, correct, accuracy in percent (None for a
-    class without images)."""
-    counts = _numpy(confusion).astype(np.int64)
-    rows = []
-    for index, name in enumerate(class_names):
-        images, correct = int(counts[index].sum()), int(counts[index, index])
-        rows.append({"index": index, "class": name, "images": images, "correct": correct,
-                     "accuracy": 100 * correct / images if images else None})
-    return rows

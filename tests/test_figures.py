@@ -15,8 +15,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from bcnn.data import IMAGENET_MEAN, IMAGENET_STD
-from bcnn.figures import (confusion_figure, denormalize, figure_to_array, most_confused_pairs,
-                          per_class_accuracy_figure, per_class_rows, save_figure)
+from bcnn.figures import confusion_figure, denormalize, figure_to_array, per_class_accuracy_figure, save_figure
+from bcnn.metrics import most_confused_pairs, per_class_rows
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["Least Auklet", "Parakeet Auklet", "Crested Auklet", "Whiskered Auklet"]
