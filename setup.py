@@ -23,6 +23,8 @@ setup(
     extras_require={
         "timm": ["timm>=1.0.15"],  # model.backbone=timm:<name>
         "explain": ["captum>=0.7"],  # heatmaps: bcnn.predict --explain (bcnn/explain.py)
-        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15", "captum>=0.7"],  # the tests build a timm network too
+        # data.decode=gpu's JPEG decoder (bcnn/data/jpeg.py); without it, torchvision's deprecated one
+        "decode": ["torchcodec>=0.16"],
+        "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15", "captum>=0.7", "torchcodec>=0.16"],  # the tests build a timm network too
     },
 )

@@ -38,6 +38,7 @@ from bcnn import distributed
 from bcnn.checkpoint import load_checkpoint, load_weights, restore_rng_states, rng_states
 from bcnn.config import Config, config_to_dict, load_config
 from bcnn.data import build_dataset, build_image_loader, decode_on_device
+from bcnn.data.jpeg import default_decoder
 from bcnn.engine import EpochMeter, evaluate, train_one_epoch
 from bcnn.explain import class_heatmaps, require_captum, upsample
 from bcnn.feature_cache import build_feature_cache, feature_loader
@@ -455,7 +456,8 @@ def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory,
              len(train_set.classes), cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps, micro_batch)
     if not cfg.train.cache_features:
         on_device = decode_on_device(cfg.data, ctx.device)
-        where = f"in batches on {ctx.device.type}" if on_device else "by PIL in the workers"
+        where = (f"in batches on {ctx.device.type} by {default_decoder()}'s JPEG decoder" if on_device else
+                 "by PIL in the workers")
         log.info("images decoded and augmented %s (data.decode=%s)", where, cfg.data.decode)
     return config_dict
 

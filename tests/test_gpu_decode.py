@@ -1,5 +1,5 @@
-"""data.decode=gpu's batched decode and augmentation (bcnn/data/gpu.py), run on CPU tensors: torchvision's
-decode_jpeg and the same resize, crop, flip and normalisation code a GPU runs. Against the PIL path (the
+"""data.decode=gpu's batched decode and augmentation (bcnn/data/gpu.py), run on CPU tensors: each JPEG decoder it
+may use (TorchCodec's, torchvision's) and the same resize, crop, flip and normalisation code a GPU runs. Against the PIL path (the
 reference: torchvision's transforms on PIL images): the same crops and flips from the sampler's seeds, and pixels
 within one grey level (measured on these images: at most 1.00 of 255, mean 0.15). On a GPU, nvjpeg's decode may
 round differently again; tests/test_gpu.py compares it there (make test-gpu)."""
@@ -9,13 +9,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from bcnn import eval as eval_cli
 from bcnn import train as train_cli
 from bcnn.config import DataConfig, load_config
 from bcnn.data import WRITERS, build_dataset, build_loader, build_transforms
 from bcnn.data.gpu import DeviceDecodeLoader, train_draws
+from bcnn.data.jpeg import decode_jpegs
 from bcnn.errors import UserError
 from helpers.runs import STAGE1
 
@@ -36,15 +37,25 @@ def grey_levels(batch: torch.Tensor, normalisation) -> torch.Tensor:
     return (batch * std + mean) * 255
 
 
+@pytest.fixture(params=["torchcodec", "torchvision"])
+def decoder(request, monkeypatch):
+    """Each JPEG decoder the batched path may use: TorchCodec's, and torchvision's (the fallback without it)."""
+    if request.param == "torchcodec":
+        pytest.importorskip("torchcodec.decoders")
+    monkeypatch.setattr("bcnn.data.gpu.default_decoder", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name, train, crop_to_bbox", [
     ("cub", True, False), ("cub", False, False), ("cub", True, True), ("aircraft", True, False)],
     ids=["cub-train", "cub-eval", "cub-boxes", "aircraft-train"])
-def test_batches_match_the_pil_path(photos, name, train, crop_to_bbox):
+def test_batches_match_the_pil_path(photos, name, train, crop_to_bbox, decoder):
     cfg = DataConfig(format=name, root=str(photos[name]), resize=112, crop=96, val_fraction=0.0, num_workers=1,
                      crop_to_bbox=crop_to_bbox)
     dataset = build_dataset(cfg, "trainval", train_transform=train)
     reference = build_loader(dataset, 5, train, num_workers=1, seed=3)
     batched = DeviceDecodeLoader(dataset, cfg, 5, train, num_workers=1, seed=3, device=torch.device("cpu"))
+    assert batched.decoder == decoder
     assert len(batched) == len(reference) and batched.batch_size == 5
     for loader in (reference, batched):
         if train:
@@ -101,6 +112,77 @@ def test_files_the_decoder_refuses_are_decoded_by_pil_and_named_once(photos, tmp
     assert torch.allclose(images, expected, atol=1e-5)  # flat colours: the two resizes agree exactly
     named = [record.getMessage() for record in caplog.records if "decoded on the CPU" in record.getMessage()]
     assert len(named) == 4, "each refused file is named once, not once per epoch"
+
+
+def test_torchvision_s_decoder_stands_in_when_torchcodec_cannot_decode(monkeypatch):
+    import sys
+    import types
+    from bcnn.data import jpeg
+    pytest.importorskip("torchcodec.decoders")
+    jpeg.default_decoder.cache_clear()
+    assert jpeg.default_decoder() == "torchcodec"  # installed with the dev extra, and it loads with this torch
+
+    def cannot_load(*args, **kwargs):  # as a TorchCodec built for another torch fails at its first call
+        raise RuntimeError("Could not load libtorchcodec.")
+
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", types.SimpleNamespace(decode_jpeg=cannot_load))
+    jpeg.default_decoder.cache_clear()
+    try:
+        assert jpeg.default_decoder() == "torchvision"
+    finally:
+        jpeg.default_decoder.cache_clear()
+
+
+def test_each_decoder_gives_pil_s_pixels_of_every_kind_of_jpeg(tmp_path, decoder):
+    # Baseline and progressive, each chroma subsampling, grayscale and CMYK, an odd size: the decoders share
+    # libjpeg-turbo's integer IDCT with PIL (measured here: 0 apart on all of them); the bound is the batched
+    # path's one grey level, for a CPU whose SIMD code rounds otherwise.
+    rows, cols = np.mgrid[0:75, 0:101]
+    pixels = np.stack([rows * 3, cols * 2, (rows * cols) % 256], axis=-1).astype(np.uint8)
+    rgb = Image.fromarray(pixels)
+    files = {}
+    for subsampling in (0, 1, 2):  # 4:4:4, 4:2:2, 4:2:0
+        for progressive in (False, True):
+            files[f"rgb_{subsampling}_{progressive}"] = (rgb, {"subsampling": subsampling, "progressive": progressive})
+    files["gray"], files["cmyk"] = (rgb.convert("L"), {}), (rgb.convert("CMYK"), {})
+    for name, (image, options) in files.items():
+        path = tmp_path / f"{name}.jpg"
+        image.save(path, quality=85, **options)
+        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        [decoded] = decode_jpegs([torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)],
+                                 torch.device("cpu"), decoder)
+        assert decoded.shape == expected.shape == (3, 75, 101), name
+        assert (decoded.int() - expected.int()).abs().max() <= 1, name
+
+
+def test_a_jpeg_with_an_exif_orientation_is_decoded_as_stored_like_the_pil_path(tmp_path, caplog, decoder):
+    # TorchCodec turns an image by its EXIF orientation; bcnn's PIL path and the datasets' boxes take the pixels
+    # as stored, so such a file goes to PIL (named in the log) and both paths give the same batch.
+    root = tmp_path / "folder"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # "turn 90 degrees clockwise to view"
+    for split in ("train", "test"):
+        for k, label in enumerate(("a", "b")):
+            (root / split / label).mkdir(parents=True)
+            rows, cols = np.mgrid[0:40, 0:60]
+            pixels = np.stack([rows * 6, cols * 4, np.full_like(rows, 90 * k + 40 * (split == "test"))], axis=-1)
+            tags = {"exif": exif} if label == "a" else {}
+            Image.fromarray(pixels.astype(np.uint8)).save(root / split / label / "0.jpg", quality=95, **tags)
+    turned = root / "test" / "a" / "0.jpg"
+    if decoder == "torchcodec":  # what the test guards against: TorchCodec alone gives the turned image
+        data = torch.frombuffer(bytearray(turned.read_bytes()), dtype=torch.uint8)
+        assert decode_jpegs([data], torch.device("cpu"), decoder)[0].shape == (3, 60, 40)
+    cfg = DataConfig(format="folder", root=str(root), resize=40, crop=32, val_fraction=0.0, num_workers=1)
+    dataset = build_dataset(cfg, "test", train_transform=False)
+    batched = DeviceDecodeLoader(dataset, cfg, 2, False, num_workers=1, seed=0, device=torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger="bcnn"):
+        [(images, _)] = list(batched)
+    expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    difference = (grey_levels(images, dataset.normalisation) - grey_levels(expected, dataset.normalisation)).abs()
+    assert difference.max() <= ONE_GREY_LEVEL
+    named = [record.getMessage() for record in caplog.records if "decoded on the CPU" in record.getMessage()]
+    assert named == [f"decoded on the CPU by PIL (not a JPEG, or one with an EXIF orientation, which TorchCodec "
+                     f"would apply): {turned}"]
 
 
 def test_decode_gpu_refuses_the_augmentations_it_does_not_do():

@@ -1,10 +1,11 @@
 """Batched decoding and augmentation on the training device (data.decode=gpu).
 
 Loader workers only read each file's bytes and send a batch's files as one tensor (collate_encoded). The main
-process decodes a whole batch at once with torchvision.io.decode_jpeg on the device (nvjpeg on a GPU), then
-resizes, cuts, flips and normalises every image there, and hands the step a channels_last batch; on a GPU the
-next batch is prepared on a side stream while the step runs. Files the device's decoder refuses (PNGs, some
-CMYK or grayscale JPEGs) are decoded with PIL on the CPU, as the CPU path does, and named once in the log.
+process decodes a whole batch at once on the device (TorchCodec's decode_jpeg, or torchvision's without it:
+bcnn.data.jpeg; nvJPEG on a GPU), then resizes, cuts, flips and normalises every image there, and hands the step
+a channels_last batch; on a GPU the next batch is prepared on a side stream while the step runs. Files the
+decoder refuses (PNGs, damaged JPEGs) and JPEGs with an EXIF orientation (which TorchCodec would apply) are
+decoded with PIL on the CPU, as the CPU path does, and named once in the log.
 
 The crop and flip are drawn exactly as the CPU path's torchvision transforms draw them, from a generator seeded
 with the sampler's per-image seed, so for a given (seed, epoch, image) both paths choose the same crop and flip:
@@ -22,15 +23,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.functional import pil_to_tensor
 
 from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
 from bcnn.data.dataset import _ImageDataset, load_rgb
+from bcnn.data.jpeg import decode_jpegs, default_decoder, exif_turned
 from bcnn.data.loader import build_loader
 
 log = logging.getLogger("bcnn")
@@ -38,7 +40,8 @@ JPEG_START = (0xFF, 0xD8)  # every JPEG file's first two bytes (SOI)
 
 
 class EncodedFiles(Dataset):
-    """A dataset's image files as raw bytes: items (uint8 1-d tensor, label, index, augment seed or -1)."""
+    """A dataset's image files as raw bytes: items (uint8 1-d tensor, label, index, augment seed or -1, whether
+    the file is a JPEG the batched decoder takes: not one whose EXIF orientation it would apply)."""
 
     def __init__(self, dataset: _ImageDataset):
         self.dataset = dataset
@@ -50,11 +53,12 @@ class EncodedFiles(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, -1)
         path, label = self.dataset.samples[index]
         try:
-            data = read_file(path)
-        except RuntimeError:  # missing or unreadable: PIL's reading gives the one-sentence error
+            raw = Path(path).read_bytes()
+        except OSError:  # missing or unreadable: PIL's reading gives the one-sentence error
             load_rgb(path)
             raise
-        return data, label, index, seed
+        batched = raw[:2] == bytes(JPEG_START) and not exif_turned(raw)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, index, seed, batched
 
 
 def collate_encoded(items):
@@ -62,14 +66,14 @@ def collate_encoded(items):
     the labels, indices and seeds, all tensors.
 
     One tensor per batch, not one per file: a worker sends every tensor of a batch through a shared-memory file
-    descriptor of its own, and read_file's tensors could not be sent at all (their memory is not torch's shareable
-    allocation: the worker's feeder thread failed with EBADF and the main process waited for ever). The worker
+    descriptor of its own, and tensors over memory torch did not allocate could not be sent at all (torchvision's
+    read_file's: the worker's feeder thread failed with EBADF and the main process waited for ever). The worker
     pays for it with one copy of compressed bytes (torch.cat; 64 files of 95 KB, 6 MB: 1 to 3 ms on this
     project's 2-core CPU), besides the copy into shared memory that sending any tensor costs; the main process,
     the one that feeds the device, maps the batch's shared memory and cuts views from it, copying nothing."""
-    data, labels, indices, seeds = zip(*items)
+    data, labels, indices, seeds, batched = zip(*items)
     return (torch.cat(data), torch.tensor([len(raw) for raw in data]), torch.tensor(labels), torch.tensor(indices),
-            torch.tensor(seeds, dtype=torch.int64))
+            torch.tensor(seeds, dtype=torch.int64), torch.tensor(batched))
 
 
 def resized_size(height: int, width: int, shorter: int) -> tuple[int, int]:
@@ -145,22 +149,24 @@ class DeviceDecodeLoader:
         self.sampler = self.loader.sampler
         self.transform = BatchTransform(cfg.resize, cfg.crop, cfg.hflip, train, *dataset.normalisation)
         self._named: set[str] = set()  # files already logged as decoded on the CPU
+        self.decoder = default_decoder()  # "torchcodec", or "torchvision" where it is missing (bcnn.data.jpeg)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def decode(self, data: list[torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
-        """uint8 (3, H, W) images on the device, each cut to its dataset region (banner, box)."""
+    def decode(self, data: list[torch.Tensor], indices: list[int], batched: list[bool]) -> list[torch.Tensor]:
+        """uint8 (3, H, W) images on the device, each cut to its dataset region (banner, box). batched: the file
+        is a JPEG for the batched decoder (EncodedFiles); the others, and any it refuses, are decoded by PIL."""
         images: list[torch.Tensor | None] = [None] * len(data)
-        jpegs = [i for i, raw in enumerate(data) if raw.numel() > 2 and tuple(raw[:2].tolist()) == JPEG_START]
+        jpegs = [i for i in range(len(data)) if batched[i]]
         try:
-            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+            decoded = decode_jpegs([data[i] for i in jpegs], self.device, self.decoder) if jpegs else []
             for i, image in zip(jpegs, decoded):
                 images[i] = image
         except RuntimeError:  # one refused file (or a damaged one: PIL then says so in a sentence) fails the batch
             for i in jpegs:
                 try:
-                    images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device)
+                    images[i] = decode_jpegs([data[i]], self.device, self.decoder)[0]
                 except RuntimeError:
                     pass
         for i, image in enumerate(images):
@@ -168,7 +174,9 @@ class DeviceDecodeLoader:
                 path = self.dataset.samples[indices[i]][0]
                 if path not in self._named:
                     self._named.add(path)
-                    log.info("decoded on the CPU (the %s decoder refused it): %s", self.device.type, path)
+                    why = (f"the {self.device.type} decoder refused it" if batched[i] else
+                           "not a JPEG, or one with an EXIF orientation, which TorchCodec would apply")
+                    log.info("decoded on the CPU by PIL (%s): %s", why, path)
                 images[i] = pil_to_tensor(load_rgb(path)).to(self.device)
         cut = []
         for image, index in zip(images, indices):
@@ -177,9 +185,9 @@ class DeviceDecodeLoader:
         return cut
 
     def prepare(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        data, lengths, labels, indices, seeds = batch
+        data, lengths, labels, indices, seeds, batched = batch
         files = list(data.split(lengths.tolist()))  # views into the batch's one tensor (collate_encoded)
-        images = self.decode(files, indices.tolist())
+        images = self.decode(files, indices.tolist(), batched.tolist())
         return self.transform(images, seeds.tolist()), labels.to(self.device, non_blocking=True)
 
     def __iter__(self):
