@@ -150,8 +150,29 @@ def test_photo_like_images_compress_like_photos(tmp_path):
     (["--photo-side", "200"], "--photo-side does not apply without --recipe; add --recipe or leave --photo-side out."),
     (["--decode", "gpu", "--recipe-images", "8"], "--recipe-images and --decode do not apply without --recipe"),
     (["--recipe", "--cache-batch-size", "8"], "--cache-batch-size does not apply with --recipe; drop --recipe"),
+    (["--decoders", "--recipe"], "--decoders and --recipe are two benchmarks; run them one at a time."),
+    (["--decoders", "--heads-batch-size", "8"], "--heads-batch-size does not apply with --decoders; drop --decoders "
+                                                "or leave --heads-batch-size out."),
 ])
 def test_bench_options_out_of_range_or_combined_badly_are_one_sentence_before_any_work(argv, expected):
     with pytest.raises(UserError) as error:
         main(["--device", "cpu", *argv])
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_decoder_bench_times_each_decoder_and_compares_their_pixels_with_pil():
+    pytest.importorskip("torchcodec.decoders")
+    result = json.loads(run_bench(["--decoders", "--device", "cpu", "--batch-size", "3", "--steps", "3",
+                                   "--warmup", "0", "--json"]))
+    assert set(result["speed"]) == {"torchcodec", "torchvision", "PIL"} and result["default_decoder"] == "torchcodec"
+    for speed in result["speed"].values():
+        assert speed["images_per_sec"] == pytest.approx(3 / speed["median_seconds"])
+    assert result["torchcodec_over_torchvision"] > 0
+    kinds = result["max_grey_levels_from_pil"]
+    assert {"baseline 4:2:0", "progressive 4:4:4", "grayscale", "CMYK"} <= set(kinds)
+    # libjpeg-turbo's integer IDCT in all three (0 measured here); one grey level is the batched path's bound
+    assert all(levels <= 1 for by_decoder in kinds.values() for levels in by_decoder.values())
+    assert result["command"] == "python -m bcnn.bench --decoders --device cpu --batch-size 3 --steps 3 --warmup 0"
+    report = run_bench(["--decoders", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
+    assert report.startswith("bcnn.bench --decoders on ") and "largest difference from PIL's RGB" in report
+

@@ -177,6 +177,17 @@ def test_bench_on_cuda_emits_its_json(capsys):
 
 
 
+def test_the_decoder_bench_on_cuda_reports_each_decoder_and_its_pixels(capsys):
+    # TorchCodec and torchvision through nvJPEG beside PIL (the figures docs/speed.md lacks); nvJPEG may round
+    # otherwise than libjpeg-turbo, so the pixels are printed, bounded as test_nvjpeg_batches_match_the_pil_path's
+    bench_main(["--decoders", "--device", "cuda", "--batch-size", "16", "--steps", "5", "--warmup", "1", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"]["type"] == "cuda" and all(s["images_per_sec"] > 0 for s in result["speed"].values())
+    print(json.dumps(result["speed"]), json.dumps(result["max_grey_levels_from_pil"]))
+    assert all(levels <= 16 for by_decoder in result["max_grey_levels_from_pil"].values()
+               for levels in by_decoder.values())
+
+
 def test_nvjpeg_batches_match_the_pil_path(data):
     """data.decode=gpu on the GPU (nvjpeg, the side stream) against the PIL path on the same images and seeds.
     On the CPU the two agree within one grey level (tests/test_gpu_decode.py); nvjpeg's IDCT and chroma

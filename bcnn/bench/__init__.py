@@ -5,13 +5,15 @@
     steps.py      the step bench: its cases (bare, stage2_step, stage1_step, eval, the heads, the loader, the
                   feature cache's epochs), run(settings), the ratios between the cases and their targets
     recipe.py     --recipe: the whole recipe's wall time at CUB's scale, on generated photo-like JPEGs
+    decoders.py   --decoders: the batched path's JPEG decoders (TorchCodec, torchvision) beside PIL
     report.py     the text report of either (with --json, main prints their result as it is)
     probes.py     what both measure with: other processes' share of the CPUs, peak memory, the device's name,
                   the CUDA sync around a clock read
     settings.py   Settings: the resolved options that both take
 
-Imports run one way, none back to its caller: __main__ imports settings, steps, report and (for --recipe alone)
-recipe; recipe and report import steps; steps and recipe import probes and settings, which import nothing of
-the bench. This file imports nothing: `python -m bcnn.bench` runs __main__.py, and the callers import from the
-modules themselves (bcnn.bench.__main__.main, bcnn.bench.steps.CASES, bcnn.bench.recipe.photo_like).
+Imports run one way, none back to its caller: __main__ imports settings, steps, report and (for --recipe or
+--decoders alone) recipe or decoders; decoders imports recipe (its photos); recipe and report import steps; steps
+and recipe import probes and settings, which import nothing of the bench. This file imports nothing: `python -m
+bcnn.bench` runs __main__.py, and the callers import from the modules themselves (bcnn.bench.__main__.main,
+bcnn.bench.steps.CASES, bcnn.bench.recipe.photo_like).
 """

@@ -17,7 +17,7 @@ import json
 import sys
 
 from bcnn import distributed
-from bcnn.bench.report import format_recipe, format_report
+from bcnn.bench.report import format_decoders, format_recipe, format_report
 from bcnn.bench.settings import Settings
 from bcnn.bench.steps import run
 from bcnn.config import DataConfig
@@ -61,6 +61,10 @@ def parse_args(argv):
                         help="data.decode for the recipe's loaders (default: auto, batched on a GPU)")
     recipe.add_argument("--photo-side", type=int,
                         help="height of the generated photos (default 0: 500 x 375, CUB's typical size)")
+    decoders = parser.add_argument_group("the batched path's JPEG decoders (bcnn/bench/decoders.py)")
+    decoders.add_argument("--decoders", action="store_true",
+                          help="time TorchCodec's, torchvision's and PIL's JPEG decoding on a batch of --batch-size "
+                          "photo-like JPEGs (default 64) over --steps rounds (default 21), and compare their pixels")
     return parser.parse_args(argv)
 
 
@@ -70,6 +74,15 @@ STEPS_ONLY = ("cache_image_size", "cache_batch_size", "heads_image_size", "heads
 
 def check_combination(args) -> None:
     """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
+    if args.decoders:
+        if args.recipe:
+            raise UserError("--decoders and --recipe are two benchmarks; run them one at a time.")
+        ignored = [name for name in (*STEPS_ONLY, *RECIPE_ONLY) if getattr(args, name) is not None]
+        if ignored:
+            options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
+            raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply with --decoders; drop "
+                            f"--decoders or leave {options} out.")
+        return
     ignored = [name for name in (STEPS_ONLY if args.recipe else RECIPE_ONLY) if getattr(args, name) is not None]
     if ignored:
         options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
@@ -85,10 +98,10 @@ def resolve_settings(args) -> Settings:
     settings = Settings(
         device=device,
         image_size=args.image_size if args.image_size is not None else (448 if cuda else 224),
-        batch_size=args.batch_size if args.batch_size is not None else (64 if cuda else 8),
+        batch_size=args.batch_size if args.batch_size is not None else (64 if cuda or args.decoders else 8),
         precision=resolve_precision(args.precision, device),
-        steps=args.steps if args.steps is not None else (20 if cuda else 3),
-        warmup=args.warmup if args.warmup is not None else (5 if cuda else 1),
+        steps=args.steps if args.steps is not None else (21 if args.decoders else 20 if cuda else 3),
+        warmup=args.warmup if args.warmup is not None else (2 if args.decoders else 5 if cuda else 1),
         classes=args.classes,
         num_workers=args.num_workers if args.num_workers is not None else default_workers(),
         cache_image_size=args.cache_image_size if args.cache_image_size is not None else 448,
@@ -114,6 +127,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     settings = resolve_settings(args)
     # With --json, stdout carries the JSON alone: anything else printed on the way goes to stderr.
+    if args.decoders:
+        from bcnn.bench.decoders import run_decoders
+        result = run_decoders(settings)
+        print(json.dumps(result, indent=2) if args.json else format_decoders(result))
+        return result
     if args.recipe:
         # Imported for --recipe alone: it needs bcnn.feature_cache, which the step bench does without.
         from bcnn.bench import recipe

@@ -126,3 +126,25 @@ def format_recipe(result: dict) -> str:
         f"reproduce: {result['command']}",
     ]
     return "\n".join(lines)
+
+
+def format_decoders(result: dict) -> str:
+    lines = [
+        f"bcnn.bench --decoders on {result['device']['name']} ({result['device']['type']}); torch {result['torch']}; "
+        f"the batched path uses {result['default_decoder']}",
+        f"a batch of {result['images']} photo-like 500 x 375 JPEGs ({result['mean_jpeg_kb']:.0f} KB on average), "
+        f"{result['rounds']} rounds, the decoders taken in turn",
+        "",
+        f"{'decoder':<12} {'s/batch':>9} {'images/s':>10}",
+    ]
+    for name, speed in result["speed"].items():
+        lines.append(f"{name:<12} {speed['median_seconds']:>9.4f} {speed['images_per_sec']:>10,.0f}")
+    if result["torchcodec_over_torchvision"] is not None:
+        lines.append(f"torchcodec / torchvision, median of the rounds' ratios: "
+                     f"{result['torchcodec_over_torchvision']:.3f}")
+    lines += ["", "largest difference from PIL's RGB, in grey levels:"]
+    for kind, by_decoder in result["max_grey_levels_from_pil"].items():
+        lines.append(f"  {kind:<22} " + ", ".join(f"{name} {levels}" for name, levels in by_decoder.items()))
+    lines += ["", f"reproduce: {result['command']}"]
+    return "\n".join(lines)
+

@@ -1,17 +1,16 @@
 """The batched path's JPEG decoder (data.decode=gpu): TorchCodec's, or torchvision's where TorchCodec is missing.
 
-torchvision 0.29 deprecates its image decoders in favour of TorchCodec (0.16+), which took them over. Measured
-on this project's 2-core CPU (torch 2.14.1, TorchCodec 0.17.0, torchvision 0.29.1; 64 photo-like 500 x 375
-JPEGs a batch, 21 interleaved rounds): the same pixels as torchvision's and as PIL's, bit for bit, for baseline
-and progressive JPEGs at 4:2:0, 4:2:2 and 4:4:4, grayscale and CMYK, and the same speed (median ratio
-TorchCodec / torchvision 1.005 per round; both about 1.5x PIL's). TorchCodec installs from the package index
-alone, with no FFmpeg (its image decoders do not use it). One difference matters here: TorchCodec always turns
-an image by its EXIF orientation, while bcnn's PIL path, like torchvision's decoder by default, takes the pixels
-as stored, as the datasets' bounding boxes do. So a JPEG whose EXIF orientation is not 1 (exif_turned, read in
-the loader worker) is decoded by PIL instead, as any file the decoder refuses.
+torchvision 0.29 deprecates its image decoders in favour of TorchCodec (0.16+), which took them over. `python -m
+bcnn.bench --decoders` compares them (docs/speed.md has the figures): on this project's CPU the same pixels as
+torchvision's and as PIL's, bit for bit, for every kind of JPEG the datasets hold, and the same speed (TorchCodec /
+torchvision 0.99 to 1.02 over four runs). TorchCodec installs from the package index alone, with no FFmpeg (its
+image decoders do not use it). One difference matters here: TorchCodec always turns an image by its EXIF
+orientation, while bcnn's PIL path, like torchvision's decoder by default, takes the pixels as stored, as the
+datasets' bounding boxes do. So a JPEG whose EXIF orientation is not 1 (exif_turned, read in the loader worker) is
+decoded by PIL instead, as any file the decoder refuses.
 
     default_decoder()                                   # "torchcodec", or "torchvision" where it cannot
-    decode_jpegs([bytes_tensor, ...], device, decoder)  # -> [uint8 (3, H, W) on device, ...]; RuntimeError if one fails
+    decode_jpegs([bytes_tensor, ...], device, decoder)  # [uint8 (3, H, W) on device, ...]; RuntimeError: refused
 """
 
 from __future__ import annotations
