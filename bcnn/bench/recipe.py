@@ -38,7 +38,7 @@ from PIL import Image
 
 from bcnn.bench.probes import _sync, device_name
 from bcnn.bench.settings import Settings
-from bcnn.bench.steps import measure_eval, measure_train_step, new_model, stage_config
+from bcnn.bench.steps import CACHE_VIEWS, measure_eval, measure_train_step, new_model, stage_config
 from bcnn.config import DataConfig
 from bcnn.data import build_dataset, build_image_loader, decode_on_device
 from bcnn.engine import TrainingDiverged, evaluate, train_one_epoch
@@ -50,7 +50,6 @@ from bcnn.precision import configure_device, grad_scaler
 
 CUB_IMAGES = {"train": 5394, "val": 600, "test": 5794}  # CUB-200-2011 with the recipe's 10% val hold-out
 RECIPE_EPOCHS = {"stage1": 55, "stage2": 25}
-CACHE_VIEWS = ("center", "flip")
 PHOTO_SIZE = (500, 375)  # CUB's typical photo, landscape
 
 
