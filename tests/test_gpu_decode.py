@@ -133,6 +133,17 @@ def test_torchvision_s_decoder_stands_in_when_torchcodec_cannot_decode(monkeypat
         jpeg.default_decoder.cache_clear()
 
 
+def test_without_any_batched_decoder_decode_gpu_is_one_sentence(photos, monkeypatch):
+    monkeypatch.setattr("bcnn.data.gpu.default_decoder", lambda: None)  # no TorchCodec, a torchvision without one
+    cfg = DataConfig(root=str(photos["cub"]), resize=112, crop=96, num_workers=1)
+    with pytest.raises(UserError) as error:
+        DeviceDecodeLoader(build_dataset(cfg, "test"), cfg, 4, False, num_workers=1, seed=0,
+                           device=torch.device("cpu"))
+    assert str(error.value) == ("data.decode=gpu needs a batched JPEG decoder: TorchCodec (pip install torchcodec, "
+                                "the version made for your torch) or a torchvision that still has "
+                                "torchvision.io.decode_jpeg; install one, or set data.decode=cpu.")
+
+
 def test_each_decoder_gives_pil_s_pixels_of_every_kind_of_jpeg(tmp_path, decoder):
     # Baseline and progressive, each chroma subsampling, grayscale and CMYK, an odd size: the decoders share
     # libjpeg-turbo's integer IDCT with PIL (measured here: 0 apart on all of them); the bound is the batched

@@ -34,6 +34,7 @@ from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
 from bcnn.data.dataset import _ImageDataset, load_rgb
 from bcnn.data.jpeg import decode_jpegs, default_decoder, exif_turned
 from bcnn.data.loader import build_loader
+from bcnn.errors import UserError
 
 log = logging.getLogger("bcnn")
 JPEG_START = (0xFF, 0xD8)  # every JPEG file's first two bytes (SOI)
@@ -150,6 +151,10 @@ class DeviceDecodeLoader:
         self.transform = BatchTransform(cfg.resize, cfg.crop, cfg.hflip, train, *dataset.normalisation)
         self._named: set[str] = set()  # files already logged as decoded on the CPU
         self.decoder = default_decoder()  # "torchcodec", or "torchvision" where it is missing (bcnn.data.jpeg)
+        if self.decoder is None:
+            raise UserError("data.decode=gpu needs a batched JPEG decoder: TorchCodec (pip install torchcodec, the "
+                            "version made for your torch) or a torchvision that still has torchvision.io.decode_jpeg; "
+                            "install one, or set data.decode=cpu.")
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -24,9 +24,10 @@ from PIL import ExifTags, Image
 
 
 @functools.cache
-def default_decoder() -> str:
+def default_decoder() -> str | None:
     """ "torchcodec" when it is installed and decodes (a TorchCodec built for another torch imports, then fails to
-    load its library at the first call: one small JPEG is decoded to find out), else "torchvision"."""
+    load its library at the first call: one small JPEG is decoded to find out), else "torchvision" while its
+    deprecated decoder is still there, else None."""
     try:
         from torchcodec.decoders import decode_jpeg
         probe = io.BytesIO()
@@ -34,7 +35,12 @@ def default_decoder() -> str:
         decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8))
         return "torchcodec"
     except Exception:
+        pass
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
         return "torchvision"
+    except ImportError:
+        return None
 
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device, decoder: str) -> list[torch.Tensor]:
