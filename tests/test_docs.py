@@ -21,7 +21,7 @@ from bcnn.bench import __main__ as bench_cli
 from bcnn.config import load_config
 from bcnn.data import __main__ as data_cli
 from bcnn.data import write_synthetic_cub
-from bcnn.models import sqrt_backward, sqrt_sweep
+from bcnn.bench import sqrt_backward, sqrt_sweep
 from bcnn.models.backbones import FAMILIES, build_backbone
 from bcnn.models.pooling import HEADS
 from helpers.runs import REPO, small_run_args
@@ -116,8 +116,8 @@ def check_bcnn_command(module: str, argv: list[str]) -> None:
         return
     parsers = {"bcnn.eval": eval_cli.parse_args, "bcnn.predict": predict_cli.parse_args,
                "bcnn.report": report_cli.parse_args, "bcnn.bench": bench_cli.parse_args,
-               "bcnn.data": data_cli.parse_args, "bcnn.models.sqrt_sweep": sqrt_sweep.parse_args,
-               "bcnn.models.sqrt_backward": sqrt_backward.parse_args}
+               "bcnn.data": data_cli.parse_args, "bcnn.bench.sqrt_sweep": sqrt_sweep.parse_args,
+               "bcnn.bench.sqrt_backward": sqrt_backward.parse_args}
     assert module in parsers, f"no parser known for {module}"
     parsers[module](argv)
 

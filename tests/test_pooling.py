@@ -443,8 +443,8 @@ def test_heads_are_finite_on_zero_maps_and_dead_channels(options, output_dim):
 
 
 def test_the_sqrt_sweep_measures_truncation_against_the_eigendecomposition(capsys):
-    # python -m bcnn.models.sqrt_sweep, as docs/pooling.md runs it, at a size a test affords (4 x 4 maps).
-    from bcnn.models.sqrt_sweep import main
+    # python -m bcnn.bench.sqrt_sweep, as docs/pooling.md runs it, at a size a test affords (4 x 4 maps).
+    from bcnn.bench.sqrt_sweep import main
 
     (row,) = main(["--sizes", "64", "--images", "2"])
     errors = [row["root_error"][k] for k in (5, 10, 15, 20)]
@@ -455,14 +455,14 @@ def test_the_sqrt_sweep_measures_truncation_against_the_eigendecomposition(capsy
     assert "root@5" in capsys.readouterr().out
 
 
-# ---- the matrix square root's backward: python -m bcnn.models.sqrt_backward ----
+# ---- the matrix square root's backward: python -m bcnn.bench.sqrt_backward ----
 
 
 def test_the_exact_root_gradient_and_the_lyapunov_solver_agree_where_both_converge():
     # On well-conditioned SPD matrices (eigenvalues 1 to 1e-2) 30 float64 Newton-Schulz steps are the exact root, so
     # autograd through them is the exact root's gradient; the eigendecomposition formula must give it, and the
     # authors' Lyapunov iteration, run to convergence from that root, too. Measured: 3e-15 and 2e-15.
-    from bcnn.models.sqrt_backward import exact_root_gradient, lyapunov_backward
+    from bcnn.bench.sqrt_backward import exact_root_gradient, lyapunov_backward
 
     a = torch.from_numpy(spread_spectra(3, 16, 1e2, seed=7)).requires_grad_()
     root = newton_schulz_sqrt(a, torch.linalg.matrix_norm(a), 30)
@@ -474,8 +474,8 @@ def test_the_exact_root_gradient_and_the_lyapunov_solver_agree_where_both_conver
 
 
 def test_sqrt_backward_times_the_parts_and_measures_both_backwards(capsys):
-    # python -m bcnn.models.sqrt_backward, as docs/pooling.md runs it, at a size a test affords (2 x 2 maps).
-    from bcnn.models.sqrt_backward import main
+    # python -m bcnn.bench.sqrt_backward, as docs/pooling.md runs it, at a size a test affords (2 x 2 maps).
+    from bcnn.bench.sqrt_backward import main
 
     result = main(["--size", "64", "--images", "2", "--batch", "2", "--repeats", "1"])
     assert all(ms > 0 for ms in result["ms"].values())
@@ -493,7 +493,7 @@ def test_the_eigendecomposition_backward_is_the_gradient_of_the_same_steps():
     # Divided differences of the scalar iteration, run on 2 x 2 triangular matrices, then Daleckii-Krein: the
     # gradient of the 5 truncated steps, checked by finite differences in float64 on a matrix with a repeated
     # eigenvalue (where the divided difference becomes the derivative).
-    from bcnn.models.sqrt_backward import eigen_backward_root
+    from bcnn.bench.sqrt_backward import eigen_backward_root
 
     q, _ = np.linalg.qr(np.random.default_rng(8).standard_normal((6, 6)))
     a = torch.from_numpy((q * np.array([1.0, 0.5, 0.5, 0.1, 0.02, 0.0])) @ q.T)[None].requires_grad_()

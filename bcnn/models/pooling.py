@@ -212,7 +212,7 @@ class MatrixSqrtPooling(Pooling):
     The backward is autograd's, the exact gradient of those 5 steps. The authors' Lyapunov backward (the exact root's
     gradient, solved iteratively at the truncated root) was measured against it and not taken: at 448 px it costs
     more (29 matrix products for 5 steps against autograd's 24) and is no closer to the float64 eigendecomposition's
-    gradient (docs/pooling.md; python -m bcnn.models.sqrt_backward)."""
+    gradient (docs/pooling.md; python -m bcnn.bench.sqrt_backward)."""
 
     def __init__(self, channels: int, iterations: int = 5, sqrt_eps: float = 1e-5):
         super().__init__()

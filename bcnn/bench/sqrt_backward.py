@@ -1,10 +1,10 @@
 """What the improved B-CNN's matrix square root costs, part by part, and whether a cheaper backward than autograd's
 exists: the authors' iterative Lyapunov solver and an eigendecomposition's, measured against float64 references.
 
-    python -m bcnn.models.sqrt_backward                          # 448 px, 2 photo-like images, random VGG16
-    python -m bcnn.models.sqrt_backward --size 224 --json
+    python -m bcnn.bench.sqrt_backward                          # 448 px, 2 photo-like images, random VGG16
+    python -m bcnn.bench.sqrt_backward --size 224 --json
 
-On the relu5_3 maps of a random VGG16 (downloads nothing; bcnn.models.sqrt_sweep makes the images) and the head's
+On the relu5_3 maps of a random VGG16 (downloads nothing; bcnn.bench.sqrt_sweep makes the images) and the head's
 default 5 steps, it prints
 - the time of each part of the head, forward and backward, for a batch of --batch copies of the maps, beside the
   bilinear head's: the Gram product, the Newton-Schulz steps, their backward by autograd, the authors' Lyapunov
@@ -31,7 +31,7 @@ from bcnn.config import ModelConfig
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.models import build_model
 from bcnn.models.pooling import BilinearPooling, gram_matrix, newton_schulz_sqrt, signed_sqrt
-from bcnn.models.sqrt_sweep import photo_batch, relative
+from bcnn.bench.sqrt_sweep import photo_batch, relative
 
 
 def lyapunov_backward(root: torch.Tensor, grad: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -209,7 +209,7 @@ def format_result(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bcnn.models.sqrt_backward", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bcnn.bench.sqrt_backward", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=448, help="input side in pixels (default: 448, the recipe's)")
     parser.add_argument("--images", type=int, default=2, help="photo-like images (default: 2)")
     parser.add_argument("--batch", type=int, default=4, help="maps per timed call (default: 4, the CPU bench's)")

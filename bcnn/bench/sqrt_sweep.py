@@ -1,8 +1,8 @@
 """How far the improved B-CNN's truncated matrix square root is from the exact one, and how much the form of the
 element-wise signed square root moves the head's vector: measured on a backbone's real feature maps.
 
-    python -m bcnn.models.sqrt_sweep --sizes 224,448 --images 4            # random VGG16 (downloads nothing)
-    python -m bcnn.models.sqrt_sweep --weights imagenet --json             # torchvision's ImageNet VGG16
+    python -m bcnn.bench.sqrt_sweep --sizes 224,448 --images 4            # random VGG16 (downloads nothing)
+    python -m bcnn.bench.sqrt_sweep --weights imagenet --json             # torchvision's ImageNet VGG16
 
 For each input size: the relu5_3 maps of photo-like images (bcnn.bench.recipe.photo_like: 1/f colour noise, JPEG
 statistics of real photographs, no dataset needed), their Gram matrices X Xᵀ / (H W), and
@@ -75,7 +75,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bcnn.models.sqrt_sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bcnn.bench.sqrt_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="112,224,448", help="input sides in pixels, comma-separated")
     parser.add_argument("--images", type=int, default=4, help="photo-like images per size")
     parser.add_argument("--weights", default="none", help="VGG16 weights: none (random, bcnn's init), imagenet, or "
