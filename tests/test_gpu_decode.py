@@ -16,7 +16,8 @@ from bcnn import train as train_cli
 from bcnn.config import DataConfig, load_config
 from bcnn.data import WRITERS, build_dataset, build_loader, build_transforms
 from bcnn.data.gpu import DeviceDecodeLoader, train_draws
-from bcnn.data.jpeg import decode_jpegs
+from bcnn.bench.decoders import jpeg_kinds, pil_decode
+from bcnn.data.jpeg import bytes_tensor, decode_jpegs
 from bcnn.errors import UserError
 from helpers.runs import STAGE1
 
@@ -144,24 +145,13 @@ def test_without_any_batched_decoder_decode_gpu_is_one_sentence(photos, monkeypa
                                 "torchvision.io.decode_jpeg; install one, or set data.decode=cpu.")
 
 
-def test_each_decoder_gives_pil_s_pixels_of_every_kind_of_jpeg(tmp_path, decoder):
-    # Baseline and progressive, each chroma subsampling, grayscale and CMYK, an odd size: the decoders share
-    # libjpeg-turbo's integer IDCT with PIL (measured here: 0 apart on all of them); the bound is the batched
-    # path's one grey level, for a CPU whose SIMD code rounds otherwise.
-    rows, cols = np.mgrid[0:75, 0:101]
-    pixels = np.stack([rows * 3, cols * 2, (rows * cols) % 256], axis=-1).astype(np.uint8)
-    rgb = Image.fromarray(pixels)
-    files = {}
-    for subsampling in (0, 1, 2):  # 4:4:4, 4:2:2, 4:2:0
-        for progressive in (False, True):
-            files[f"rgb_{subsampling}_{progressive}"] = (rgb, {"subsampling": subsampling, "progressive": progressive})
-    files["gray"], files["cmyk"] = (rgb.convert("L"), {}), (rgb.convert("CMYK"), {})
-    for name, (image, options) in files.items():
-        path = tmp_path / f"{name}.jpg"
-        image.save(path, quality=85, **options)
-        expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-        [decoded] = decode_jpegs([torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)],
-                                 torch.device("cpu"), decoder)
+def test_each_decoder_gives_pil_s_pixels_of_every_kind_of_jpeg(decoder):
+    # Baseline and progressive, each chroma subsampling, grayscale and CMYK, an odd size (the JPEGs bcnn.bench
+    # --decoders compares): the decoders share libjpeg-turbo's integer IDCT with PIL (measured here: 0 apart on
+    # all of them); the bound is the batched path's one grey level, for a CPU whose SIMD code rounds otherwise.
+    for name, data in jpeg_kinds().items():
+        expected = pil_decode(data)
+        [decoded] = decode_jpegs([bytes_tensor(data)], torch.device("cpu"), decoder)
         assert decoded.shape == expected.shape == (3, 75, 101), name
         assert (decoded.int() - expected.int()).abs().max() <= 1, name
 
@@ -181,7 +171,7 @@ def test_a_jpeg_with_an_exif_orientation_is_decoded_as_stored_like_the_pil_path(
             Image.fromarray(pixels.astype(np.uint8)).save(root / split / label / "0.jpg", quality=95, **tags)
     turned = root / "test" / "a" / "0.jpg"
     if decoder == "torchcodec":  # what the test guards against: TorchCodec alone gives the turned image
-        data = torch.frombuffer(bytearray(turned.read_bytes()), dtype=torch.uint8)
+        data = bytes_tensor(turned.read_bytes())
         assert decode_jpegs([data], torch.device("cpu"), decoder)[0].shape == (3, 60, 40)
     cfg = DataConfig(format="folder", root=str(root), resize=40, crop=32, val_fraction=0.0, num_workers=1)
     dataset = build_dataset(cfg, "test", train_transform=False)

@@ -74,21 +74,19 @@ STEPS_ONLY = ("cache_image_size", "cache_batch_size", "heads_image_size", "heads
 
 def check_combination(args) -> None:
     """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
+    if args.decoders and args.recipe:
+        raise UserError("--decoders and --recipe are two benchmarks; run them one at a time.")
     if args.decoders:
-        if args.recipe:
-            raise UserError("--decoders and --recipe are two benchmarks; run them one at a time.")
-        ignored = [name for name in (*STEPS_ONLY, *RECIPE_ONLY) if getattr(args, name) is not None]
-        if ignored:
-            options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
-            raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply with --decoders; drop "
-                            f"--decoders or leave {options} out.")
-        return
-    ignored = [name for name in (STEPS_ONLY if args.recipe else RECIPE_ONLY) if getattr(args, name) is not None]
+        others, where, fix = (*STEPS_ONLY, *RECIPE_ONLY), "with --decoders", "drop --decoders"
+    elif args.recipe:
+        others, where, fix = STEPS_ONLY, "with --recipe", "drop --recipe"
+    else:
+        others, where, fix = RECIPE_ONLY, "without --recipe", "add --recipe"
+    ignored = [name for name in others if getattr(args, name) is not None]
     if ignored:
         options = " and ".join(f"--{name.replace('_', '-')}" for name in ignored)
-        raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply "
-                        f"{'with' if args.recipe else 'without'} --recipe; "
-                        f"{'drop --recipe' if args.recipe else 'add --recipe'} or leave {options} out.")
+        raise UserError(f"{options} {'do' if len(ignored) > 1 else 'does'} not apply {where}; {fix} or leave "
+                        f"{options} out.")
 
 
 def resolve_settings(args) -> Settings:

@@ -23,7 +23,7 @@ from PIL import Image
 from bcnn.bench.probes import _sync, device_name
 from bcnn.bench.recipe import photo_like
 from bcnn.bench.settings import Settings
-from bcnn.data.jpeg import decode_jpegs, default_decoder
+from bcnn.data.jpeg import bytes_tensor, decode_jpegs, default_decoder
 
 
 def _jpeg(image: Image.Image, **options) -> bytes:
@@ -50,15 +50,11 @@ def pil_decode(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
 
 
-def as_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
 def run_decoders(settings: Settings) -> dict:
     device = settings.device
     decoders = ["torchcodec", "torchvision"] if default_decoder() == "torchcodec" else ["torchvision"]
     files = [_jpeg(photo_like(seed), quality=90) for seed in range(settings.batch_size)]
-    tensors = [as_tensor(data) for data in files]
+    tensors = [bytes_tensor(data) for data in files]
 
     def decode(name: str) -> None:
         if name == "PIL":
@@ -80,7 +76,7 @@ def run_decoders(settings: Settings) -> dict:
     pixels = {}
     for kind, data in jpeg_kinds().items():
         expected = pil_decode(data).int()
-        pixels[kind] = {name: int((decode_jpegs([as_tensor(data)], device, name)[0].cpu().int() - expected)
+        pixels[kind] = {name: int((decode_jpegs([bytes_tensor(data)], device, name)[0].cpu().int() - expected)
                                   .abs().max()) for name in decoders}
     speeds = {name: {"median_seconds": statistics.median(seconds), "images_per_sec":
                      settings.batch_size / statistics.median(seconds)} for name, seconds in times.items()}

@@ -32,7 +32,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
 from bcnn.data.dataset import _ImageDataset, load_rgb
-from bcnn.data.jpeg import decode_jpegs, default_decoder, exif_turned
+from bcnn.data.jpeg import bytes_tensor, decode_jpegs, default_decoder, exif_turned
 from bcnn.data.loader import build_loader
 from bcnn.errors import UserError
 
@@ -59,7 +59,7 @@ class EncodedFiles(Dataset):
             load_rgb(path)
             raise
         batched = raw[:2] == bytes(JPEG_START) and not exif_turned(raw)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8), label, index, seed, batched
+        return bytes_tensor(raw), label, index, seed, batched
 
 
 def collate_encoded(items):

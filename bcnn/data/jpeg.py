@@ -23,6 +23,11 @@ import torch
 from PIL import ExifTags, Image
 
 
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """A file's bytes as the 1-d uint8 CPU tensor the decoders take (a copy torch owns, so it can be sent on)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 @functools.cache
 def default_decoder() -> str | None:
     """ "torchcodec" when it is installed and decodes (a TorchCodec built for another torch imports, then fails to
@@ -32,7 +37,7 @@ def default_decoder() -> str | None:
         from torchcodec.decoders import decode_jpeg
         probe = io.BytesIO()
         Image.new("RGB", (16, 16), (200, 100, 50)).save(probe, "JPEG")
-        decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8))
+        decode_jpeg(bytes_tensor(probe.getvalue()))
         return "torchcodec"
     except Exception:
         pass
