@@ -10,8 +10,9 @@ import statistics
 import pytest
 
 from bcnn.bench import steps
-from bcnn.bench.__main__ import main
+from bcnn.bench.__main__ import main, parse_args, resolve_settings
 from bcnn.errors import UserError
+from bcnn.models.pooling import HEADS, Pooling, register_head
 
 # One loader worker whatever the machine (the default grows with its cores, and the loader case's batches with it).
 # Two steps: the heads' ratio is then a median over two rounds.
@@ -34,7 +35,7 @@ def bench_json() -> str:
 
 
 def expected_cases() -> set:
-    cases = set(steps.CASES)
+    cases = set(steps.case_names())
     if steps.feature_cache_module() is None:
         cases -= set(steps.CACHE_CASES)
     return cases
@@ -61,11 +62,11 @@ def test_ratios_and_targets_follow_from_the_figures(bench_json):
     assert ratios["eval_time_vs_bare"] == pytest.approx(ips["bare"] / ips["eval"])
     assert ratios["speedup_vs_fp32_nchw"] == pytest.approx(ips["stage2_step"] / ips["stage2_step_fp32_nchw"])
     assert ratios["loader_vs_stage2_step"] == pytest.approx(ips["loader"] / ips["stage2_step"])
-    for head in steps.HEADS:
+    for head in steps.timed_heads():
         assert ratios[f"{head}_step_time_vs_bilinear"] == pytest.approx(ips["stage2_step"] / ips[f"stage2_step_{head}"])
         rounds = zip(cases[f"heads_{head}"]["step_seconds"], cases["heads_bilinear"]["step_seconds"])
         assert ratios[f"heads_{head}_vs_bilinear"] == pytest.approx(statistics.median(a / b for a, b in rounds))
-    for head in ("bilinear", *steps.HEADS):  # at the heads' own size and batch, every round timed
+    for head in ("bilinear", *steps.timed_heads()):  # at the heads' own size and batch, every round timed
         case = cases[f"heads_{head}"]
         assert case["images_per_step"] == 3 and case["timed_steps"] == len(case["step_seconds"]) == 2
         assert case["ms_per_step"] == pytest.approx(1000 * statistics.median(case["step_seconds"]))
@@ -87,6 +88,29 @@ def test_ratios_and_targets_follow_from_the_figures(bench_json):
             continue
         met = {"<=": value <= check["target"], ">=": value >= check["target"], ">": value > check["target"]}
         assert check["status"] == ("PASS" if met[check["comparison"]] else "MISS")
+
+
+def test_a_newly_registered_head_is_timed_beside_the_bilinear_one_with_no_change_to_the_bench():
+    # docs/heads.md: registering a head is all it takes. A global max pooling, registered here and removed after.
+    @register_head("toy_max")
+    class MaxPooling(Pooling):
+        def __init__(self, channels):
+            super().__init__()
+            self.output_dim = channels
+
+        def forward(self, x, x_b=None):
+            return x.amax(dim=(2, 3))
+
+    try:
+        assert "toy_max" in steps.timed_heads() and "heads_toy_max" in steps.case_names()
+        settings = resolve_settings(parse_args(TOY))
+        records = steps.measure_heads_side_by_side(settings, steps.vgg16_features("relu5_3", "none"))
+        assert records["heads_toy_max"]["timed_steps"] == len(records["heads_toy_max"]["step_seconds"]) == 2
+        assert set(records) == {f"heads_{head}" for head in ("bilinear", *steps.timed_heads())}
+        assert steps.compute_ratios(records)["heads_toy_max_vs_bilinear"] > 0
+    finally:
+        HEADS.pop("toy_max")
+    assert "toy_max" not in steps.timed_heads()
 
 
 def test_human_form_prints_the_table_and_the_targets():

@@ -17,5 +17,5 @@ Imports run one way, none back to its caller: __main__ imports settings, steps, 
 --decoders alone) recipe or decoders; decoders imports recipe (its photos); recipe and report import steps; steps
 and recipe import probes and settings, which import nothing of the bench. This file imports nothing: `python -m
 bcnn.bench` runs __main__.py, and the callers import from the modules themselves (bcnn.bench.__main__.main,
-bcnn.bench.steps.CASES, bcnn.bench.recipe.photo_like).
+bcnn.bench.steps.case_names, bcnn.bench.recipe.photo_like).
 """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bcnn.bench.steps import CACHE_CASES, HEADS, NOT_MEASURED
+from bcnn.bench.steps import CACHE_CASES, NOT_MEASURED, timed_heads
 
 DISTURBED = 0.1  # other processes' share of the CPUs above which a case's figures are flagged
 
@@ -15,8 +15,9 @@ def _ratio_text(name: str, ratios: dict) -> str:
         "stage2_step_fp32_nchw": ("speedup_vs_fp32_nchw", "stage2_step {:.2f}x faster"),
         "loader": ("loader_vs_stage2_step", "{:.2f}x stage2_step's images/s"),
         "cached_stage1_epoch": ("cached_vs_live_epoch", "live epoch / this: {:.2f}x"),
-        **{f"stage2_step_{head}": (f"{head}_step_time_vs_bilinear", "{:.2f}x stage2_step's time") for head in HEADS},
-        **{f"heads_{head}": (f"heads_{head}_vs_bilinear", "{:.2f}x heads_bilinear's time") for head in HEADS},
+        **{f"stage2_step_{head}": (f"{head}_step_time_vs_bilinear", "{:.2f}x stage2_step's time")
+           for head in timed_heads()},
+        **{f"heads_{head}": (f"heads_{head}_vs_bilinear", "{:.2f}x heads_bilinear's time") for head in timed_heads()},
     }.get(name)
     if name in ("bare", "heads_bilinear"):
         return "the reference"

@@ -9,8 +9,8 @@ mini-CUB in a temporary folder for the loader and the epochs. The cases:
     stage1_step             the same with the backbone frozen (only the classifier trains)
     eval                    forward only, model.eval() under torch.no_grad, as evaluate() runs it
     stage2_step_fp32_nchw   stage2_step in float32 with the NCHW layout: what precision + layout buy
-    stage2_step_<head>      stage2_step with another pooling head (matrix_sqrt, compact, isqrt_cov, avg), against
-                            the bilinear head's stage2_step: what the head itself costs
+    stage2_step_<head>      stage2_step with each other registered pooling head (timed_heads: avg, matrix_sqrt,
+                            isqrt_cov, compact and any you add), against the bilinear head's: what a head costs
     heads_<head>            every head's stage2_step (bilinear too) at --heads-image-size (default 448, the
                             recipe's) and --heads-batch-size, their steps taken in turn, one head after another,
                             so that a drift of the machine's speed falls on all alike: the heads at the size
@@ -49,14 +49,25 @@ from bcnn.data.loader import worker_errors
 from bcnn.engine import TrainingDiverged, train_one_epoch
 from bcnn.models import BilinearCNN
 from bcnn.models.backbones import vgg16_features
-from bcnn.models.pooling import build_pooling
+from bcnn.models.pooling import HEADS, build_pooling
 from bcnn.precision import autocast, configure_device, cpu_supports_bf16, grad_scaler
 from bcnn.optim import build_optimizer
 
-HEADS = ("matrix_sqrt", "compact", "isqrt_cov", "avg")  # timed against the bilinear head's stage2_step
-CASES = ("bare", "stage2_step", "stage1_step", "eval", "stage2_step_fp32_nchw",
-         *(f"stage2_step_{head}" for head in HEADS), *(f"heads_{head}" for head in ("bilinear", *HEADS)),
-         "loader", "cache_build", "live_stage1_epoch", "cached_stage1_epoch")
+
+def timed_heads() -> tuple[str, ...]:
+    """The heads timed against the bilinear one: every head registered in bcnn.models.pooling.HEADS (a new one is
+    timed as soon as it is registered, docs/heads.md) but the bilinear head itself and those reading a second map."""
+    return tuple(name for name, head in HEADS.items() if name != "bilinear" and not head.two_maps)
+
+
+def case_names() -> tuple[str, ...]:
+    """Every case run() measures, in the order it reports them."""
+    heads = timed_heads()
+    return ("bare", "stage2_step", "stage1_step", "eval", "stage2_step_fp32_nchw",
+            *(f"stage2_step_{head}" for head in heads), *(f"heads_{head}" for head in ("bilinear", *heads)),
+            "loader", "cache_build", "live_stage1_epoch", "cached_stage1_epoch")
+
+
 CACHE_CASES = ("cache_build", "live_stage1_epoch", "cached_stage1_epoch")
 CACHE_VIEWS = ("center", "flip")  # what stage 1 caches per training image (bcnn.feature_cache)
 NOT_MEASURED = "not measured (bcnn.feature_cache missing)"
@@ -211,7 +222,7 @@ def measure_heads_side_by_side(settings: Settings, backbone: nn.Sequential) -> d
     sized = dataclasses.replace(settings, image_size=settings.heads_image_size, batch_size=settings.heads_batch_size)
     images, targets = random_batch(sized, channels_last=True)
     runs = []
-    for head in ("bilinear", *HEADS):
+    for head in ("bilinear", *timed_heads()):
         model = new_model(sized, backbone, False, True, head)
         runs.append((head, model, build_optimizer(stage_config(False), model), []))
     for index in range(settings.warmup + settings.steps):
@@ -426,11 +437,12 @@ def compute_ratios(cases: dict) -> dict:
         "loader_vs_stage1_step": ratio(ips("loader"), ips("stage1_step")),
         "cached_vs_live_epoch": ratio(epoch_seconds("live_stage1_epoch"), epoch_seconds("cached_stage1_epoch")),
         # A head's step time over the bilinear head's, both everything-trains steps at the same batch.
-        **{f"{head}_step_time_vs_bilinear": ratio(ips("stage2_step"), ips(f"stage2_step_{head}")) for head in HEADS},
+        **{f"{head}_step_time_vs_bilinear": ratio(ips("stage2_step"), ips(f"stage2_step_{head}"))
+           for head in timed_heads()},
         # The same at the heads' size: the median over the rounds of each round's ratio, the two steps taken
         # seconds apart, so that a drift of the machine's speed between rounds cancels.
         **{f"heads_{head}_vs_bilinear": round_ratio(cases.get(f"heads_{head}"), cases.get("heads_bilinear"))
-           for head in HEADS},
+           for head in timed_heads()},
     }
 
 
@@ -471,7 +483,7 @@ def run(settings: Settings) -> dict:
         measure(measure_train_step, settings, backbone, case, freeze, precision, channels_last, what)
         if case == "stage1_step":
             measure(measure_eval, settings, backbone)
-    for head in HEADS:
+    for head in timed_heads():
         measure(measure_train_step, settings, backbone, f"stage2_step_{head}", False, settings.precision, True,
                 f"stage2_step with the {head} head", head)
     share = CpuShare()
@@ -490,7 +502,7 @@ def run(settings: Settings) -> dict:
         cache_root = write_cache_cub(cache_settings, Path(work_dir) / "cache_data")
         cases.update(measure_feature_cache(cache_settings, backbone, cache_root, Path(work_dir)))
     others = whole_run.others()
-    cases = {name: cases[name] for name in CASES if name in cases}
+    cases = {name: cases[name] for name in case_names() if name in cases}
     ratios = compute_ratios(cases)
     return {
         "command": settings.command(),
