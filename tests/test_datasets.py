@@ -148,8 +148,11 @@ BROKEN = {  # format -> problem -> (change to the dataset folder, returning the 
         "renamed": (lambda root: root.rename(root.with_name("aircraft")),
                     r"only from a folder named fgvc-aircraft-2013b, .* is named 'aircraft'; rename it"),
         "unknown variant": (lambda root: (root / "data" / "variants.txt").write_text("Synthetic-100\n") and root,
-                            r"names the variant 'Synthetic-200', which is not in variants\.txt; fix the file or "
-                            r"re-extract"),
+                            r"line \d+ of .*images_variant_\w+\.txt names the variant 'Synthetic-200', which is not "
+                            r"in variants\.txt; fix the file or re-extract"),
+        "line without a label": (lambda root: append(root / "data" / "images_variant_val.txt", "0000123\n") or root,
+                                 r"line 7 of .*images_variant_val\.txt is not an image name and a label; fix the "
+                                 r"file or re-extract"),
         "missing list": (lambda root: (root / "data" / "images_variant_val.txt").unlink() or root,
                          r"images_variant_val\.txt is missing, so .* is not a complete fgvc-aircraft-2013b folder"),
         "missing image": (lambda root: next((root / "data" / "images").iterdir()).unlink() or root,

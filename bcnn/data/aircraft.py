@@ -23,18 +23,29 @@ HOLDS = "data/ (its images/ and lists)"
 REEXTRACT = f"re-extract {AIRCRAFT_FOLDER}.tar.gz"
 
 
+def _where(path: Path, matches) -> str:
+    """"line N of <path>" for the first line of a list whose fields, split as torchvision splits them, match."""
+    lines = read_utf8(path, f"fix the file or {REEXTRACT}").splitlines()
+    number = next((number for number, line in enumerate(lines, 1) if matches(line.strip().split(" ", 1))), None)
+    return f"{path}" if number is None else f"line {number} of {path}"
+
+
 def _official_split(root: Path, split: str, level: str) -> tuple[list[tuple[str, int]], list[str]]:
+    list_path = root / "data" / f"images_{level}_{split}.txt"
     try:
         listed = FGVCAircraft(root.parent, split, annotation_level=level, loader=path_only)
     except TypeError:  # a torchvision whose datasets take no loader=
         raise UserError("data.format=aircraft reads the lists with torchvision's FGVCAircraft(loader=...), which "
                         "this torchvision lacks; upgrade it (pip install -U torchvision).") from None
     except KeyError as error:  # a label the level's class list does not have
-        raise UserError(f"{root / 'data' / f'images_{level}_{split}.txt'} names the {level} {error.args[0]!r}, "
-                        f"which is not in {LEVELS[level]}; fix the file or {REEXTRACT}.") from None
+        label = error.args[0]
+        where = _where(list_path, lambda fields: len(fields) == 2 and fields[1] == label)
+        raise UserError(f"{where} names the {level} {label!r}, which is not in "
+                        f"{LEVELS[level]}; fix the file or {REEXTRACT}.") from None
     except ValueError:  # a line without "<image> <label>"
-        raise UserError(f"{root / 'data' / f'images_{level}_{split}.txt'} has a line without an image name and a "
-                        f"label; fix the file or {REEXTRACT}.") from None
+        where = _where(list_path, lambda fields: len(fields) != 2)
+        raise UserError(f"{where} is not an image name and a label; fix the file or "
+                        f"{REEXTRACT}.") from None
     return [listed[index] for index in range(len(listed))], listed.classes
 
 
