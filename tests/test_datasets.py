@@ -5,12 +5,14 @@ recipe trained (both stages) and evaluated through the same commands, its test i
 """
 
 import hashlib
+import re
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import scipy.io
 from PIL import Image
@@ -274,6 +276,25 @@ def test_a_broken_dataset_is_one_clear_sentence(datasets, tmp_path, name, proble
     with pytest.raises(UserError, match=message) as error:
         data_cli_main(["verify", "--root", str(root), "--format", name])
     assert "\n" not in str(error.value) and str(error.value).endswith(".")
+
+
+@pytest.mark.parametrize("name, table", [("cub", "images.txt"), ("nabirds", "classes.txt"),
+                                         ("aircraft", "data/images_variant_train.txt")])
+def test_a_table_that_cannot_be_read_is_one_sentence(datasets, tmp_path, monkeypatch, name, table):
+    # The suite runs as root on CI, which reads files whatever their mode; so the read itself is made to fail as
+    # it does for a user without permission (chmod 000), with the same PermissionError.
+    root = writable(datasets, name, tmp_path)
+    unreadable, read_bytes = root / table, Path.read_bytes
+
+    def refuse(path):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(UserError, match=rf"cannot read .*{re.escape(table)} \(Permission denied\); give your user "
+                                        r"read access to it \(chmod a\+r\), or "):
+        data_cli_main(["verify", "--root", str(root), "--format", name])
 
 
 @pytest.mark.parametrize("name", READERS)

@@ -123,8 +123,13 @@ def check_torchvision_folder(root: Path, title: str, folder: str, marker: str, h
 
 
 def read_utf8(path: Path, fix: str) -> str:
-    """A dataset's text file as text; a byte that is not UTF-8 is reported by its line."""
-    data = path.read_bytes()
+    """A dataset's text file as text; a byte that is not UTF-8 is reported by its line, a file that cannot be read
+    (no read permission, an I/O error) by the system's reason."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror or error}); give your user read access to it "
+                        f"(chmod a+r), or {fix}.") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
