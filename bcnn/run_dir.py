@@ -214,7 +214,7 @@ class RunDirectory:
                                 "stopped before its first checkpoint was replacing; move its files back into "
                                 f"{self.path} to keep that run, or pass --overwrite to replace it.")
             results = [path for path in entries if path.name in CHECKPOINTS or written_by_eval(path)
-                       or (path.name == "metrics.jsonl" and path.stat().st_size > 0)]
+                       or (path.name == "metrics.jsonl" and _holds_rows(path))]
             if results:
                 raise UserError(f"run directory {self.path} holds an earlier run's {self._names(results)} but no "
                                 "last.pt to resume from; pass --overwrite to replace that run, or another "
@@ -375,11 +375,35 @@ def _is_resolved_config(path: Path) -> bool:
 
 def _is_metrics(path: Path) -> bool:
     text = _read_text(path)
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line] if text is not None else None
-    except ValueError:
-        return False
-    return rows is not None and all(isinstance(row, dict) and {"epoch", "global_step"} <= row.keys() for row in rows)
+    return text is not None and isinstance(_metric_rows(text), list)
+
+
+def _holds_rows(path: Path) -> bool:
+    """Whether a metrics.jsonl bcnn wrote holds a whole epoch row: a run's result, which only --overwrite replaces."""
+    rows = _metric_rows(_read_text(path) or "")
+    return not isinstance(rows, list) or len(rows) > 0
+
+
+def _metric_rows(text: str) -> list[tuple[str, dict]] | int:
+    """metrics.jsonl's rows as (line, row), or the number of the first line that is not an epoch row. A last line
+    without its newline that does not parse is a row whose write a kill or a full disk cut short (metrics are
+    written before the epoch's last.pt, so no checkpoint holds that epoch): it is left out, not counted as damage."""
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends in a newline, as every whole row does
+    rows = []
+    for number, line in enumerate(lines + [torn], 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and {"epoch", "global_step"} <= row.keys()):
+            if number == len(lines) + 1:
+                break
+            return number
+        rows.append((line, row))
+    return rows
 
 
 def _is_eval_json(path: Path) -> bool:
@@ -404,10 +428,16 @@ def _read_holder(lock_file) -> str:
 
 
 def read_metric_rows(path: Path, up_to_epoch: int) -> list[str]:
-    """metrics.jsonl lines of the epochs a checkpoint covers; later ones died with the process that wrote them."""
+    """metrics.jsonl lines of the epochs a checkpoint covers; later ones died with the process that wrote them, as
+    did a last row whose write was cut short."""
     if not path.exists():
         return []
-    return [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= up_to_epoch]
+    rows = _metric_rows(path.read_text(encoding="utf-8", errors="replace"))
+    if isinstance(rows, int):
+        raise UserError(f"line {rows} of {path} is not an epoch row as bcnn.train writes them, so resuming would "
+                        "lose the run's earlier curves; restore the file, or move it aside to resume with "
+                        "metrics.jsonl holding only the epochs from here on.")
+    return [line for line, row in rows if row["epoch"] <= up_to_epoch]
 
 
 @dataclass

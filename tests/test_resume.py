@@ -89,6 +89,38 @@ def test_rerunning_a_finished_run_changes_nothing_and_more_epochs_extend_it(cub_
     assert load(run_dir / "last.pt")["global_step"] == 9
 
 
+def test_a_metrics_row_whose_write_was_cut_short_is_dropped_and_the_run_resumes(cub_3x13, reference_run, tmp_path):
+    # A kill or a full disk in the middle of epoch 3's row: metrics.jsonl ends in half a line, and no last.pt holds
+    # epoch 3 (rows are written before the epoch's checkpoints). The same command resumes; the half row is gone.
+    run_dir = copy_run(reference_run, tmp_path)
+    whole = (run_dir / "metrics.jsonl").read_text()
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write(whole.splitlines()[-1].replace('"epoch": 2', '"epoch": 3')[:40])
+    train_cli.main(small_run_args(cub_3x13, run_dir, "--train.epochs=3"))
+    assert [row["epoch"] for row in rows_without_timing(run_dir)] == [1, 2, 3]
+    assert (run_dir / "metrics.jsonl").read_text().startswith(whole)
+
+
+def test_a_run_killed_while_writing_its_first_row_is_started_again(cub_3x13, reference_run, tmp_path):
+    # No checkpoint yet, so the same command starts afresh: the half-written metrics.jsonl is bcnn's, not the user's.
+    run_dir = copy_run(reference_run, tmp_path)
+    for name in ("last.pt", "best.pt"):
+        (run_dir / name).unlink()
+    (run_dir / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text()[:30])
+    train_cli.main(small_run_args(cub_3x13, run_dir, "--train.epochs=1"))
+    assert [row["epoch"] for row in rows_without_timing(run_dir)] == [1]
+
+
+def test_a_damaged_metrics_row_before_the_last_is_one_sentence_at_resume(cub_3x13, reference_run, tmp_path):
+    run_dir = copy_run(reference_run, tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text(f"{lines[0][:20]}\n{lines[1]}\n")
+    before = (run_dir / "last.pt").read_bytes()
+    with pytest.raises(UserError, match=r"line 1 of .*metrics\.jsonl is not an epoch row as bcnn\.train writes them"):
+        train_cli.main(small_run_args(cub_3x13, run_dir, "--train.epochs=3"))
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
 def test_overwrite_starts_again_from_scratch(cub_3x13, reference_run, tmp_path):
     run_dir = copy_run(reference_run, tmp_path)
     train_cli.main(small_run_args(cub_3x13, run_dir, "--train.epochs=1", "--overwrite"))
