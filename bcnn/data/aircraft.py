@@ -40,12 +40,11 @@ def _official_split(root: Path, split: str, level: str) -> tuple[list[tuple[str,
     except KeyError as error:  # a label the level's class list does not have
         label = error.args[0]
         where = _where(list_path, lambda fields: len(fields) == 2 and fields[1] == label)
-        raise UserError(f"{where} names the {level} {label!r}, which is not in "
-                        f"{LEVELS[level]}; fix the file or {REEXTRACT}.") from None
+        raise UserError(f"{where} names the {level} {label!r}, which is not in {LEVELS[level]}; fix the file or "
+                        f"{REEXTRACT}.") from None
     except ValueError:  # a line without "<image> <label>"
         where = _where(list_path, lambda fields: len(fields) != 2)
-        raise UserError(f"{where} is not an image name and a label; fix the file or "
-                        f"{REEXTRACT}.") from None
+        raise UserError(f"{where} is not an image name and a label; fix the file or {REEXTRACT}.") from None
     return [listed[index] for index in range(len(listed))], listed.classes
 
 
