@@ -68,7 +68,8 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
     return {"run": str(run_dir), "seed": (config.get("train") or {}).get("seed"), "config": config,
             "views": {suffix: {key: result[key] for key, _ in METRICS} if result else None
                       for suffix, result in views.items()},
-            "images": next(result["count"] for result in views.values() if result)}
+            "images": next(result["count"] for result in views.values() if result),
+            "data_roots": sorted({str(result.get("data_root")) for result in views.values() if result})}
 
 
 def read_evaluation(path: Path, evaluate: str) -> dict | None:
@@ -82,10 +83,21 @@ def read_evaluation(path: Path, evaluate: str) -> dict | None:
         raise UserError(f"{path} cannot be read ({reason}); delete it and run {evaluate} again.") from None
     needed = ("count", "epoch", *(key for key, _ in METRICS))
     if not isinstance(result, dict) or any(key not in result for key in needed) or not all(
-            isinstance(result[key], (int, float)) for key in ("count", *(key for key, _ in METRICS))):
+            _is_number(result[key]) for key in ("count", *(key for key, _ in METRICS))):
         raise UserError(f"{path} is not an evaluation bcnn.eval wrote (it needs {', '.join(needed)} with numbers); "
                         f"delete it and run {evaluate} again.")
+    impossible = [f"{key} {result[key]}" for key, _ in METRICS if not 0 <= result[key] <= 100]
+    if not (isinstance(result["count"], int) and result["count"] > 0):
+        impossible.insert(0, f"count {result['count']}")
+    if impossible:  # NaN fails every comparison, so it lands here too
+        raise UserError(f"{path} holds impossible values ({', '.join(impossible)}: accuracies are percentages of a "
+                        f"positive image count), so it is not an evaluation as bcnn.eval writes it; delete it and run "
+                        f"{evaluate} again.")
     return result
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def checkpoint_epoch(path: Path) -> int | None:
@@ -159,7 +171,20 @@ def config_differences(rows: list[dict]) -> list[str]:
     return differing
 
 
-def format_table(rows: list[dict], summary: dict, split: str, checkpoint: str, differing: list[str]) -> str:
+def data_differences(rows: list[dict]) -> list[str]:
+    """Which runs were evaluated on which data, where they were not all evaluated on the same data root and image
+    count: a mean over different test sets is no measure of seed noise (a dataset that merely moved reads the
+    same)."""
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        groups.setdefault((", ".join(row["data_roots"]), row["images"]), []).append(row["run"])
+    if len(groups) < 2:
+        return []
+    return [f"{', '.join(runs)} on {root} ({images} images)" for (root, images), runs in groups.items()]
+
+
+def format_table(rows: list[dict], summary: dict, split: str, checkpoint: str, differing: list[str],
+                 data: list[str]) -> str:
     header = ["run", "seed", "images"] + [f"{label} ({view})" for suffix, view in VIEWS for _, label in METRICS]
 
     def cell(value):
@@ -189,18 +214,22 @@ def format_table(rows: list[dict], summary: dict, split: str, checkpoint: str, d
         text.append("one run: no spread to show; train more seeds (make stage2 SEEDS=3) to tell a gain from noise")
     if differing:
         text.append(f"note: the runs differ in {', '.join(differing)}, not only in their seed")
+    if data:
+        text.append(f"note: the runs were evaluated on different data: {'; '.join(data)}; the mean mixes them "
+                    "unless these are one dataset that moved")
     return "\n".join(text)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rows = [read_run(run, args.split, args.checkpoint) for run in unique_runs(args.runs)]
-    summary, differing = summarise(rows), config_differences(rows)
+    summary, differing, data = summarise(rows), config_differences(rows), data_differences(rows)
     result = {"split": args.split, "checkpoint": args.checkpoint, "config_differences": differing,
+              "data_differences": data,
               "runs": [{key: value for key, value in row.items() if key != "config"} for row in rows],
               "summary": summary}
     print(json.dumps(result, indent=2) if args.json else
-          format_table(rows, summary, args.split, args.checkpoint, differing), file=sys.stdout)
+          format_table(rows, summary, args.split, args.checkpoint, differing, data), file=sys.stdout)
     return result
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -180,3 +181,42 @@ def test_report_takes_best_or_last_only(runs, capsys):
     with pytest.raises(SystemExit):
         report.main([str(runs / "seed0"), "--checkpoint", "middle"])
     assert "invalid choice: 'middle'" in capsys.readouterr().err
+
+
+def copied_run(runs, into, name="run"):
+    run = into / name
+    run.mkdir()
+    for kept in ("eval_best_test.json", "config.yaml"):
+        shutil.copy(runs / "seed0" / kept, run / kept)
+    return run
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"top1": -50.0}, "top1 -50.0"), ({"top5": 250.0}, "top5 250.0"), ({"mean_class_acc": float("nan")}, "nan"),
+    ({"count": 0}, "count 0"), ({"count": 2.5}, "count 2.5"), ({"top1": True}, "needs count, epoch")])
+def test_impossible_values_in_an_evaluation_are_refused_not_averaged(runs, tmp_path, changes, named):
+    run = copied_run(runs, tmp_path)
+    evaluation = json.loads((run / "eval_best_test.json").read_text())
+    evaluation.update(changes)
+    (run / "eval_best_test.json").write_text(json.dumps(evaluation))  # json writes nan as NaN, which it reads back
+    with pytest.raises(UserError) as error:  # in-process, as above; the CLI's one line is tested once, below
+        report.main([str(runs / "seed0"), str(run)])
+    line = str(error.value)
+    assert "\n" not in line and named in line and "eval_best_test.json" in line
+
+
+def test_runs_evaluated_on_different_data_are_named(runs, tmp_path):
+    moved = copied_run(runs, tmp_path, "moved")
+    evaluation = json.loads((moved / "eval_best_test.json").read_text())
+    evaluation["data_root"] = "/elsewhere/CUB_200_2011"
+    (moved / "eval_best_test.json").write_text(json.dumps(evaluation))
+    completed = subprocess.run([sys.executable, "-m", "bcnn.report", str(runs / "seed1"), str(moved)], cwd=REPO,
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    note = completed.stdout.strip().splitlines()[-1]
+    assert note.startswith("note: the runs were evaluated on different data: ")
+    assert f"{runs / 'seed1'} on {evaluation['data_root']}" not in note  # each run beside its own root
+    assert f"{moved} on /elsewhere/CUB_200_2011" in note and str(runs / "seed1") in note
+    same = subprocess.run([sys.executable, "-m", "bcnn.report", str(runs / "seed0"), str(runs / "seed1")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert "different data" not in same.stdout  # one root, one count: nothing to say
