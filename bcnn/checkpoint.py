@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bcnn.errors import UserError, signals_held
+from bcnn.paths import not_a_file
 
 
 # torch.save's size beyond the tensors' bytes (pickled structure, zip headers); the free-space check's margin
@@ -89,11 +90,16 @@ def _no_space(path: Path, needed: int, free: int, then: str) -> str:
 
 def _read(path: Path, option: str):
     """option: the setting that named the file (--checkpoint, --resume, train.init_from), for the error to name."""
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give the checkpoint file in it (best.pt or last.pt).")
-    if not path.is_file():
+    kind = not_a_file(path)  # one stat, nothing opened: reading a named pipe would wait for a writer forever
+    if kind == "missing":
         raise UserError(f"checkpoint {path} does not exist; train first (make stage1 / make stage2), or give "
                         f"{option} a checkpoint that exists.")
+    if kind == "a folder":
+        raise UserError(f"{option} {path} is a folder; give the checkpoint file in it (best.pt or last.pt).")
+    if kind is not None and kind.startswith("not readable"):
+        raise UserError(f"cannot read checkpoint {path}: it is {kind}; give {option} a checkpoint this user can read.")
+    if kind is not None:
+        raise UserError(f"{option} {path} is {kind}, not a checkpoint file; give the best.pt or last.pt a run wrote.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -114,14 +120,48 @@ def _first_line(error: Exception) -> str:
     return lines[0].rstrip(". ") if lines else type(error).__name__
 
 
-def load_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict:
-    """Load on the CPU; refuse anything that is not plain tensors and values (no pickled code runs). option: the
-    command's setting that named the file, which an error names."""
+def load_checkpoint(path: str | Path, option: str = "--checkpoint", needs: tuple[str, ...] = ("classes", "config"),
+                    then: str = "use a best.pt or last.pt that bcnn.train wrote") -> dict:
+    """Load on the CPU; refuse anything that is not plain tensors and values (no pickled code runs), a checkpoint
+    without the entries `needs` names, and weights holding NaN or inf. option: the command's setting that named
+    the file, which an error names; then: what to do instead, which a refusal ends with."""
     path = Path(path)
     state = _read(path, option)
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"checkpoint {path} has no 'model' entry; it was not written by bcnn.train.")
+    if _is_state_dict(state):
+        raise UserError(f"{option} {path} is a bare state dict ({len(state)} tensors of model weights), without the "
+                        f"config and class names a checkpoint carries; {then}, or start a new run from these weights "
+                        "with --train.init_from.")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"checkpoint {path} has no 'model' entry of weights; it was not written by bcnn.train: {then}.")
+    missing = [entry for entry in needs if entry not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} has no {' or '.join(repr(entry) for entry in missing)} entry, which "
+                        f"{option} needs (written by another program, or damaged); {then}.")
+    if "classes" in needs and not (isinstance(state["classes"], list) and state["classes"]
+                                   and all(isinstance(name, str) for name in state["classes"])):
+        raise UserError(f"checkpoint {path}'s 'classes' entry is not a list of class names; {then}.")
+    if "config" in needs and not isinstance(state["config"], dict):
+        raise UserError(f"checkpoint {path}'s 'config' entry is not a config (a dict of sections); {then}.")
+    check_finite(state["model"], path)
     return state
+
+
+def _is_state_dict(state) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def check_finite(weights: dict, path) -> None:
+    """Weights holding NaN or inf (a run that diverged, a damaged file) give NaN logits, which argmax reads as class
+    0: refused by name rather than evaluated, predicted from or trained on."""
+    bad = [name for name, value in weights.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        first = weights[bad[0]]
+        count = int((~torch.isfinite(first)).sum())
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise UserError(f"checkpoint {path} holds NaN or inf weights: {count} of the {first.numel():,} values of {bad[0]}"
+                        f"{more}; the run diverged or the file is damaged: use an earlier checkpoint, or train again "
+                        "with a lower learning rate.")
 
 
 def load_weights(path: str | Path) -> dict:
@@ -129,10 +169,11 @@ def load_weights(path: str | Path) -> dict:
     with torch.save(model.state_dict()); returned as a checkpoint dict, with only `model` for a bare one."""
     path = Path(path)
     state = _read(path, "train.init_from")
-    if isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values()):
-        return {"model": state}
-    if not isinstance(state, dict) or "model" not in state:
+    if _is_state_dict(state):
+        state = {"model": state}
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is neither a bcnn checkpoint nor a state dict of tensors; use another file.")
+    check_finite(state["model"], path)
     return state
 
 

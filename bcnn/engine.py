@@ -177,6 +177,7 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
     counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
     top5_hits = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # images whose logits hold NaN or inf
     for images, targets in loader:
         images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
@@ -184,6 +185,7 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
             logits = model(images).float()
             if tta == "flip":
                 logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        nonfinite += (~torch.isfinite(logits).all(dim=1)).sum()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         top_k = logits.topk(k, dim=1).indices  # (B, k)
         top5_hits += (top_k == targets[:, None]).any(dim=1).sum()
@@ -192,11 +194,16 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
     all_reduce_(counts)
     all_reduce_(top5_hits)
     all_reduce_(loss_sum)
+    all_reduce_(nonfinite)
     counts = counts.cpu()
     images_per_class = counts.sum(1)
     count = int(images_per_class.sum())
     if count == 0:
         raise ValueError("evaluate() was given an empty loader")
+    if nonfinite:  # argmax reads NaN as class 0: an accuracy from them would be made up
+        raise UserError(f"the model's class scores are NaN or inf on {int(nonfinite)} of the {count} images, so no "
+                        f"class can be read from them (precision {precision}); evaluate in fp32, or use a checkpoint "
+                        "from before the run diverged.")
     correct_per_class = counts.diagonal()
     present = images_per_class > 0  # classes absent from the split do not count in the mean
     per_class = correct_per_class[present].double() / images_per_class[present].double()

@@ -63,6 +63,8 @@ RESUMABLE_CHANGES = {"data.root", "data.num_workers", "train.epochs", "train.dev
                      "train.init_from"}
 
 
+# What a resumed run reads from last.pt beyond the weights, config and classes (training_state, RunCounters).
+RESUME_ENTRIES = ("optimizer", "scheduler", "scaler", "rng", *RunCounters.__dataclass_fields__)
 PROJECTOR_LIMIT = 2000  # val images in the projector at most (its sprite of thumbnails grows with them)
 
 
@@ -171,6 +173,11 @@ def check_resumable(cfg: Config, state: dict, path: Path) -> None:
     if "optimizer" not in state:
         raise UserError(f"{path} holds weights only (a best.pt?); resume from a last.pt, or pass it as "
                         "--train.init_from to start a new run from its weights.")
+    missing = [name for name in RESUME_ENTRIES if name not in state]
+    if missing:
+        raise UserError(f"cannot resume from {path}: it has no {', '.join(repr(name) for name in missing)} "
+                        "entry, which a last.pt bcnn.train wrote carries (damaged, or written by another program); "
+                        "start again with --overwrite or another --run-dir.")
 
 
 def read_init_from(path: str, classes: list[str]) -> dict:
@@ -252,7 +259,8 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
 
     # Every input is read and checked before anything in the run directory changes: a mistake costs nothing.
     resume_path = find_resume_checkpoint(args, run.path)
-    state = load_checkpoint(resume_path, option="--resume") if resume_path else None
+    state = (load_checkpoint(resume_path, option="--resume", then="start again with --overwrite or another --run-dir")
+             if resume_path else None)
     if state is not None:
         check_resumable(cfg, state, resume_path)
     seed_everything(cfg.train.seed)
@@ -264,6 +272,8 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         raise UserError(f"cannot resume from {resume_path}: it was trained on other classes than this dataset; "
                         "pass the --data-root it was trained on.")
     if state is not None and state["epoch"] >= cfg.train.epochs and not state.get("step_in_epoch"):
+        if ctx.is_main and projector_wanted(cfg, val_set) and not (run.path / PROJECTOR_FOLDER).exists():
+            finish_projector(cfg, run, state, val_set, classes, device)
         log.info("%s already finished %d epochs; nothing to do (raise --train.epochs to train on, or pass "
                  "--overwrite to start again)", run.path, state["epoch"])
         return state["metrics"]  # before the run directory is held: a finished run is not written to
@@ -366,7 +376,7 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         if "val_top1" in row:
             final.update(best_val_top1=counters.best_score, final_val_top1=row["val_top1"])
         board.hyperparameters(config_dict, ctx.world_size, final, counters.global_step)
-        if cfg.train.projector and val_set is not None and not cfg.train.cache_features:
+        if projector_wanted(cfg, val_set):
             write_projector(cfg, model, val_set, classes, run.path / PROJECTOR_FOLDER, device, counters.global_step)
         board.close()
     log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run.path,
@@ -399,6 +409,24 @@ def val_heatmaps(cfg: Config, val_set, classes: list[str], board, device):
         board.heatmaps(figure_to_array(figure), global_step)
 
     return draw
+
+
+def projector_wanted(cfg: Config, val_set) -> bool:
+    """Whether the run ends by writing its val embeddings to the projector (not from cached features: no images)."""
+    return cfg.train.projector and val_set is not None and not cfg.train.cache_features
+
+
+def finish_projector(cfg: Config, run: RunDirectory, state: dict, val_set, classes: list[str], device) -> None:
+    """The final projector of a run that a stop cut short while writing it, after its last checkpoint: written now
+    from last.pt's weights, which are the weights the run ended with."""
+    run.hold()
+    run.prepare(fresh=False, overwrite=False, inputs={})  # removes the cut-short write's temporary folder
+    for note in run.notes:
+        log.info("%s", note)
+    log.info("%s finished training but not its projector (stopped while writing it); writing it now", run.path)
+    model = build_model(cfg.model, num_classes=len(classes), input_size=cfg.data.crop)
+    load_model_weights(model, state["model"])
+    write_projector(cfg, model.to(device), val_set, classes, run.path / PROJECTOR_FOLDER, device, state["global_step"])
 
 
 def write_projector(cfg: Config, model, val_set, classes: list[str], folder: Path, device, global_step: int) -> None:

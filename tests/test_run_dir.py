@@ -21,6 +21,8 @@ from bcnn import checkpoint as checkpoint_module
 from bcnn import eval as eval_cli
 from bcnn import train as train_cli
 from bcnn.checkpoint import save_checkpoint
+from bcnn.config import load_config
+from bcnn.data import build_dataset
 from bcnn.data.__main__ import main as data_cli_main
 from bcnn.errors import Interrupted, UserError, sigterm_raises
 from bcnn.run_dir import LOCK_FILE, RunDirectory
@@ -440,3 +442,50 @@ def test_a_signal_stops_training_with_where_to_resume_and_the_same_command_resum
     again = train(*args)  # the same command
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_stop_while_the_final_projector_is_written_is_finished_by_the_same_command(cub_3x13, tmp_path,
+                                                                                     monkeypatch):
+    """SIGTERM after the last epoch's last.pt, while the projector is written: the same command then writes the
+    projector (from last.pt's weights, the weights the run ended with) and removes the cut-short temporary folder,
+    rather than saying "already finished" and leaving it unwritten."""
+    run_dir = tmp_path / "run"
+    args = ["--config", REPO / "experiments" / "demo_stage1.yaml", f"--data-root={cub_3x13}", f"--run-dir={run_dir}",
+            "--device=cpu", "--data.resize=40", "--data.crop=32", "--data.num_workers=0", "--train.epochs=1",
+            "--model.backbone_weights=none", "--train.log_every=0", "--train.heatmap_images=0"]
+    args = [str(arg) for arg in args]
+    real_write = train_cli.write_projector_folder
+
+    def stopped_midway(folder, write):
+        temporary = folder.with_name(folder.name + ".tmp")
+        write(temporary)  # the projector's files are there, and then SIGTERM arrives before the rename
+        raise Interrupted("stopped by SIGTERM", 128 + signal.SIGTERM)
+
+    monkeypatch.setattr(train_cli, "write_projector_folder", stopped_midway)
+    with pytest.raises(Interrupted) as stop:
+        with sigterm_raises():
+            train_cli.main(args)
+    assert "the same command resumes" in str(stop.value)
+    assert (run_dir / "projector.tmp").is_dir() and not (run_dir / "projector").exists()
+    checkpoints = {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in ("last.pt", "best.pt")}
+
+    monkeypatch.setattr(train_cli, "write_projector_folder", real_write)
+    train_cli.main(args)
+    assert (run_dir / "projector" / "projector_config.pbtxt").is_file() and not (run_dir / "projector.tmp").exists()
+    assert checkpoints == {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+                           for name in ("last.pt", "best.pt")}  # finishing trains nothing and rewrites no checkpoint
+    rows = sum(1 for _ in next((run_dir / "projector").rglob("tensors.tsv")).open())
+    cfg = load_config(args[1], [f"--data.root={cub_3x13}"])
+    assert rows == len(build_dataset(cfg.data, "val", train_transform=False))  # one vector per val image
+
+
+@pytest.mark.parametrize("command", ["bcnn.train", "bcnn.eval"])
+def test_ctrl_c_while_a_command_imports_torch_is_one_line(command):
+    """The seconds of `import torch` come before main() catches Ctrl-C; bcnn/__init__.py, imported first, makes
+    that Ctrl-C one line too. Python then ends by SIGINT, as it does for any uncaught Ctrl-C (the shell's 130)."""
+    process = subprocess.Popen([sys.executable, "-m", command, "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # bcnn/__init__.py has run (it imports nothing heavy); torch's import takes seconds
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGINT and stderr == "stopped by Ctrl-C\n" and stdout == "", stderr
