@@ -2,6 +2,7 @@
 signal, and the CLI wrapper that prints either in one line."""
 
 import contextlib
+import errno
 import functools
 import signal
 import sys
@@ -81,6 +82,29 @@ def _original_message(error: UserError) -> str:
     return message
 
 
+# File-system refusals that a user's path or disk causes, wherever the command met them, and what to do about each:
+# said in one sentence like a UserError. Any other OSError keeps its traceback.
+PATH_PROBLEMS = {
+    errno.ENAMETOOLONG: "shorten it (most Linux file systems take 255 bytes a name and 4,096 a path)",
+    errno.EACCES: "give a path this user may use, or change its permissions",
+    errno.EPERM: "give a path this user may use, or change its permissions",
+    errno.EROFS: "give a path on a disk that can be written to",
+    errno.ENOSPC: "free some space on that disk, or give a path on another",
+    errno.EDQUOT: "free some of your quota, or give a path on another disk",
+    errno.ENOTDIR: "a folder in the path is a file: give another path",
+    errno.ELOOP: "the path's symbolic links loop: give the real path",
+}
+
+
+def describe_path_problem(error: OSError) -> str:
+    """One sentence for a file-system refusal of PATH_PROBLEMS: the path (its middle left out when it is long),
+    the system's reason, what to do."""
+    name = str(error.filename) if error.filename is not None else "a path"
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]} ({len(name):,} characters)"
+    return f"cannot use {name}: {(error.strerror or str(error)).lower()}; {PATH_PROBLEMS[error.errno]}."
+
+
 def exit_on_user_error(main):
     """Wrap a CLI's main(): a UserError becomes `error: <message>` on stderr and exit status 2, Ctrl-C or SIGTERM
     one line and 130 or 143; no traceback. Programming errors are not caught: their traceback is what a developer
@@ -93,6 +117,11 @@ def exit_on_user_error(main):
                 return main(argv)
         except UserError as e:
             print(f"error: {_original_message(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as e:
+            if e.errno not in PATH_PROBLEMS:
+                raise
+            print(f"error: {describe_path_problem(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except (KeyboardInterrupt, Interrupted) as stop:
             message = str(stop) if isinstance(stop, Interrupted) else "stopped by Ctrl-C"
