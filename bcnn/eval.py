@@ -28,8 +28,6 @@ import torch
 from PIL import Image
 
 from bcnn import distributed
-from bcnn.checkpoint import load_checkpoint
-from bcnn.config import config_from_dict
 from bcnn.data import build_dataset, build_image_loader, default_num_workers
 from bcnn.distributed import all_reduce_
 from bcnn.engine import evaluate
@@ -37,7 +35,8 @@ from bcnn.explain import box_in_view, confusion_gallery, pointing_game, require_
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import confusion_figure, confusion_gallery_figure, per_class_accuracy_figure, save_figure
 from bcnn.metrics import most_confused_pairs, per_class_rows
-from bcnn.models import build_model, input_normalisation, load_model_weights
+from bcnn.models import input_normalisation
+from bcnn.models.trained import from_checkpoint
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors
 from bcnn.run_dir import EVAL_SIBLINGS, write_projector_folder, written_by_bcnn, written_by_eval
@@ -110,15 +109,10 @@ def run(args, ctx: distributed.Context) -> dict:
     outputs = output_paths(args)  # checked before the evaluation's minutes, not after
     if args.pointing_game:
         require_captum()
-    state = load_checkpoint(args.checkpoint)
-    cfg = config_from_dict(state["config"])
-    if args.data_root:
-        cfg.data.root = args.data_root
-    cfg.model.backbone_weights = "none"  # every weight comes from the checkpoint
-
-    dataset = build_dataset(cfg.data, args.split, train_transform=False,
-                            normalisation=input_normalisation(cfg.model.backbone))
-    if list(dataset.classes) != state["classes"]:
+    trained = from_checkpoint(args.checkpoint, ctx.device, data_root=args.data_root)
+    model, cfg, classes = trained.model.to(memory_format=torch.channels_last), trained.config, trained.classes
+    dataset = build_dataset(cfg.data, args.split, train_transform=False, normalisation=trained.normalisation)
+    if list(dataset.classes) != classes:
         raise UserError(
             f"the classes of {cfg.data.root} differ from those the checkpoint was trained on; "
             "pass the --data-root of the dataset it was trained on."
@@ -126,46 +120,46 @@ def run(args, ctx: distributed.Context) -> dict:
     loader = build_image_loader(cfg.data, dataset, args.batch_size or cfg.train.eval_batch_size, train=False, seed=0,
                                 device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
                                 num_workers=args.num_workers)
-    model = build_model(cfg.model, num_classes=len(state["classes"]), input_size=cfg.data.crop)
-    load_model_weights(model, state["model"])
-    model.to(ctx.device, memory_format=torch.channels_last)
+    boxes = pointing_game_boxes(loader, dataset, cfg.data) if args.pointing_game else None
 
     precision = resolve_precision(args.precision, ctx.device)
     configure_device(ctx.device, tf32=precision != "fp32")
-    metrics = evaluate(model, loader, ctx.device, len(state["classes"]), tta=args.tta, confusion=True,
+    metrics = evaluate(model, loader, ctx.device, len(classes), tta=args.tta, confusion=True,
                        precision=precision, channels_last=True)
     if args.pointing_game:
-        metrics["pointing_game"] = run_pointing_game(model, loader, dataset, cfg.data, ctx.device)
+        metrics["pointing_game"] = run_pointing_game(model, loader, *boxes, cfg.data.crop, ctx.device)
     gallery = None
     confusion = metrics.pop("confusion")  # (C, C) counts [true, predicted], the same on every rank
-    most_confused = most_confused_pairs(confusion, state["classes"], k=MOST_CONFUSED_SAVED)
-    result = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch"), "split": args.split,
+    most_confused = most_confused_pairs(confusion, classes, k=MOST_CONFUSED_SAVED)
+    result = {"checkpoint": str(args.checkpoint), "epoch": trained.epoch, "split": args.split,
               "tta": args.tta, "data_root": cfg.data.root, **metrics, "most_confused": most_confused}
     if not ctx.is_main:  # every rank holds the same numbers; one writes them
         return result
-    rows = per_class_rows(confusion, state["classes"])
+    rows = per_class_rows(confusion, classes)
     # The numbers first: whatever happens to the files, the evaluation's result is on the screen.
     print(f"{args.split}: {metrics['count']} images, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
           f"mean per-class {metrics['mean_class_acc']:.2f}% (tta {args.tta}; {args.checkpoint})")
     print_most_confused(most_confused[:MOST_CONFUSED_PRINTED], {row["class"]: row["images"] for row in rows})
     if "pointing_game" in metrics:
         game = metrics["pointing_game"]
-        print(f"pointing game: {game['hits']} of {game['images']} images ({100 * game['hits'] / game['images']:.1f}%) "
-              f"have their heatmap's peak in the object's box; the boxes cover {100 * game['box_share']:.1f}% of "
-              "the view on average (a random point's chance)")
+        print(f"pointing game: {game['hits']} of {game['images']} images "
+              f"({100 * game['hits'] / max(game['images'], 1):.1f}%) have their heatmap's peak in the object's box; "
+              f"the boxes cover {100 * game['box_share']:.1f}% of the view on average (a random point's chance)"
+              + (f"; {game['outside_view']} image(s) not scored: the centre crop cuts their object's box off whole"
+                 if game["outside_view"] else ""))
     try:
         outputs["json"].parent.mkdir(parents=True, exist_ok=True)
         outputs["json"].write_text(json.dumps(result, indent=2) + "\n")
         write_per_class_csv(rows, outputs["per_class.csv"])
         if not args.no_figures:  # last: drawing 200 classes takes seconds
-            write_figures(confusion, state["classes"], outputs, figure_subtitle(args, metrics))
-            gallery = write_gallery(model, dataset, most_confused[:GALLERY_PAIRS], state["classes"], cfg, ctx.device,
+            write_figures(confusion, classes, outputs, figure_subtitle(args, metrics))
+            gallery = write_gallery(model, dataset, most_confused[:GALLERY_PAIRS], classes, cfg, ctx.device,
                                     outputs, figure_subtitle(args, metrics))
     except OSError as error:
         raise UserError(f"cannot write {error.filename or outputs['json']} ({(error.strerror or str(error)).lower()}); "
                         "the numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
     if args.projector:
-        folder = write_projector(model, dataset, state["classes"], cfg, ctx.device, args)
+        folder = write_projector(model, dataset, classes, cfg, ctx.device, args)
         print(f"projector: {folder} (tensorboard --logdir {folder})")
     if gallery is not None:  # which images the gallery shows, beside the numbers
         result["confusion_gallery"] = gallery
@@ -190,10 +184,12 @@ def write_gallery(model, dataset, pairs: list[dict], class_names: list[str], cfg
     gallery = confusion_gallery(model.float(), dataset, pairs, class_names, device, per_side=GALLERY_PER_SIDE,
                                 num_workers=default_num_workers() if cfg.data.num_workers == -1 else cfg.data.num_workers)
     save_figure(confusion_gallery_figure(gallery, input_normalisation(cfg.model.backbone),
-                                         f"most confused pairs, with the evidence for the class predicted\n{title}",
-                                         per_side=GALLERY_PER_SIDE), outputs["confused_gallery.png"])
+                                         "most confused pairs, with the evidence for the class predicted and for "
+                                         f"the true one\n{title}", per_side=GALLERY_PER_SIDE),
+                outputs["confused_gallery.png"])
+    kept = ("image", "probability", "probability_true")  # the pixels and heatmaps stay in the PNG
     return [{"true": entry["true"], "predicted": entry["predicted"], "count": entry["count"],
-             **{side: [{"image": item["image"], "probability": item["probability"]} for item in entry[side]]
+             **{side: [{key: item[key] for key in kept if key in item} for item in entry[side]]
                 for side in ("confused", "correct")}} for entry in gallery]
 
 
@@ -219,22 +215,29 @@ def write_projector(model, dataset, class_names: list[str], cfg, device, args) -
     return folder
 
 
-def run_pointing_game(model, loader, dataset, data_cfg, device) -> dict:
-    """bcnn.explain.pointing_game over this evaluation's loader (its shard under DDP, summed over ranks)."""
+def pointing_game_boxes(loader, dataset, data_cfg) -> tuple[list[str], list]:
+    """The loader's images (paths, in its order) and their boxes in the eval view (bcnn.explain.box_in_view: one that
+    is not a box is refused here, naming the image, before the evaluation's minutes)."""
     require_captum()
     if not getattr(dataset, "HAS_BOXES", False) or data_cfg.crop_to_bbox:
         raise UserError(f"--pointing-game needs bounding boxes around the objects, and data.format={data_cfg.format}"
                         f"{' is cropped to them (data.crop_to_bbox)' if data_cfg.crop_to_bbox else ' has none'}; "
                         "drop --pointing-game.")
     order = list(loader.sampler)  # the images in the order the loader yields them
-    boxes = []
-    for index in order:
-        with Image.open(dataset.samples[index][0]) as image:  # the size only: no pixels are decoded
-            boxes.append(box_in_view(dataset.bboxes[index], image.size, data_cfg.resize, data_cfg.crop))
-    game = pointing_game(model.float(), loader, boxes, data_cfg.crop, device)
-    totals = all_reduce_(torch.tensor([game["hits"], game["images"], game["box_share"] * game["images"]],
-                                      dtype=torch.float64, device=device)).tolist()
-    return {"hits": int(totals[0]), "images": int(totals[1]), "box_share": totals[2] / max(totals[1], 1)}
+    paths, boxes = [str(dataset.samples[index][0]) for index in order], []
+    for index, path in zip(order, paths):
+        with Image.open(path) as image:  # the size only: no pixels are decoded
+            boxes.append(box_in_view(dataset.bboxes[index], image.size, data_cfg.resize, data_cfg.crop, image=path))
+    return paths, boxes
+
+
+def run_pointing_game(model, loader, paths: list[str], boxes: list, crop: int, device) -> dict:
+    """bcnn.explain.pointing_game over this evaluation's loader (its shard under DDP, summed over ranks)."""
+    game = pointing_game(model.float(), loader, boxes, crop, device, images=paths)
+    totals = all_reduce_(torch.tensor([game["hits"], game["images"], game["outside_view"],
+                                       game["box_share"] * game["images"]], dtype=torch.float64, device=device))
+    hits, images, outside, share = totals.tolist()
+    return {"hits": int(hits), "images": int(images), "outside_view": int(outside), "box_share": share / max(images, 1)}
 
 
 def print_most_confused(pairs: list[dict], images_of: dict) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import PowerNorm
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 
@@ -63,6 +64,9 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+CONFUSION_COLOUR_LABEL = "share of the true class's images given each predicted class (colours: square-root scale)"
+
+
 def confusion_figure(confusion, class_names: list[str], title: str) -> Figure:
     """Heatmap of the row-normalised confusion matrix: row i is where true class i's images went (the diagonal
     is the per-class recall); a class without images is an all-zero row. Colours follow the square root of
@@ -91,7 +95,7 @@ def confusion_figure(confusion, class_names: list[str], title: str) -> Figure:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=TITLE_FONTSIZE)
-    fig.colorbar(image, cax=cax, label="share of the true class's images")
+    fig.colorbar(image, cax=cax, label=CONFUSION_COLOUR_LABEL)
     if num_classes <= 20:  # few classes: the numbers themselves fit in the cells
         for (row, column), share in np.ndenumerate(shares):
             if counts[row, column]:
@@ -150,7 +154,9 @@ FIGURE_SOFTWARE = "bcnn"  # the PNG's Software entry: how a later run knows the 
 def save_figure(fig: Figure, path, dpi: int = SAVE_DPI) -> None:
     """A PNG written whole or not at all: drawn into a temporary file beside it, then renamed over it."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The name's first 48 characters (at most 192 bytes): the temporary fits wherever the PNG's own name does (the
+    # 255-byte limit of most file systems), whose name bcnn.predict builds from an image's.
+    temporary = path.with_name(f".{path.name[:48]}.{os.getpid()}.tmp")
     try:
         fig.savefig(temporary, dpi=dpi, format="png", metadata={"Software": FIGURE_SOFTWARE})
         os.replace(temporary, path)
@@ -167,62 +173,142 @@ def is_bcnn_figure(path) -> bool:
         return False
 
 
-def explanation_figure(image: np.ndarray, heatmap: np.ndarray, title: str, lines: list[str]) -> Figure:
-    """An image (H, W, 3) in [0, 1] beside itself with a heatmap (H, W) in [0, 1] laid over it, a title above and
-    lines of text (the top-k classes) below."""
+EVIDENCE_COLOURS = "RdBu_r"  # diverging, white at zero: red for the class, blue against it
+EVIDENCE_OPACITY = 0.8  # of a value of ±1; the overlay fades with |value|, so a zero leaves the image as it is
+EVIDENCE_SCALE = "scaled per image to its largest |value|, symmetric about 0"
+
+
+def _overlay(axes, view: np.ndarray, heatmap) -> None:
+    """An image (H, W, 3) in [0, 1] with evidence (H, W) in [-1, 1] (bcnn.explain.upsample) laid over it."""
+    heatmap = _numpy(heatmap)
+    axes.imshow(view)
+    axes.imshow(heatmap, cmap=EVIDENCE_COLOURS, vmin=-1.0, vmax=1.0,
+                alpha=EVIDENCE_OPACITY * np.clip(np.abs(heatmap), 0.0, 1.0))
+
+
+def _evidence_colorbar(fig, cax, label: str, orientation: str = "vertical"):
+    """The overlay's colour scale, -1 to 1, at full opacity, its ends named."""
+    scale = ScalarMappable(norm=Normalize(vmin=-1.0, vmax=1.0), cmap=EVIDENCE_COLOURS)
+    bar = fig.colorbar(scale, cax=cax, orientation=orientation)
+    bar.set_ticks([-1.0, 0.0, 1.0], labels=["-1: against", "0", "+1: for"], fontsize=6)
+    bar.set_label(label, fontsize=7)
+    return bar
+
+
+def _frameless(axes) -> None:
+    """No ticks and no frame, but room for a y label (set_axis_off would hide it)."""
+    axes.set_xticks([])
+    axes.set_yticks([])
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+
+
+def explanation_figure(image: np.ndarray, heatmap: np.ndarray, title: str, lines: list[str],
+                       scale: float | None = None) -> Figure:
+    """An image (H, W, 3) in [0, 1] beside itself with a class's evidence (H, W) in [-1, 1] (bcnn.explain.upsample)
+    laid over it, a colour bar saying what the colours are (scale: the largest |value| on the grid, the ±1 of the
+    bar, in logit units), a title above and lines of text (the top-k classes) below."""
     height, width = image.shape[:2]
-    panel = 3.2  # inches per image
+    panel, bar = 3.2, 1.3  # inches per image; the colour bar with its ticks and label
+    image_inches = panel * height / width
     text_inches = 0.22 * (len(lines) + 1)
-    fig = _new_figure(2 * panel, panel * height / width + text_inches + 0.4)
+    fig_width, fig_height = 2 * panel + bar, image_inches + text_inches + 0.4
+    fig = _new_figure(fig_width, fig_height)
+    bottom = (text_inches + 0.05) / fig_height
     for column, overlay in enumerate((False, True)):
-        axes = fig.add_axes([column / 2 + 0.01, (text_inches + 0.05) / fig.get_figheight(), 0.48,
-                             panel * height / width / fig.get_figheight()])
-        axes.imshow(image)
+        axes = fig.add_axes([(column * panel + 0.05) / fig_width, bottom, (panel - 0.1) / fig_width,
+                             image_inches / fig_height])
         if overlay:
-            axes.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            _overlay(axes, image, heatmap)
+        else:
+            axes.imshow(image)
         axes.set_axis_off()
+    cax = fig.add_axes([(2 * panel + 0.05) / fig_width, bottom + 0.1 * image_inches / fig_height, 0.15 / fig_width,
+                        0.8 * image_inches / fig_height])
+    largest = f"±{scale:.3g} logit, its largest |value|" if scale is not None else "its largest |value|"
+    _evidence_colorbar(fig, cax, "evidence (gradient × activation): the score's\nchange as a position's features "
+                                 f"are scaled;\nscale per image, symmetric about 0:\n±1 = {largest}")
     fig.suptitle(title, fontsize=TITLE_FONTSIZE, y=0.99)
     fig.text(0.02, 0.02, "\n".join(lines), fontsize=8, family="monospace", va="bottom")
     return fig
 
 
 def confusion_gallery_figure(gallery: list[dict], normalisation, title: str, per_side: int = 4) -> Figure:
-    """One row per confused pair (bcnn.explain.confusion_gallery): on the left the images of A called B, on the
-    right images of B called B, each with the evidence for B laid over it and p(B) above it."""
-    cell = 1.3  # inches per image
-    fig = _new_figure(2 * per_side * cell, len(gallery) * (cell + 0.5) + 0.9)
+    """Two rows per confused pair, A called B (bcnn.explain.confusion_gallery): on the left the images of A called
+    B with the evidence for B over them, and below the same images with the evidence for A; right of the top row,
+    images of B called B with the evidence for B, drawn at the first pair that names B (a later pair points to it).
+    p(class) above each image, and one colour bar."""
+    cell, step, label, middle = 1.2, 1.3, 0.4, 0.3  # inches: an image, image to image, the row labels, the halves
+    block_title, caption, header = 0.35, 0.2, 1.7
+    block = block_title + 2 * (caption + cell) + 0.15
+    width = label + 2 * per_side * step + middle
+    height = header + len(gallery) * block
+    fig = _new_figure(width, height)
     fig.suptitle(title, fontsize=TITLE_FONTSIZE)
-    rows = fig.subfigures(len(gallery) + 1, 1, height_ratios=[0.9] + [cell + 0.5] * len(gallery))[1:]
-    for row, entry in zip(rows, gallery):
-        row.suptitle(f"left: {entry['true']} called {entry['predicted']} ({len(entry['confused'])} of "
-                     f"{entry['count']} shown)   "
-                     f"right: {entry['predicted']} called {entry['predicted']}; the evidence for "
-                     f"{entry['predicted']} on each", fontsize=7)
-        cells = row.subplots(1, 2 * per_side)
-        for side, offset in (("confused", 0), ("correct", per_side)):
-            for column in range(per_side):
-                axes = cells[offset + column]
-                axes.set_axis_off()
-                if column < len(entry[side]):
-                    item = entry[side][column]
-                    axes.imshow(denormalize(item["view"], normalisation).permute(1, 2, 0).numpy())
-                    axes.imshow(_numpy(item["heatmap"]), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-                    axes.set_title(f"p={item['probability']:.2f}", fontsize=6, pad=2)
+    bar_axes = fig.add_axes(((width / 2 - 2.5) / width, (height - header + 0.45) / height, 5.0 / width, 0.12 / height))
+    bar = _evidence_colorbar(fig, bar_axes, "evidence for the class named left of each row (gradient × activation), "
+                             f"{EVIDENCE_SCALE}", orientation="horizontal")
+    bar.ax.xaxis.set_label_position("top")
+
+    def cell_axes(top: float, column: int):
+        left = label + column * step + (middle if column >= per_side else 0.0)
+        return fig.add_axes((left / width, (top - caption - cell) / height, cell / width, cell / height))
+
+    shown_at: dict[str, int] = {}  # class B -> the pair whose row shows B's own images
+    for number, entry in enumerate(gallery, start=1):
+        true, wrong = entry["true"], entry["predicted"]
+        top = height - header - (number - 1) * block  # inches from the bottom
+        fig.text(0.1 / width, (top - 0.1) / height, f"{number}. {true} called {wrong} ({len(entry['confused'])} of "
+                 f"{entry['count']} shown): the evidence for {wrong} above, for {true} below; right: {wrong} called "
+                 f"{wrong}", fontsize=7, va="top", weight="bold")
+        rows = (("heatmap", "probability", wrong, "predicted"), ("heatmap_true", "probability_true", true, "true"))
+        for row, (heatmap, probability, name, role) in enumerate(rows):
+            row_top = top - block_title - row * (caption + cell)
+            for column, item in enumerate(entry["confused"][:per_side]):
+                axes = cell_axes(row_top, column)
+                _draw_cell(axes, item, heatmap, f"p({role})={item[probability]:.2f}", normalisation)
+                if column == 0:
+                    axes.set_ylabel(f"for {name}\n({role})", fontsize=6)
+        right_top = top - block_title
+        if wrong in shown_at or not entry["correct"]:
+            note = (f"{wrong} called {wrong}: as in pair {shown_at[wrong]} above" if wrong in shown_at
+                    else f"no image of {wrong} was called {wrong}")
+            fig.text((label + per_side * step + middle) / width, (right_top - caption - cell / 2) / height, note,
+                     fontsize=7, va="center")
+        else:
+            for column, item in enumerate(entry["correct"][:per_side]):
+                axes = cell_axes(right_top, per_side + column)
+                _draw_cell(axes, item, "heatmap", f"p={item['probability']:.2f}", normalisation)
+                if column == 0:
+                    axes.set_ylabel(f"for {wrong}", fontsize=6)
+        shown_at.setdefault(wrong, number)
     return fig
+
+
+def _draw_cell(axes, item: dict, heatmap: str, caption: str, normalisation) -> None:
+    _frameless(axes)
+    _overlay(axes, denormalize(item["view"], normalisation).permute(1, 2, 0).numpy(), item[heatmap])
+    axes.set_title(caption, fontsize=6, pad=2)
 
 
 def heatmap_grid_figure(views: torch.Tensor, heatmaps: torch.Tensor, titles: list[str], normalisation,
                         title: str, columns: int = 8) -> Figure:
-    """Images (N, 3, H, W) normalised, each with its heatmap (N, H, W) in [0, 1] laid over it and a title."""
-    cell, rows = 1.3, -(-len(views) // columns)
-    fig = _new_figure(columns * cell, rows * (cell + 0.3) + 0.4)
+    """Images (N, 3, H, W) normalised, each with its evidence (N, H, W) in [-1, 1] laid over it and a title, and a
+    colour bar below."""
+    cell, rows, bar = 1.3, -(-len(views) // columns), 0.7
+    height = rows * (cell + 0.3) + 0.4 + bar
+    fig = _new_figure(columns * cell, height)
+    fig.subplots_adjust(bottom=bar / height, top=1 - 0.4 / height)
     fig.suptitle(title, fontsize=TITLE_FONTSIZE)
     for index, (view, heatmap, name) in enumerate(zip(views, heatmaps, titles)):
         axes = fig.add_subplot(rows, columns, index + 1)
-        axes.imshow(denormalize(view.cpu(), normalisation).permute(1, 2, 0).numpy())
-        axes.imshow(_numpy(heatmap), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        _overlay(axes, denormalize(view.cpu(), normalisation).permute(1, 2, 0).numpy(), heatmap)
         axes.set_title(name, fontsize=5, pad=2)
         axes.set_axis_off()
+    colour_bar = _evidence_colorbar(fig, fig.add_axes((0.3, 0.25 / height, 0.4, 0.12 / height)),
+                                    f"evidence for the class above each image (gradient × activation), "
+                                    f"{EVIDENCE_SCALE}", orientation="horizontal")
+    colour_bar.ax.xaxis.set_label_position("top")
     return fig
 
 

@@ -4,7 +4,8 @@
     python -m bcnn.predict photos/ more/gull.png --topk 3             # a folder means its images, sorted
     python -m bcnn.predict photos/ --checkpoint runs/cub_vgg16_stage1/best.pt --json > predictions.json
     python -m bcnn.predict my_birds/test/                             # class folders: true classes, top-1
-    python -m bcnn.predict photos/*.jpg --explain heatmaps/           # + a PNG each: where the top-1 class is
+    python -m bcnn.predict photos/*.jpg --explain                     # + a PNG each in explanations/: the evidence
+    python -m bcnn.predict photos/ --explain --explain-dir heatmaps/  # the same PNGs, in heatmaps/
     python -m bcnn.predict gull.jpg --explain --explain-class "Herring Gull"   # the evidence for another class
 
 Everything comes from the checkpoint: the model, the class names and the eval transform of the run's config
@@ -20,18 +21,24 @@ accuracy over those images. An input that cannot be read (missing, not an image,
 an `error: PATH: ...` line on stderr and an "error" entry in --json; the other images are still predicted and the
 exit status is 1.
 
---explain [DIR] writes, for each image, DIR/<image>_<checkpoint>_explain.png (DIR: explanations/ by default): the
-model's view of the image beside it with the heatmap of its top-1 class (or --explain-class's) laid over it and
-the top-k classes written below (bcnn.explain: Grad-CAM through captum, an optional extra). --json gives each
-image's PNG as "explanation". A file of that name that bcnn did not write is never replaced.
+--explain writes, for each image, <image>_<checkpoint>_explain.png into --explain-dir (explanations/ by default;
+a name too long for the file system is cut, with a hash of the whole name): the model's view of the image beside
+it with the evidence for its top-1 class (or --explain-class's) laid over it, red for the class and blue against
+it, scaled per image (bcnn.explain: gradient x activation through captum, an optional extra), and the top-k
+classes written below. --json gives each image's PNG as "explanation". A file of that name that bcnn did not
+write is never replaced.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -39,15 +46,19 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from bcnn import distributed
-from bcnn.checkpoint import load_checkpoint
-from bcnn.config import config_from_dict
-from bcnn.data import READERS, REPLACE_IMAGE, build_transforms, clean_class_name, load_rgb
+from bcnn.data import READERS, REPLACE_IMAGE, clean_class_name, load_rgb
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.eval import DEFAULT_CHECKPOINT
 from bcnn.explain import class_heatmaps, require_captum, upsample
 from bcnn.figures import denormalize, explanation_figure, is_bcnn_figure, save_figure
-from bcnn.models import build_model, input_normalisation, load_model_weights
+from bcnn.models import input_normalisation
+from bcnn.models.trained import from_checkpoint
+from bcnn.paths import not_a_file
 from bcnn.precision import configure_device
+
+
+NONFINITE_LOGITS = ("the model's class scores for it are NaN or inf (its weights are finite: an overflow in the "
+                    "network); no class can be read from them")
 
 
 def parse_args(argv):
@@ -61,9 +72,11 @@ def parse_args(argv):
                         help="print one JSON list on stdout and nothing else (no top-1 line)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default: 16")
-    parser.add_argument("--explain", nargs="?", const="explanations", metavar="DIR",
-                        help="also write a PNG per image with the heatmap of its top-1 class into DIR "
-                             "(default: explanations/); needs captum")
+    parser.add_argument("--explain", action="store_true",
+                        help="also write a PNG per image with the evidence for its top-1 class (a heatmap) into "
+                             "--explain-dir; needs captum")
+    parser.add_argument("--explain-dir", metavar="DIR",
+                        help="with --explain: the folder to write the PNGs into; default: explanations/")
     parser.add_argument("--explain-class", metavar="NAME",
                         help="with --explain: the heatmap of this class instead of the top-1 (e.g. the true one)")
     return parser.parse_args(argv)
@@ -86,25 +99,31 @@ def main(argv=None) -> list[dict]:
 
 
 def run(args, device: torch.device) -> list[dict]:
-    if args.explain_class and not args.explain:
-        raise UserError("--explain-class needs --explain [DIR]; add it.")
-    if args.explain:
-        require_captum()  # before the model's seconds, not after
-        if Path(args.explain).exists() and not Path(args.explain).is_dir():
-            raise UserError(f"--explain {args.explain} is a file; --explain takes the folder to write the heatmaps "
-                            "into (put it before the images, or write --explain=DIR).")
-    state = load_checkpoint(args.checkpoint)
-    if not isinstance(state.get("classes"), list) or "config" not in state:
-        raise UserError(f"checkpoint {args.checkpoint} has no class names or config; use a checkpoint written by "
-                        "bcnn.train.")
-    classes = state["classes"]
-    cfg = config_from_dict(state["config"])
-    cfg.model.backbone_weights = "none"  # every weight comes from the checkpoint
-    model = build_model(cfg.model, num_classes=len(classes), input_size=cfg.data.crop)
-    load_model_weights(model, state["model"])
-    model.to(device).eval()
+    for option, value in (("--explain-class", args.explain_class), ("--explain-dir", args.explain_dir)):
+        if value is not None and not args.explain:
+            raise UserError(f"{option} goes with --explain, which is not given; add --explain.")
+    if args.explain:  # all before the model's seconds, not after
+        require_captum()
+        folder = Path(args.explain_dir or "explanations")
+        blocking = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+        if blocking is not None:
+            raise UserError(f"--explain-dir {folder}: {blocking} is a file, so no folder can be made there; pass "
+                            "--explain-dir a folder path (default: explanations/).")
+        made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise UserError(f"cannot write the heatmaps into {folder} ({(error.strerror or str(error)).lower()}); "
+                            "pass --explain-dir a folder you can write to.") from None
+        finally:  # the check leaves nothing behind (a refused checkpoint, no image): the first heatmap makes them
+            for path in made:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        args.explain_dir = str(folder)  # where explainer() writes
+    trained = from_checkpoint(args.checkpoint, device)
+    model, classes, cfg, transform = trained.model, trained.classes, trained.config, trained.transform
     configure_device(device, tf32=False)  # IEEE float32 on a GPU too, as bcnn.eval's default: the same numbers
-    transform = build_transforms(cfg.data, train=False, normalisation=input_normalisation(cfg.model.backbone))
     banner = training_cut(cfg.data)
     explain = explainer(args, model, classes, cfg) if args.explain else None
 
@@ -121,12 +140,13 @@ def run(args, device: torch.device) -> list[dict]:
             for prediction in result["predictions"]:
                 mark = "  <- true" if prediction["class"] == true_class else ""
                 print(f"{100 * prediction['probability']:7.2f}%  {prediction['class']}{mark}")
-    if not any("predictions" in result for result in results):
-        raise UserError("no input could be read as an image; pass image files or folders holding them.")
-    labelled = [result for result in results if "true_class" in result]
-    if args.json:
+    if args.json:  # the errors too: a script reading stdout learns what failed for each input
         print(json.dumps(results, indent=2))
-    elif labelled:
+    if not any("predictions" in result for result in results):
+        raise UserError("no input could be predicted (each one's reason is above); pass image files or folders "
+                        "holding them.")
+    labelled = [result for result in results if "true_class" in result]
+    if labelled and not args.json:
         correct = sum(result["predictions"][0]["class"] == result["true_class"] for result in labelled)
         print(f"top-1 on the {len(labelled)} images whose folder names a class: {correct} "
               f"({100 * correct / len(labelled):.2f}%)")
@@ -143,7 +163,14 @@ def expand_inputs(arguments: Iterable[str]) -> Iterator[tuple[str, str | None]]:
     """
     for argument in arguments:
         path = Path(argument)
-        if path.is_dir():
+        kind = not_a_file(path)
+        if kind == "missing":
+            yield argument, "no such file or folder; check the path"
+        elif kind is not None and kind.startswith("not readable"):
+            yield argument, f"it is {kind}; check the path"
+        elif kind not in (None, "a folder"):
+            yield argument, f"it is {kind}, not an image file or a folder; pass image files or folders holding them"
+        elif kind == "a folder":
             top_level = _image_files(path.iterdir())
             images = top_level or _image_files(path.rglob("*"))  # rglob does not enter symlinked folders: no loops
             if not images:
@@ -153,10 +180,8 @@ def expand_inputs(arguments: Iterable[str]) -> Iterator[tuple[str, str | None]]:
                 print(f"note: {argument} has no image files at its top level; predicting the {len(images)} in its "
                       "subfolders", file=sys.stderr)
             yield from ((str(image), None) for image in images)
-        elif path.exists():
-            yield argument, None
         else:
-            yield argument, "no such file or folder; check the path"
+            yield argument, None
 
 
 def _image_files(entries: Iterable[Path]) -> list[Path]:
@@ -228,32 +253,39 @@ def predict(inputs: Iterable[tuple[str, str | None]], model: torch.nn.Module, tr
             result["error"] = problem
         waiting.append(result)
         if len(batch) == batch_size:
-            _add_predictions(batch, model, classes, device, topk)
-            if explain is not None:
-                explain(batch)
+            _run_batch(batch, model, classes, device, topk, explain)
             yield from waiting
             waiting, batch = [], []
     if batch:
-        _add_predictions(batch, model, classes, device, topk)
-        if explain is not None:
-            explain(batch)
+        _run_batch(batch, model, classes, device, topk, explain)
     yield from waiting
+
+
+def _run_batch(batch: list[tuple[dict, torch.Tensor]], model, classes, device, topk: int, explain) -> None:
+    _add_predictions(batch, model, classes, device, topk)
+    predicted = [item for item in batch if "predictions" in item[0]]
+    if explain is not None and predicted:
+        explain(predicted)
 
 
 def _add_predictions(batch: list[tuple[dict, torch.Tensor]], model, classes, device, topk: int) -> None:
     images = torch.stack([image for _, image in batch]).to(device)  # (B, 3, crop, crop)
     with torch.no_grad():
-        probabilities = model(images).float().softmax(dim=1)  # (B, classes)
-    top = probabilities.topk(topk, dim=1)
-    for (result, _), values, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
+        logits = model(images).float()  # (B, classes)
+    finite = torch.isfinite(logits).all(1).tolist()
+    top = logits.softmax(dim=1).topk(topk, dim=1)
+    for (result, _), values, indices, sound in zip(batch, top.values.tolist(), top.indices.tolist(), finite):
+        if not sound:  # NaN sorts anywhere: no class can be read from it
+            result["error"] = NONFINITE_LOGITS
+            continue
         result["predictions"] = [{"class": classes[index], "index": index, "probability": value}
                                  for value, index in zip(values, indices)]
 
 
 def explainer(args, model, classes: list[str], cfg):
-    """The --explain step: for a predicted batch, each image's heatmap (its top-1 class, or --explain-class) drawn
-    over the model's view of it, saved as a PNG whose path goes into the result as "explanation"."""
-    folder = Path(args.explain)
+    """The --explain step: for a predicted batch, each image's evidence (its top-1 class, or --explain-class) drawn
+    over the model's view of it, saved as a PNG in --explain-dir whose path goes into the result as "explanation"."""
+    folder = Path(args.explain_dir)
     target = None
     if args.explain_class is not None:
         named = true_class_finder(classes)(str(Path(args.explain_class) / "x"))  # the folder-name rules: 001.Name
@@ -263,37 +295,62 @@ def explainer(args, model, classes: list[str], cfg):
         target = classes.index(named)
     normalisation = input_normalisation(cfg.model.backbone)
     checkpoint = Path(args.checkpoint).stem
+    try:
+        name_limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_limit = 255  # ext4, XFS, btrfs, APFS, NTFS (in characters there)
     used: set[Path] = set()
 
     def explain(batch: list[tuple[dict, torch.Tensor]]) -> None:
         images = torch.stack([image for _, image in batch]).to(next(model.parameters()).device)
         chosen = [target if target is not None else result["predictions"][0]["index"] for result, _ in batch]
-        maps = upsample(class_heatmaps(model, images, torch.tensor(chosen)), tuple(images.shape[-2:])).cpu()
+        evidence = class_heatmaps(model, images, torch.tensor(chosen))  # (B, h, w), signed
+        scales = evidence.flatten(1).abs().amax(1).tolist()  # what +-1 on the colour bar is, in logit units
+        maps = upsample(evidence, tuple(images.shape[-2:])).cpu()
         views = denormalize(images.cpu(), normalisation).permute(0, 2, 3, 1).numpy()
-        folder.mkdir(parents=True, exist_ok=True)
-        for (result, _), view, heatmap, index in zip(batch, views, maps.numpy(), chosen):
-            path = explanation_path(folder, result["image"], checkpoint, used)
+        for (result, _), view, heatmap, index, scale in zip(batch, views, maps.numpy(), chosen, scales):
+            path = explanation_path(folder, result["image"], checkpoint, used, name_limit)
             lines = [f"{100 * prediction['probability']:6.2f}%  {prediction['class']}"
                      + ("  <- true" if prediction["class"] == result.get("true_class") else "")
                      for prediction in result["predictions"]]
-            title = f"{Path(result['image']).name}: where the evidence for {classes[index]} lies"
-            save_figure(explanation_figure(view, heatmap, title, lines), path)
+            title = f"{Path(result['image']).name}: the evidence for {classes[index]} (red: for it, blue: against)"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                save_figure(explanation_figure(view, heatmap, title, lines, scale=scale), path)
+            except OSError as error:
+                what = "pass a shorter --explain-dir" if error.errno == errno.ENAMETOOLONG else \
+                    "pass --explain-dir a folder you can write to"
+                raise UserError(f"cannot write the heatmap {path} ({(error.strerror or str(error)).lower()}); "
+                                f"{what}.") from None
             result["explanation"] = str(path)
 
     return explain
 
 
-def explanation_path(folder: Path, image: str, checkpoint: str, used: set[Path]) -> Path:
-    """folder/<image stem>_<checkpoint>_explain.png, numbered _2, _3... when two inputs share a stem; a file there
-    that bcnn did not write is refused, never replaced."""
+def explanation_path(folder: Path, image: str, checkpoint: str, used: set[Path], name_limit: int = 255) -> Path:
+    """folder/<image stem>_<checkpoint>_explain.png, numbered _2, _3... when two inputs share a stem. A name longer
+    than name_limit bytes (the file system's, 255 on most) keeps the start of its stem and ends in ~ and 8 hex
+    digits of the whole stem's SHA-1: the same name run after run, different names for different stems. A file
+    there that bcnn did not write is refused, never replaced."""
     stem = f"{Path(image).stem}_{checkpoint}_explain"
-    path, number = folder / f"{stem}.png", 1
-    while path in used:
+
+    def name(number: int) -> Path:
+        suffix = f"_{number}.png" if number > 1 else ".png"
+        if len(os.fsencode(stem + suffix)) <= name_limit:
+            return folder / f"{stem}{suffix}"
+        tail = f"~{hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]}{suffix}"
+        head = stem
+        while head and len(os.fsencode(head + tail)) > name_limit:  # whole characters: never half of one
+            head = head[:-1]
+        return folder / f"{head}{tail}"
+
+    number = 1
+    while name(number) in used:
         number += 1
-        path = folder / f"{stem}_{number}.png"
+    path = name(number)
     if path.exists() and not is_bcnn_figure(path):
         raise UserError(f"{path} exists and is not a heatmap bcnn wrote, so bcnn.predict will not replace it; pass "
-                        "--explain another folder, or move the file away.")
+                        "--explain-dir another folder, or move the file away.")
     used.add(path)
     return path
 

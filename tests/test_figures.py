@@ -15,7 +15,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from bcnn.data import IMAGENET_MEAN, IMAGENET_STD
-from bcnn.figures import confusion_figure, denormalize, figure_to_array, per_class_accuracy_figure, save_figure
+from bcnn.figures import (confusion_figure, confusion_gallery_figure, denormalize, explanation_figure, figure_to_array,
+                          heatmap_grid_figure, per_class_accuracy_figure, save_figure)
 from bcnn.metrics import most_confused_pairs, per_class_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,10 @@ def test_confusion_figure_for_200_classes_is_row_normalised_and_legible(many_cla
     expected_sums = np.where(confusion.sum(1).numpy() > 0, 1.0, 0.0)  # the empty class 0 is an all-zero row
     np.testing.assert_allclose(shares.sum(1), expected_sums, atol=1e-9)  # float64 sums of 200 shares: 200 * 2^-53
     assert len(fig.axes) == 2, "a colorbar"
+    colour_bar = fig.axes[1]  # what a colour counts: the share of the true class's images, 0 to 1, as drawn
+    assert colour_bar.get_ylabel().startswith("share of the true class's images") and "square-root" in \
+        colour_bar.get_ylabel()
+    assert (heatmap.images[0].norm.vmin, heatmap.images[0].norm.vmax) == (0.0, 1.0)
 
     pixels = figure_to_array(fig)
     assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
@@ -139,3 +144,73 @@ def test_figures_leave_the_users_matplotlib_alone(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["svg", "svg", "False"]
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _panel(fig, axes) -> np.ndarray:
+    """The pixels of one axes of a drawn figure, (h, w, 3) int."""
+    pixels = figure_to_array(fig).astype(int)
+    box = axes.get_window_extent()
+    height = pixels.shape[0]
+    return pixels[int(height - box.y1) + 2: int(height - box.y0) - 2, int(box.x0) + 2: int(box.x1) - 2]
+
+
+def test_the_explanation_is_red_for_the_class_blue_against_and_untouched_at_zero_with_a_labelled_scale():
+    grey = np.full((32, 32, 3), 0.5)
+    panels = {}
+    for value in (0.0, 1.0, -1.0):
+        fig = explanation_figure(grey, np.full((32, 32), value), "title", ["50.00%  A"], scale=0.031)
+        plain, overlay = (_panel(fig, axes) for axes in fig.axes[:2])
+        panels[value] = overlay.reshape(-1, 3).mean(0) - plain.reshape(-1, 3).mean(0)  # RGB shift the overlay makes
+    assert np.abs(panels[0.0]).max() == 0  # zero evidence: the image as it is
+    red, green, blue = panels[1.0]
+    assert red > blue + 20 and red > green  # +1, for the class: red
+    red, green, blue = panels[-1.0]
+    assert blue > red + 20  # -1, against it: blue
+    colour_bar = fig.axes[2]
+    label = colour_bar.get_ylabel()
+    assert "gradient × activation" in label and "scale per image, symmetric about 0" in label and "±0.031" in label
+    assert colour_bar.get_ylim() == (-1.0, 1.0)
+    assert [tick.get_text() for tick in colour_bar.get_yticklabels()] == ["-1: against", "0", "+1: for"]
+
+
+def _item(image: str, heatmap: float, heatmap_true: float | None = None) -> dict:
+    item = {"image": image, "probability": 0.6, "view": torch.zeros(3, 16, 16),
+            "heatmap": torch.full((16, 16), heatmap)}
+    if heatmap_true is not None:
+        item.update(probability_true=0.3, heatmap_true=torch.full((16, 16), heatmap_true))
+    return item
+
+
+def test_the_gallery_shows_the_true_class_s_evidence_below_and_a_class_s_own_images_once():
+    # A -> B and C -> B share B: B's correctly classified images are drawn once, at the first pair; B -> A draws A's.
+    correct_b = [_item(f"b{i}.jpg", 0.75) for i in range(3)]
+    gallery = [{"true": "A", "predicted": "B", "count": 3, "confused": [_item("a1.jpg", 0.5, -0.25),
+                                                                        _item("a2.jpg", 0.5, -0.25)],
+                "correct": correct_b},
+               {"true": "C", "predicted": "B", "count": 1, "confused": [_item("c1.jpg", 0.5, -0.25)],
+                "correct": correct_b},
+               {"true": "B", "predicted": "A", "count": 1, "confused": [_item("b9.jpg", 0.5, -0.25)],
+                "correct": [_item("a5.jpg", 0.75)]}]
+    fig = confusion_gallery_figure(gallery, (IMAGENET_MEAN, IMAGENET_STD), "gallery", per_side=4)
+    cells = [axes for axes in fig.axes if axes.images]
+    overlays = {}
+    for axes in cells:
+        kind = axes.get_title().split("=")[0]
+        overlays.setdefault(kind, []).append(float(np.asarray(axes.images[1].get_array()).mean()))
+    assert overlays == {"p(predicted)": [0.5] * 4, "p(true)": [-0.25] * 4, "p": [0.75] * 4}  # 3 of B's, 1 of A's
+    assert any("as in pair 1 above" in text.get_text() for text in fig.texts)
+    labels = [axes.get_ylabel() for axes in cells if axes.get_ylabel()]
+    assert labels == ["for B\n(predicted)", "for A\n(true)", "for B", "for B\n(predicted)", "for C\n(true)",
+                      "for A\n(predicted)", "for B\n(true)", "for A"]
+    colour_bars = [axes for axes in fig.axes if not axes.images and axes.get_xlabel()]
+    assert len(colour_bars) == 1 and "scaled per image to its largest |value|, symmetric about 0" in \
+        colour_bars[0].get_xlabel()
+    assert figure_to_array(fig).shape[2] == 3
+
+
+def test_the_tensorboard_heatmap_grid_has_a_labelled_symmetric_scale():
+    fig = heatmap_grid_figure(torch.zeros(3, 3, 16, 16), torch.linspace(-1, 1, 3 * 16 * 16).view(3, 16, 16),
+                              ["a", "b", "c"], (IMAGENET_MEAN, IMAGENET_STD), "val", columns=8)
+    bar = fig.axes[-1]
+    assert "symmetric about 0" in bar.get_xlabel() and bar.get_xlim() == (-1.0, 1.0)
+    assert figure_to_array(fig).shape[2] == 3
