@@ -46,6 +46,10 @@ whole = $(if $(shell [ "$($(1))" -ge $(2) ] 2>/dev/null && echo yes),$($(1)),$(e
 SEED_LIST = $(if $(SEEDS),$(shell seq 0 $$(( $(call whole,SEEDS,1,pass SEEDS=3 for three seeds or leave it out for \
 	one run) - 1 ))))
 SEEDED  = runs/$(RECIPE)_stage$(1)_seed$$seed
+# $(call quote,TEXT): TEXT as one shell word, whatever it holds (spaces, quotes, *): in single quotes, each ' as '\''.
+# Every path a user can pass (DATA, DATA_DIR, CONFIG, CHECKPOINT) reaches the shell through it.
+quote = '$(subst ','\'',$(1))'
+
 # One process without GPUS; with GPUS=N, torchrun starts N (one per GPU) and restarts them RESTARTS times.
 LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(call whole,GPUS,1,pass \
 	the number of GPUs to use or leave it out for one process) --max-restarts=$(call whole,RESTARTS,0,pass how \
@@ -73,38 +77,44 @@ test-gpu: $(VENV_DEP)
 # is only verified, in DATASET's format.
 data: $(VENV_DEP)
 ifeq ($(DATA),$(DEFAULT_DATA))
-	$(PY) -m bcnn.data download --dataset $(DATASET) --root $(DATA_DIR)
+	$(PY) -m bcnn.data download --dataset $(DATASET) --root $(call quote,$(DATA_DIR))
 else
-	$(PY) -m bcnn.data verify --format $(DATASET) --root $(DATA)
+	$(PY) -m bcnn.data verify --format $(DATASET) --root $(call quote,$(DATA))
 endif
 
 stage1: $(VENV_DEP)
 ifeq ($(SEEDS),)
-	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage1.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage1.yaml --data-root $(call quote,$(DATA)) \
+		--device $(DEVICE) $(ARGS)
 else
 	for seed in $(SEED_LIST); do $(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage1.yaml \
-		--data-root $(DATA) --device $(DEVICE) --train.seed=$$seed --run-dir=$(call SEEDED,1) $(ARGS) || exit $$?; done
+		--data-root $(call quote,$(DATA)) --device $(DEVICE) --train.seed=$$seed --run-dir=$(call SEEDED,1) $(ARGS) \
+		|| exit $$?; done
 endif
 
 stage2: $(VENV_DEP)
 ifeq ($(SEEDS),)
-	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage2.yaml --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage2.yaml --data-root $(call quote,$(DATA)) \
+		--device $(DEVICE) $(ARGS)
 else
 	for seed in $(SEED_LIST); do $(LAUNCH) -m bcnn.train --config experiments/$(RECIPE)_stage2.yaml \
-		--data-root $(DATA) --device $(DEVICE) --train.seed=$$seed --run-dir=$(call SEEDED,2) \
+		--data-root $(call quote,$(DATA)) --device $(DEVICE) --train.seed=$$seed --run-dir=$(call SEEDED,2) \
 		--train.init_from=$(call SEEDED,1)/best.pt $(ARGS) || exit $$?; done
 endif
 
 train: $(VENV_DEP)
-	@test -n "$(CONFIG)" || { echo "make train needs CONFIG=experiments/<recipe>.yaml"; exit 2; }
-	$(LAUNCH) -m bcnn.train --config $(CONFIG) --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	@test -n $(call quote,$(CONFIG)) || { echo "make train needs CONFIG=experiments/<recipe>.yaml"; exit 2; }
+	$(LAUNCH) -m bcnn.train --config $(call quote,$(CONFIG)) --data-root $(call quote,$(DATA)) \
+		--device $(DEVICE) $(ARGS)
 
 eval: $(VENV_DEP)
 ifeq ($(SEEDS),)
-	$(LAUNCH) -m bcnn.eval --checkpoint $(CHECKPOINT) --split test --data-root $(DATA) --device $(DEVICE) $(ARGS)
+	$(LAUNCH) -m bcnn.eval --checkpoint $(call quote,$(CHECKPOINT)) --split test --data-root $(call quote,$(DATA)) \
+		--device $(DEVICE) $(ARGS)
 else
 	for seed in $(SEED_LIST); do for tta in none flip; do $(LAUNCH) -m bcnn.eval --checkpoint $(call SEEDED,2)/best.pt \
-		--split test --tta $$tta --data-root $(DATA) --device $(DEVICE) $(ARGS) || exit $$?; done; done
+		--split test --tta $$tta --data-root $(call quote,$(DATA)) --device $(DEVICE) $(ARGS) || exit $$?; \
+		done; done
 endif
 
 # The evaluations of stage 2 (of every seed with SEEDS=N) in one table: python -m bcnn.report -h.

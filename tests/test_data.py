@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -26,6 +27,7 @@ from bcnn.data import (
     build_transforms, download_cub, load_rgb, write_synthetic_cub,
 )
 from bcnn.data.__main__ import main as data_cli_main
+from bcnn.data.gpu import EncodedFiles
 from bcnn.errors import UserError
 
 SPLITS = ("train", "val", "trainval", "test")
@@ -149,6 +151,16 @@ def edit_line(root: Path, name: str, line_number: int, text: str | None, encodin
     return root
 
 
+def with_byte_order_mark(path: Path) -> None:
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Notepad saves UTF-8
+
+
+def named_pipe_instead(path: Path) -> None:
+    """path replaced by a named pipe (a FIFO), whose opening for reading would wait for a writer forever."""
+    path.unlink()
+    os.mkfifo(path)
+
+
 def delete_first_image(root: Path) -> Path:
     (root / "images" / read_table(root, "images.txt")[1][0]).unlink()
     return root
@@ -173,6 +185,12 @@ CORRUPTIONS = {  # problem: (corrupt the copy and return the root to open, what 
                        r"line 2 of .*train_test_split\.txt is malformed"),
     "duplicate id": (lambda root: edit_line(root, "images.txt", 2, "1 x.jpg"), r"id 1 appears twice .*\(line 2\)"),
     "unknown class": (lambda root: edit_line(root, "image_class_labels.txt", 1, "1 9"), r"class id 9, not in classes"),
+    "byte-order mark": (lambda root: with_byte_order_mark(root / "images.txt") or root,
+                        r"images\.txt starts with a byte-order mark \(as some Windows editors save UTF-8\), which "
+                        r"would be read as part of its first line; save it without the mark, or fix the file"),
+    "table is a named pipe": (lambda root: named_pipe_instead(root / "bounding_boxes.txt") or root,
+                              r"bounding_boxes\.txt is a named pipe, so .* is not a complete dataset folder; fix the "
+                              r"file or re-extract CUB_200_2011\.tgz\.$"),
     "not UTF-8": (lambda root: edit_line(root, "classes.txt", 3, "3 003.Mésange_charbonnière", encoding="latin-1"),
                   r"line 3 of .*classes\.txt is not UTF-8 text, the encoding bcnn reads; fix the file or re-extract "
                   r"CUB_200_2011\.tgz\.$"),
@@ -545,6 +563,107 @@ def test_an_unreadable_image_is_one_sentence_naming_it(writable_cub, damage):
     message = str(error.value)
     assert f"cannot read image {path}: " in message and "replace it" in message
     assert "\n" not in message and message.endswith(".")
+
+
+def save_float_image(path: Path) -> None:
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)).save(path, format="TIFF")
+
+
+VERIFY_DAMAGES = {  # what training refuses and verify must refuse too: (damage the file, what the error must say)
+    "empty file": (lambda path: path.write_bytes(b""), r"not an image"),
+    "truncated jpeg": (truncate, r"image file is truncated"),
+    "malformed": (DAMAGES["malformed"][0], r"maxval must be greater than 0"),
+    "32-bit floats": (save_float_image, r"32-bit floating-point pixels"),
+}
+
+
+@pytest.mark.parametrize("damage", VERIFY_DAMAGES)
+def test_verify_refuses_each_image_training_would_refuse_in_its_words(writable_cub, damage):
+    dataset = CUB200(writable_cub, "test")
+    path = dataset.samples[-1][0]
+    spoil, reason = VERIFY_DAMAGES[damage]
+    spoil(Path(path))
+    with pytest.raises(UserError, match=reason) as training:
+        dataset[len(dataset) - 1]
+    with pytest.raises(UserError) as verify:
+        data_cli_main(["verify", "--root", str(writable_cub)])
+    assert str(verify.value) == str(training.value)
+    assert path in str(verify.value) and "\n" not in str(verify.value)
+
+
+def test_verify_counts_the_other_images_it_refuses(writable_cub):
+    paths = [path for path, _ in CUB200(writable_cub, "trainval").samples[:3]]
+    for path in paths:
+        Path(path).write_bytes(b"")
+    with pytest.raises(UserError) as error:
+        data_cli_main(["verify", "--root", str(writable_cub)])
+    assert str(error.value) == (f"cannot read image {paths[0]}: not an image; {REPLACE_IMAGE} (2 more of the 60 "
+                                "images fail too).")
+
+
+def load_within(seconds: float, load, *args):
+    """load(*args) in a thread; fails the test if it has not returned (or raised) within `seconds`."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = load(*args)
+        except BaseException as error:  # handed back to the test, in its thread
+            outcome["error"] = error
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{load.__name__} is still waiting after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "named pipe"])
+def test_a_folder_or_named_pipe_where_an_image_goes_is_named_and_never_waited_on(writable_cub, tmp_path, kind):
+    dataset = CUB200(writable_cub, "test")
+    path = Path(dataset.samples[0][0])
+    if kind == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        named_pipe_instead(path)
+    # training: the image went after the dataset was read (CPU decode, and the batched path's file reading)
+    expected = f"cannot read image {path}: it is a {kind}, not an image file; {REPLACE_IMAGE}."
+    for load in (dataset.load_image, EncodedFiles(dataset).__getitem__):
+        with pytest.raises(UserError) as error:
+            load_within(20, load, 0)
+        assert str(error.value) == expected
+    # verify, and any command reading the dataset, find it in the list
+    image_id = next(i for i, fields in read_table(writable_cub, "images.txt").items() if path.name in fields[0])
+    with pytest.raises(UserError) as error:
+        load_within(20, data_cli_main, ["verify", "--root", str(writable_cub)])
+    assert str(error.value) == (f"{path}, listed as id {image_id} (test) of images.txt, is a {kind}, not an image "
+                                "file; fix the file or re-extract CUB_200_2011.tgz.")
+    # a dataset folder that is a named pipe
+    pipe = tmp_path / "CUB_pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(UserError) as error:
+        load_within(20, data_cli_main, ["verify", "--root", str(pipe)])
+    assert str(error.value) == (f"--root {pipe} is a named pipe, not a folder; pass the dataset's folder, the one "
+                                "holding images.txt and images/.")
+    with pytest.raises(UserError, match=r"^--data-root \(data\.root\) .*CUB_pipe is a named pipe, not a folder; "):
+        load_within(20, build_dataset, DataConfig(root=str(pipe)), "train")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split-seed", "-1"], "--split-seed must be at least 0, got -1; pass 0 or a positive whole number."),
+    (["--split-seed", "-20"], "--split-seed must be at least 0, got -20; pass 0 or a positive whole number."),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0; pass e.g. 0.1, or 0 for no val."),
+    (["--val-fraction", "nan"], "--val-fraction must be in [0, 1), got nan; pass e.g. 0.1, or 0 for no val."),
+], ids=["seed -1", "seed -20", "fraction 1", "fraction nan"])
+def test_verify_refuses_a_split_option_out_of_range_in_one_sentence(mini_cub, args, message):
+    with pytest.raises(UserError) as error:
+        data_cli_main(["verify", "--root", str(mini_cub), *args])
+    assert str(error.value) == message
+    if args[0] == "--split-seed":  # the readers refuse it too, for any caller
+        with pytest.raises(UserError, match=rf"^split_seed must be at least 0, got {args[1]}; fix data\.split_seed\.$"):
+            CUB200(mini_cub, "val", val_fraction=0.2, split_seed=int(args[1]))
 
 
 def run_train(data_root: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:

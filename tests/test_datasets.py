@@ -5,7 +5,9 @@ recipe trained (both stages) and evaluated through the same commands, its test i
 """
 
 import hashlib
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -144,6 +146,13 @@ def edit_mat(path: Path, key: str, edit) -> None:
     scipy.io.savemat(path, {key: edit(table[key])})
 
 
+def set_field(table, field: str, value):
+    """A devkit annotation table whose first annotation has `field` = value (a number as a float, which the devkit's
+    are not)."""
+    table[0, 0][field] = np.array([value]) if isinstance(value, str) else np.array([[value]], dtype=np.float64)
+    return table
+
+
 BROKEN = {  # format -> problem -> (change to the dataset folder, returning the root to read; the message)
     "aircraft": {
         "one level down": (lambda root: root.parent, r"holds the dataset one level down; use .*2013b\.$"),
@@ -161,6 +170,19 @@ BROKEN = {  # format -> problem -> (change to the dataset folder, returning the 
                           r"1 of 18 images listed in the variant lists are missing, the first is"),
         "not UTF-8": (lambda root: append(root / "data" / "images_variant_val.txt", "1 Mésange\n", "latin-1") or root,
                       r"line 7 of .*images_variant_val\.txt is not UTF-8 text, the encoding bcnn reads; fix the file"),
+        "byte-order mark": (lambda root: (root / "data" / "variants.txt").write_text("\ufeff" + (
+            root / "data" / "variants.txt").read_text()) and root, r"variants\.txt starts with a byte-order mark"),
+        # torchvision would make a class '' of the blank line, and two classes of the name given twice
+        "blank class line": (lambda root: append(root / "data" / "variants.txt", "\n") or root,
+                             r"line 4 of .*variants\.txt is blank, which would be a variant without a name; delete the "
+                             r"line or re-extract fgvc-aircraft-2013b\.tar\.gz\.$"),
+        "class named twice": (lambda root: append(root / "data" / "variants.txt", "Synthetic-100\n") or root,
+                              r"line 4 of .*variants\.txt names the variant 'Synthetic-100' again \(line 1 does\); "
+                              r"delete one of them or re-extract"),
+        "list is a named pipe": (lambda root: os.unlink(root / "data" / "images_variant_test.txt") or os.mkfifo(
+            root / "data" / "images_variant_test.txt") or root,
+                                 r"images_variant_test\.txt is a named pipe, so .* is not a complete "
+                                 r"fgvc-aircraft-2013b folder"),
     },
     "cars": {
         "no test labels": (lambda root: (root / "cars_test_annos_withlabels.mat").unlink() or root,
@@ -172,8 +194,20 @@ BROKEN = {  # format -> problem -> (change to the dataset folder, returning the 
         "class past the list": (lambda root: edit_mat(root / "devkit" / "cars_meta.mat", "class_names",
                                                       lambda names: names[:, :2]) or root,
                                 r"gives \d+\.jpg class 3, but cars_meta\.mat has classes 1\.\.2"),
+        "one annotation": (lambda root: edit_mat(root / "devkit" / "cars_train_annos.mat", "annotations",
+                                                 lambda table: table[:, :1]) or root,
+                           r"cannot read the annotations in .*cars_train_annos\.mat \(TypeError\(.+\)\); fetch that "
+                           r"file again"),
+        "class not whole": (lambda root: edit_mat(root / "cars_test_annos_withlabels.mat", "annotations",
+                                                  lambda table: set_field(table, "class", 1.5)) or root,
+                            r"gives 00001\.jpg class 1\.5, but cars_meta\.mat has classes 1\.\.3; fetch that file"),
         "damaged .mat": (lambda root: (root / "devkit" / "cars_meta.mat").write_bytes(b"MATLAB? no") and root,
                          r"cannot read .*cars_meta\.mat as a MATLAB file"),
+        "folder for a .mat": (lambda root: (root / "cars_test_annos_withlabels.mat").unlink() or (
+            root / "cars_test_annos_withlabels.mat").mkdir() or root,
+                              r"cars_test_annos_withlabels\.mat is a folder; restore it from your copy"),
+        "file for a folder": (lambda root: shutil.rmtree(root / "cars_test") or (root / "cars_test").write_text("x")
+                              and root, r"cars_test is a file, not a folder; restore it from your copy"),
     },
     "nabirds": {
         "inner class labelled": (lambda root: append(root / "hierarchy.txt", "7 100\n") or root,
@@ -184,6 +218,117 @@ BROKEN = {  # format -> problem -> (change to the dataset folder, returning the 
                          r"bounding_boxes\.txt lists 17 image ids but images\.txt lists 18"),
     },
 }
+
+
+BOXED = [name for name in READERS if READERS[name].HAS_BOXES]
+FIX_BOX = {"cub": "fix the file or re-extract CUB_200_2011.tgz",
+           "nabirds": "re-extract nabirds.tar.gz (delete the folder first) or fix the file",
+           "cars": "correct it or fetch that file again from your copy of the original release"}
+
+
+def first_image(root: Path, name: str) -> Path:
+    """The image of the first line of the format's box file (annotation 1 of cars_train_annos.mat)."""
+    if name == "cars":
+        return root / "cars_train" / "00001.jpg"
+    return root / "images" / (root / "images.txt").read_text().splitlines()[0].split()[1]
+
+
+def set_first_box(root: Path, name: str, box: tuple) -> str:
+    """Give first_image the (x, y, w, h) box, written in the format's own way; returns the words that name it."""
+    x, y, w, h = box
+    if name == "cars":  # 1-based corners, both inclusive
+        corners = (x + 1, y + 1, x + w, y + h)
+
+        mat = root / "devkit" / "cars_train_annos.mat"
+        for field, value in zip(("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"), corners):
+            edit_mat(mat, "annotations", lambda table: set_field(table, field, value))
+        return f"the box of annotation 1 of {mat} (00001.jpg; bbox_x1 y1 x2 y2: {' '.join(f'{v:g}' for v in corners)})"
+    lines = (root / "bounding_boxes.txt").read_text().splitlines()
+    lines[0] = " ".join([lines[0].split()[0], *(str(value) for value in box)])
+    (root / "bounding_boxes.txt").write_text("".join(f"{line}\n" for line in lines))
+    return f"the box on line 1 of {root / 'bounding_boxes.txt'} (x y width height: {' '.join(f'{v:g}' for v in box)})"
+
+
+NOT_BOXES = {  # (x, y, w, h) -> what the refusal says of it
+    "negative width": ((10, 10, -5, 20), "has a negative width, so it encloses nothing"),
+    "zero height": ((10, 10, 20, 0), "has zero height, so it encloses nothing"),
+    "nan": ((float("nan"), 10, 20, 20), "has a value that is not a finite number"),
+    "inf": ((10, 10, float("inf"), 20), "has a value that is not a finite number"),
+    "left of the image": ((-40, 10, 30, 20), "lies wholly left of its image"),
+    "above the image": ((10, -40, 20, 30), "lies wholly above its image"),
+}
+
+
+@pytest.mark.parametrize("name, problem", [(name, problem) for name in BOXED for problem in NOT_BOXES])
+def test_a_box_that_is_not_a_box_is_one_sentence_naming_its_line(datasets, tmp_path, name, problem):
+    box, says = NOT_BOXES[problem]
+    root = writable(datasets, name, tmp_path)
+    expected = f"{set_first_box(root, name, box)} {says}; {FIX_BOX[name]}."
+    with pytest.raises(UserError) as error:
+        data_cli_main(["verify", "--root", str(root), "--format", name])
+    assert str(error.value) == expected
+    with pytest.raises(UserError) as error:  # training reads the same tables, cropping to boxes or not
+        READERS[name](root, "train", crop_to_bbox=True)
+    assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("name", BOXED)
+def test_a_box_past_the_edge_is_clipped_and_one_outside_its_image_refused_where_the_image_is_opened(datasets,
+                                                                                                  tmp_path, name):
+    root = writable(datasets, name, tmp_path)
+    path = first_image(root, name)
+    with Image.open(path) as image:
+        width, height = image.size
+
+    def first_sample(crop_to_bbox: bool):
+        for split in ("trainval", "test"):
+            dataset = READERS[name](root, split, crop_to_bbox=crop_to_bbox)
+            for index, (sample_path, _) in enumerate(dataset.samples):
+                if sample_path == str(path):
+                    return dataset, index
+
+    set_first_box(root, name, (width - 10, 5, 30, 20))  # 20 px past the right edge, as real annotations do
+    data_cli_main(["verify", "--root", str(root), "--format", name])
+    dataset, index = first_sample(crop_to_bbox=True)
+    assert dataset.load_image(index).size == (10, 20)
+    for box, side in (((width + 2, 5, 30, 20), f"right of its image, which is {width} px wide"),
+                      ((5, height, 30, 20), f"below its image, which is {height} px high")):
+        expected = f"{set_first_box(root, name, box)} lies wholly {side} ({path}); {FIX_BOX[name]}."
+        with pytest.raises(UserError) as error:
+            data_cli_main(["verify", "--root", str(root), "--format", name])
+        assert str(error.value) == expected
+        dataset, index = first_sample(crop_to_bbox=True)
+        with pytest.raises(UserError) as error:  # never the whole image in the box's place
+            dataset[index]
+        assert str(error.value) == expected
+        dataset, index = first_sample(crop_to_bbox=False)  # a training that does not use the box is not stopped
+        assert dataset.load_image(index).size == (width, height)
+
+
+def spoil_image(path: Path, damage: str) -> None:
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        truncate(path)
+    else:  # no higher than FGVC-Aircraft's banner, which every image loses
+        Image.new("RGB", (40, BANNER)).save(path, format="JPEG")
+
+
+@pytest.mark.parametrize("name, damage", [(name, damage) for name in WRITERS for damage in ("empty", "truncated")]
+                         + [("aircraft", "banner only")])
+def test_verify_refuses_an_image_training_would_refuse_in_its_words(datasets, tmp_path, name, damage):
+    root = writable(datasets, name, tmp_path)
+    dataset = READERS[name](root, "test")
+    path = Path(dataset.samples[-1][0])
+    spoil_image(path, damage)
+    with pytest.raises(UserError) as training:
+        dataset.load_image(len(dataset) - 1)
+    with pytest.raises(UserError) as verify:
+        data_cli_main(["verify", "--root", str(root), "--format", name])
+    assert str(verify.value) == str(training.value)
+    reason = {"empty": "not an image", "truncated": "image file is truncated",
+              "banner only": f"it is {BANNER} px high, no more than the {BANNER}-px banner"}[damage]
+    assert str(verify.value).startswith(f"cannot read image {path}: {reason}")
 
 
 TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
@@ -247,6 +392,12 @@ TWICE = {  # format -> case -> (change to the dataset folder, the message); "tes
         "test twice": (lambda root: edit_mat(root / "cars_test_annos_withlabels.mat", "annotations", same_fname),
                        r"cars_test/00001\.jpg is listed twice, as annotation 1 and annotation 2 of "
                        rf"cars_test_annos_withlabels\.mat, {EVAL_TWICE}fetch that file again"),
+        "train names a test file": (
+            lambda root: edit_mat(root / "devkit" / "cars_train_annos.mat", "annotations",
+                                  lambda table: set_field(table, "fname", "../cars_test/00001.jpg")),
+            r"cars_train/\.\./cars_test/00001\.jpg \(the same file as .*cars_test/00001\.jpg\) is listed twice, as "
+            rf"annotation 1 of devkit/cars_train_annos\.mat and annotation 1 of cars_test_annos_withlabels\.mat, "
+            rf"{TRAINED_ON}"),
         "test and train": (link_train_to_test,
                            r"cars_train/00001\.jpg \(the same file as .*cars_test/00001\.jpg\) is listed twice, as "
                            r"annotation 1 of devkit/cars_train_annos\.mat and annotation 1 of "
@@ -387,6 +538,31 @@ def test_make_data_and_the_recipes_follow_dataset():
         assert (EXPERIMENTS / f"{name}_vgg16_stage1.yaml").is_file() and load_config(
             EXPERIMENTS / f"{name}_vgg16_stage1.yaml").data.format == name
 
+
+
+@pytest.mark.parametrize("target, variables", [
+    ("data", {"DATA": "/tmp/my data/CUB_200_2011"}),
+    ("data", {"DATA_DIR": "/tmp/my data", "DATASET": "aircraft"}),
+    ("stage1", {"DATA": "/tmp/my data/CUB"}),
+    ("stage2", {"DATA": "/tmp/Jo's data/CUB", "SEEDS": "2"}),
+    ("train", {"CONFIG": "/tmp/my configs/cub.yaml", "DATA": "/tmp/two  spaces"}),
+    ("eval", {"CHECKPOINT": "/tmp/my runs/best.pt", "DATA": "/tmp/my data/CUB"}),
+    ("eval", {"DATA": "/tmp/my data/CUB", "SEEDS": "1"}),
+])
+def test_make_passes_each_path_to_the_command_as_one_argument(target, variables):
+    result = subprocess.run(["make", "-n", target, *(f"{name}={value}" for name, value in variables.items()),
+                             "PY=python3"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # What the shell runs: a recipe's continued lines joined, then split into words as sh splits them.
+    commands = [shlex.split(line) for line in result.stdout.replace("\\\n", "").splitlines()]
+    commands = [words for words in commands if "-m" in words]
+    option = {"DATA": "--root" if target == "data" else "--data-root", "DATA_DIR": "--root", "CONFIG": "--config",
+              "CHECKPOINT": "--checkpoint"}
+    assert len(commands) == 1, result.stdout  # a SEEDS=N loop is one command line too
+    for words in commands:
+        for name, value in variables.items():
+            if name in option:
+                assert words[words.index(option[name]) + 1] == value, words
 
 
 @pytest.mark.parametrize("name", NEW_FORMATS)

@@ -12,6 +12,10 @@ from bcnn.errors import UserError, exit_on_user_error
 
 
 def _verify(args: argparse.Namespace) -> None:
+    if args.split_seed < 0:
+        raise UserError(f"--split-seed must be at least 0, got {args.split_seed}; pass 0 or a positive whole number.")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}; pass e.g. 0.1, or 0 for no val.")
     refuse_a_file(args.root, "--root", READERS[args.format].FOLDER_HOLDS)
     print(describe(args.root, args.format, args.val_fraction, args.split_seed))
 
@@ -46,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     synth.add_argument("--seed", type=int, default=0, help="same seed, same files")
     synth.add_argument("--image-size", type=int, default=96, help="typical image side in pixels")
     synth.set_defaults(run=_synth)
-    verify = commands.add_parser("verify", help="check a dataset and print its per-split image counts")
+    verify = commands.add_parser("verify", help="check a dataset (its tables, boxes and every image, opened as "
+                                                "training opens it) and print its per-split image counts")
     verify.add_argument("--root", required=True, help="the dataset's folder (the one --data-root takes)")
     verify.add_argument("--format", choices=tuple(READERS), default="cub", help="dataset layout")
     verify.add_argument("--val-fraction", type=float, default=0.1, help="share of each class held out as val")

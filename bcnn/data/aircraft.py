@@ -13,6 +13,7 @@ from bcnn.data.dataset import (_ImageDataset, check_images, check_synthetic_size
                                describe_splits, path_only, read_utf8, select_split, synthetic_image)
 from bcnn.data.download import download_dataset, fetch_advice, make_folder
 from bcnn.errors import UserError
+from bcnn.paths import not_a_file
 
 AIRCRAFT_URL = "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"
 AIRCRAFT_MD5 = "d4acdd33327262359767eeaa97a4f732"
@@ -48,6 +49,22 @@ def _official_split(root: Path, split: str, level: str) -> tuple[list[tuple[str,
     return [listed[index] for index in range(len(listed))], listed.classes
 
 
+def _check_class_list(path: Path, level: str) -> None:
+    """torchvision takes every line of the class list as a class, as it stands: a blank line would be a class
+    named '' and a name given twice two classes, one of them never labelled (the model would keep an output for
+    it); either is one sentence naming the line."""
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(read_utf8(path, f"fix the file or {REEXTRACT}").splitlines(), 1):
+        name = line.strip()
+        if not name:
+            raise UserError(f"line {number} of {path} is blank, which would be a {level} without a name; delete the "
+                            f"line or {REEXTRACT}.")
+        if name in first_line:
+            raise UserError(f"line {number} of {path} names the {level} {name!r} again (line {first_line[name]} "
+                            f"does); delete one of them or {REEXTRACT}.")
+        first_line[name] = number
+
+
 def read_aircraft(root: Path, level: str = "variant") -> tuple[list[str], list, list, list]:
     """Check an fgvc-aircraft-2013b folder; return (class names, official train, val, test), records (path, label)."""
     if level not in LEVELS:
@@ -56,10 +73,12 @@ def read_aircraft(root: Path, level: str = "variant") -> tuple[list[str], list, 
                              fetch_advice(root, AIRCRAFT_FOLDER, "aircraft"))
     needed = [LEVELS[level]] + [f"images_{level}_{split}.txt" for split in ("train", "val", "test")]
     for name in needed:
-        if not (root / "data" / name).is_file():
-            raise UserError(f"{root / 'data' / name} is missing, so {root} is not a complete {AIRCRAFT_FOLDER} "
+        kind = not_a_file(root / "data" / name)
+        if kind:
+            raise UserError(f"{root / 'data' / name} is {kind}, so {root} is not a complete {AIRCRAFT_FOLDER} "
                             f"folder; {REEXTRACT}.")
         read_utf8(root / "data" / name, f"fix the file or {REEXTRACT}")  # torchvision would misreport it
+    _check_class_list(root / "data" / LEVELS[level], level)
     splits = {split: _official_split(root, split, level) for split in ("train", "val", "test")}
     # torchvision keeps each list's order, one image per line (it refuses a blank line), so line numbers are exact.
     check_images({split: [(path, f"data/images_{level}_{split}.txt", f"line {number}")

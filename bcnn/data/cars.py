@@ -8,22 +8,26 @@ There is no working official download: Stanford took the files down. torchvision
 
 from __future__ import annotations
 
+import inspect
+import math
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 from torchvision.datasets import StanfordCars
 
-from bcnn.data.dataset import (_BoxedDataset, check_images, check_synthetic_sizes, check_torchvision_folder,
-                               describe_splits, path_only, synthetic_image)
+from bcnn.data.dataset import (_BoxedDataset, check_box, check_images, check_synthetic_sizes,
+                               check_torchvision_folder, describe_splits, path_only, synthetic_image)
 from bcnn.data.download import make_folder, placed_by_hand
 from bcnn.errors import UserError
+from bcnn.paths import not_a_file
 
 CARS_FOLDER = "stanford_cars"  # torchvision only reads the dataset under this folder name
 CARS_FILES = {"train": ("devkit/cars_train_annos.mat", "cars_train"),
               "test": ("cars_test_annos_withlabels.mat", "cars_test")}
 HOLDS = "devkit/, cars_train/, cars_test/ and cars_test_annos_withlabels.mat"
 REFETCH = "fetch that file again from your copy of the original release"
+CORRECT_BOX = f"correct it or {REFETCH}"
 
 
 def get_cars(folder: Path) -> str:
@@ -42,47 +46,59 @@ def _load_mat(path: Path, key: str):
         raise UserError(f"cannot read {path} as a MATLAB file ({error}); {REFETCH}.") from None
 
 
-def _boxes(mat_path: Path) -> dict[str, tuple[float, float, float, float]]:
-    """fname -> (x, y, w, h) from the devkit's 1-based, corner-inclusive (x1, y1, x2, y2)."""
-    boxes = {}
-    for row in np.atleast_1d(_load_mat(mat_path, "annotations")):
+def _boxes(mat_path: Path) -> list[tuple[tuple[float, float, float, float], str]]:
+    """Per annotation, in the file's order: ((x, y, w, h) from the devkit's 1-based, corner-inclusive (x1, y1, x2,
+    y2), checked by check_box; the words naming the annotation, for a sentence about its box later)."""
+    boxes = []
+    for number, row in enumerate(np.atleast_1d(_load_mat(mat_path, "annotations")), 1):
         try:
             x1, y1, x2, y2 = (float(row[field]) for field in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))
-            boxes[str(row["fname"])] = (x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1)
+            fname = str(row["fname"])
         except (ValueError, TypeError, IndexError):
             raise UserError(f"{mat_path} has an annotation without bbox_x1..bbox_y2 and fname; {REFETCH}.") from None
+        described = (f"the box of annotation {number} of {mat_path} ({fname}; bbox_x1 y1 x2 y2: "
+                     f"{x1:g} {y1:g} {x2:g} {y2:g})")
+        boxes.append((check_box((x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1), described, CORRECT_BOX), described))
     return boxes
 
 
 def _official_split(root: Path, split: str, num_classes: int) -> list[tuple[str, int, tuple]]:
     mat_name = CARS_FILES[split][0]
     boxes = _boxes(root / mat_name)  # first: a damaged file is then one sentence, whatever torchvision would raise
+    if "loader" not in inspect.signature(StanfordCars).parameters:
+        raise UserError("data.format=cars reads the devkit with torchvision's StanfordCars(loader=...), which this "
+                        "torchvision lacks; upgrade it (pip install -U torchvision).")
     try:
         listed = StanfordCars(root.parent, split, loader=path_only)
         pairs = [listed[index] for index in range(len(listed))]
-    except TypeError:  # a torchvision whose datasets take no loader=
-        raise UserError("data.format=cars reads the devkit with torchvision's StanfordCars(loader=...), which this "
-                        "torchvision lacks; upgrade it (pip install -U torchvision).") from None
-    except (ValueError, IndexError, KeyError) as error:
+    except (ValueError, IndexError, KeyError, TypeError) as error:  # TypeError: e.g. a table of one annotation
         raise UserError(f"cannot read the annotations in {root / mat_name} ({error!r}); {REFETCH}.") from None
     records = []
-    for path, label in pairs:
-        label = int(label)
-        if not 0 <= label < num_classes:
-            raise UserError(f"{root / mat_name} gives {Path(path).name} class {label + 1}, but cars_meta.mat has "
+    # torchvision lists the annotations in the file's order, as _boxes does: matched by position, not by fname,
+    # which a file may give twice (check_images then says so) or with a folder in it.
+    for (path, label), box in zip(pairs, boxes, strict=True):
+        try:
+            number = float(label) + 1  # the file's own, 1-based
+        except (TypeError, ValueError):  # an empty class field
+            number = math.nan
+        if not (number.is_integer() and 1 <= number <= num_classes):  # int() would make 2.5 class 2 silently
+            raise UserError(f"{root / mat_name} gives {Path(path).name} class {number:g}, but cars_meta.mat has "
                             f"classes 1..{num_classes}; {REFETCH}.")
-        records.append((path, label, boxes[Path(path).name]))
+        records.append((path, int(number) - 1, *box))
     return records
 
 
 def read_cars(root: Path) -> tuple[list[str], list, list]:
-    """Check a stanford_cars folder; return (class names, official train, test), records (path, label, bbox)."""
+    """Check a stanford_cars folder; return (class names, official train, test), records (path, label, bbox, the
+    words naming the bbox's annotation)."""
     check_torchvision_folder(root, "Stanford Cars", CARS_FOLDER, "devkit", HOLDS, "StanfordCars", get_cars(root))
     for relative in ("devkit/cars_meta.mat", *(name for files in CARS_FILES.values() for name in files)):
         path, folder = root / relative, not relative.endswith(".mat")
-        if not (path.is_dir() if folder else path.is_file()):
-            state = "missing" if not path.exists() else "not a folder" if folder else "a folder"
-            raise UserError(f"{path} is {state}; restore it from your copy of the original Stanford Cars release.")
+        kind = not_a_file(path)  # None for a file
+        if folder:
+            kind = None if kind == "a folder" else kind if kind == "missing" else f"{kind or 'a file'}, not a folder"
+        if kind:
+            raise UserError(f"{path} is {kind}; restore it from your copy of the original Stanford Cars release.")
     classes = [str(name) for name in np.atleast_1d(_load_mat(root / "devkit" / "cars_meta.mat", "class_names"))]
     splits = {split: _official_split(root, split, len(classes)) for split in CARS_FILES}
     # torchvision lists the annotations in the file's order, so entry numbers point into the .mat file.
@@ -96,6 +112,7 @@ class StanfordCarsDataset(_BoxedDataset):
     """Stanford Cars (196 classes) with its boxes; val is a stratified hold-out of the official train split."""
 
     ADD_TRAINING_IMAGES = f"{REFETCH}: every class needs images in cars_train_annos.mat"
+    FIX_BOX = CORRECT_BOX
     FOLDER_HOLDS = HOLDS
     read = staticmethod(read_cars)
 

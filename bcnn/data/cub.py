@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bcnn.data.dataset import (_BoxedDataset, check_dataset_folder, check_images, check_synthetic_sizes,
+from bcnn.data.dataset import (_BoxedDataset, check_box, check_dataset_folder, check_images, check_synthetic_sizes,
                                clean_class_name, describe_splits, read_utf8, synthetic_image)
 from bcnn.data.download import download_dataset, fetch_advice, make_folder
 from bcnn.errors import UserError
+from bcnn.paths import not_a_file
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -33,12 +34,14 @@ CUB_TABLES = {  # file -> how to parse the fields after the leading id
 }
 
 
-def read_id_table(root: Path, name: str, parse, complete: str, key=int) -> dict:
+def read_id_table(root: Path, name: str, parse, complete: str, key=int, check=None) -> dict:
     """`<id> <fields>` lines of root/name -> {key(id): parse(fields)}, the text-file format of CUB and NABirds;
-    a line that does not parse is reported by number. complete: what to do about a missing or damaged file."""
+    a line that does not parse is reported by number. complete: what to do about a missing or damaged file.
+    check(value, "line N of <path>"), if given, refuses a value that parses but is wrong, or returns what to keep."""
     path, table = root / name, {}
-    if not path.is_file():
-        raise UserError(f"{path} is missing, so {root} is not a complete dataset folder; {complete}.")
+    kind = not_a_file(path)
+    if kind:
+        raise UserError(f"{path} is {kind}, so {root} is not a complete dataset folder; {complete}.")
     for number, line in enumerate(read_utf8(path, complete).splitlines(), 1):
         if not line.strip():
             continue
@@ -49,8 +52,17 @@ def read_id_table(root: Path, name: str, parse, complete: str, key=int) -> dict:
             raise UserError(f"line {number} of {path} is malformed ({line.strip()!r}); {complete}.") from None
         if identifier in table:
             raise UserError(f"id {identifier} appears twice in {path} (line {number}); {complete}.")
-        table[identifier] = value
+        table[identifier] = value if check is None else check(value, f"line {number} of {path}")
     return table
+
+
+def box_check(fix: str):
+    """read_id_table's check of a bounding_boxes.txt (CUB's and NABirds'): each (x, y, w, h) box checked
+    (check_box) and kept with the words that name it, its line, for a sentence about it later (box_in_image)."""
+    def check(box, where: str):
+        described = f"the box on {where} (x y width height: {' '.join(f'{value:g}' for value in box)})"
+        return check_box(box, described, fix), described
+    return check
 
 
 def split_by_flag(records: dict, is_train: dict, fix: str) -> tuple[list, list]:
@@ -83,18 +95,22 @@ def _check_tables(root: Path, tables: dict) -> None:
 
 
 def read_cub(root: Path) -> tuple[list[str], list, list]:
-    """Validate a CUB_200_2011 folder; return (class names, official train, test), records (path, label, bbox)."""
+    """Validate a CUB_200_2011 folder; return (class names, official train, test), records (path, label, bbox, the
+    words naming the bbox's line)."""
     get = fetch_advice(root, CUB_FOLDER, "cub")
     check_dataset_folder(root, "CUB-200-2011", HOLDS, get, CUB_FOLDER, "images.txt")
-    if not (root / "images.txt").is_file():
-        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a CUB_200_2011 folder; {get}.")
-    tables = {name: read_id_table(root, name, parse, REEXTRACT) for name, parse in CUB_TABLES.items()}
+    kind = not_a_file(root / "images.txt")
+    if kind:
+        raise UserError(f"{root / 'images.txt'} is {kind}, so {root} is not a CUB_200_2011 folder; {get}.")
+    checks = {"bounding_boxes.txt": box_check(REEXTRACT)}
+    tables = {name: read_id_table(root, name, parse, REEXTRACT, check=checks.get(name))
+              for name, parse in CUB_TABLES.items()}
     if not (root / "images").is_dir():
         raise UserError(f"{root / 'images'} is not a folder; {REEXTRACT}.")
     _check_tables(root, tables)
     records = {
         image_id: (str(root / "images" / rel_path), tables["image_class_labels.txt"][image_id] - 1,
-                   tables["bounding_boxes.txt"][image_id])
+                   *tables["bounding_boxes.txt"][image_id])
         for image_id, rel_path in sorted(tables["images.txt"].items())
     }
     trainval, test = split_by_flag(records, tables["train_test_split.txt"], REEXTRACT)
@@ -105,6 +121,7 @@ class CUB200(_BoxedDataset):
     """CUB-200-2011 read from its text files; labels are class_id - 1; `bboxes` are (x, y, w, h) per sample."""
 
     ADD_TRAINING_IMAGES = "mark images of every class 1 (train) in train_test_split.txt, or re-extract CUB_200_2011.tgz"
+    FIX_BOX = REEXTRACT
     FOLDER_HOLDS = HOLDS
     read = staticmethod(read_cub)
 

@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from bcnn.data.transforms import IMAGENET_NORMALISATION
 from bcnn.errors import UserError
+from bcnn.paths import file_kind, not_a_file
 
 SPLITS = ("train", "val", "trainval", "test")
 REPLACE_IMAGE = "replace it with a readable image, or re-extract the dataset's archive"
@@ -47,29 +49,52 @@ def _to_rgb(image: Image.Image, path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as 8-bit RGB (a dataset cuts it to its region).
-
-    16-bit images are scaled by their range; 32-bit integer and float images are refused, as are images over
-    Pillow's decompression-bomb limit, twice Image.MAX_IMAGE_PIXELS.
-    """
+def check_image_file(path: str) -> None:
+    """Before an image file is opened: it is a regular file, or the sentence of load_rgb says what it is instead
+    (a folder, a named pipe, whose open() would wait for a writer forever) or why it cannot be reached."""
     try:
-        with warnings.catch_warnings():
-            # Between 1x and 2x the limit Pillow opens the image and warns: a large photo, not an attack, and a
-            # warning per image in every loader worker would bury the log.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image = _to_rgb(image, path)  # decodes now, so a truncated file fails here and not mid-transform
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise _unreadable(path, (error.strerror or str(error)).lower()) from None
+    if not stat.S_ISREG(mode):
+        raise _unreadable(path, f"it is {file_kind(mode)}, not an image file")
+
+
+def _open_rgb(path: str, draft: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """load_rgb's work without its warning filter: (8-bit RGB image, the file's (width, height)). draft: decode a
+    JPEG at 1/8 scale (libjpeg's DCT scaling), which still reads and entropy-decodes every byte of it, so a truncated
+    or damaged file is refused as by the full decode, in about half the time; for checking, never for training."""
+    check_image_file(path)
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            if draft:
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # a no-op but for JPEGs
+            image = _to_rgb(image, path)  # decodes now, so a truncated file fails here and not mid-transform
     except Image.DecompressionBombError as error:  # raised by Image.open, before anything is decoded
         pixels = int(re.search(r"\d+", str(error))[0])  # Pillow's message starts "Image size (N pixels)"
         limit = 2 * Image.MAX_IMAGE_PIXELS
         raise _unreadable(path, f"it has {pixels / 1e6:.1f} megapixels, over the {limit / 1e6:.1f}-megapixel limit "
                                 "Pillow sets against decompression bombs (downscale it)") from None
-    except (OSError, ValueError) as error:  # also missing, unreadable, truncated (LOAD_TRUNCATED_IMAGES stays off)
+    except (OSError, ValueError) as error:  # also unreadable, truncated (LOAD_TRUNCATED_IMAGES stays off)
         # Pillow raises ValueError for some malformed files, e.g. a PGM whose maxval or pixel is out of range.
         reason = "not an image" if isinstance(error, UnidentifiedImageError) else getattr(error, "strerror", None)
         raise _unreadable(path, (reason or str(error)).lower()) from None
-    return image
+    return image, size
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any PIL mode (CUB has grayscale and CMYK JPEGs) as 8-bit RGB (a dataset cuts it to its region).
+
+    16-bit images are scaled by their range; 32-bit integer and float images are refused, as are images over
+    Pillow's decompression-bomb limit, twice Image.MAX_IMAGE_PIXELS, and paths that are not files (a folder, a
+    named pipe).
+    """
+    with warnings.catch_warnings():
+        # Between 1x and 2x the limit Pillow opens the image and warns: a large photo, not an attack, and a
+        # warning per image in every loader worker would bury the log.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _open_rgb(path)[0]
 
 
 def path_only(path: str) -> str:
@@ -77,13 +102,31 @@ def path_only(path: str) -> str:
     return path
 
 
-def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) pixels of an (x, y, w, h) box in a width x height image. Boxes are floats and a
-    few poke past the border: clamp, and keep the whole image if nothing is left."""
+def check_box(box: tuple[float, float, float, float], described: str, fix: str) -> tuple[float, float, float, float]:
+    """An (x, y, w, h) box as a reader reads it, refused unless it encloses some of its image: finite, of positive
+    width and height, not wholly left of or above the image (box_in_image checks the other two sides, which need
+    the image's size). described: "the box on line 4 of <file> (x y width height: ...)", as the file writes it.
+    Returns the box."""
+    x, y, w, h = box
+    if not all(math.isfinite(value) for value in box):
+        problem = "has a value that is not a finite number"
+    elif w <= 0 or h <= 0:
+        side, value = ("width", w) if w <= 0 else ("height", h)
+        problem = f"has {'zero' if value == 0 else 'a negative'} {side}, so it encloses nothing"
+    elif x + w <= 0 or y + h <= 0:
+        problem = f"lies wholly {'left of' if x + w <= 0 else 'above'} its image"
+    else:
+        return box
+    raise UserError(f"{described} {problem}; {fix}.")
+
+
+def box_pixels(width: int, height: int, box: tuple[float, float, float, float]) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) pixels of an (x, y, w, h) box in a width x height image: boxes are floats and
+    some poke past the border, so they are clipped; None when no part of the box is in the image."""
     x, y, w, h = box
     left, top = max(0, math.floor(x)), max(0, math.floor(y))
     right, bottom = min(width, math.ceil(x + w)), min(height, math.ceil(y + h))
-    return (left, top, right, bottom) if right > left and bottom > top else (0, 0, width, height)
+    return (left, top, right, bottom) if right > left and bottom > top else None
 
 
 def check_synthetic_sizes(title: str, classes: int, per_class: int, image_size: int, least_classes: int = 1) -> None:
@@ -96,9 +139,15 @@ def check_synthetic_sizes(title: str, classes: int, per_class: int, image_size: 
 
 
 def refuse_a_file(root, option: str, holds: str) -> None:
-    """A dataset folder given as a file: one sentence naming the option (or "the dataset folder") that gave it."""
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise UserError(f"{option} {root} is a file, not a folder; pass the dataset's folder, the one holding {holds}.")
+    """A dataset folder given as a file (or a named pipe, ...): one sentence naming the option (or "the dataset
+    folder") that gave it."""
+    try:
+        mode = os.stat(root).st_mode
+    except OSError:
+        return  # missing: the reader says so, with where to get the dataset
+    if not stat.S_ISDIR(mode):
+        raise UserError(f"{option} {root} is {file_kind(mode)}, not a folder; pass the dataset's folder, the one "
+                        f"holding {holds}.")
 
 
 def check_dataset_folder(root: Path, title: str, holds: str, get: str, folder: str | None = None,
@@ -124,12 +173,15 @@ def check_torchvision_folder(root: Path, title: str, folder: str, marker: str, h
 
 def read_utf8(path: Path, fix: str) -> str:
     """A dataset's text file as text; a byte that is not UTF-8 is reported by its line, a file that cannot be read
-    (no read permission, an I/O error) by the system's reason."""
+    (no read permission, an I/O error) by the system's reason, a leading byte-order mark as such."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise UserError(f"cannot read {path} ({error.strerror or error}); give your user read access to it "
                         f"(chmod a+r), or {fix}.") from None
+    if data.startswith(b"\xef\xbb\xbf"):  # torchvision, which reads some of the lists, would take it for text
+        raise UserError(f"{path} starts with a byte-order mark (as some Windows editors save UTF-8), which would be "
+                        f"read as part of its first line; save it without the mark, or {fix}.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -164,16 +216,17 @@ def check_images(splits: dict[str, list[Listed]], listed_in: str, fix: str) -> N
     trained on). Sameness is the file's (device, inode), so a symlink or hard link to a listed image is caught too;
     one stat per image, which checking that the image exists costs anyway."""
     seen: dict = {}
-    missing, first_twice, count = [], None, 0
+    missing, odd, first_twice, count = [], None, None, 0
     for split, images in splits.items():
         for listed in images:
             count += 1
             try:
                 status = os.stat(listed[0])
             except OSError:
-                status = None
-            if status is None or not stat.S_ISREG(status.st_mode):
                 missing.append(listed[0])
+                continue
+            if not stat.S_ISREG(status.st_mode):  # a folder, a named pipe (which training would wait on forever)
+                odd = odd or (listed, file_kind(status.st_mode))
                 continue
             # Some filesystems (FAT, a few network ones) report inode 0 for every file: fall back to the path.
             key = (status.st_dev, status.st_ino) if status.st_ino else os.path.normpath(listed[0])
@@ -183,6 +236,10 @@ def check_images(splits: dict[str, list[Listed]], listed_in: str, fix: str) -> N
     if missing:
         raise UserError(f"{len(missing)} of {count} images listed in {listed_in} are missing, the first is "
                         f"{missing[0]}; {fix}.")
+    if odd:
+        (path, file, entry), kind = odd
+        where = f"{entry} of {file}" if file else listed_in
+        raise UserError(f"{path}, listed as {where}, is {kind}, not an image file; {fix}.")
     if first_twice:
         raise listed_twice(*first_twice, fix)
 
@@ -216,6 +273,8 @@ def select_split(split: str, trainval: list, test: list, val_fraction: float, sp
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; fix data.val_fraction.")
+    if split_seed < 0:  # numpy's generators take no negative seed
+        raise UserError(f"split_seed must be at least 0, got {split_seed}; fix data.split_seed.")
     if split == "test":
         return test
     if official_val is not None:
@@ -275,8 +334,14 @@ class _ImageDataset(Dataset):
             raise _unreadable(self.samples[index][0], f"it is {height} px high, no more than the {self.bottom_crop}-px "
                                                       "banner this format cuts off its bottom")
         height -= self.bottom_crop
-        box = self._box(index)
-        return (0, 0, width, height) if box is None else box_pixels(width, height, box)
+        return (0, 0, width, height) if self._box(index) is None else self.box_in_image(index, width, height)
+
+    def check_image(self, index: int) -> tuple[int, int]:
+        """Refuse sample index as training would, without keeping its pixels (a JPEG is decoded at 1/8 scale, which
+        refuses the same files: _open_rgb); returns the file's (width, height). For `python -m bcnn.data verify`."""
+        width, height = _open_rgb(self.samples[index][0], draft=True)[1]
+        self.region(index, width, height)
+        return width, height
 
     def load_image(self, index: int) -> Image.Image:
         """Sample index as 8-bit RGB, cut to its region (banner off, box when asked)."""
@@ -306,6 +371,7 @@ class _BoxedDataset(_ImageDataset):
 
     HAS_BOXES = True
     OPTIONS = ("crop_to_bbox",)
+    FIX_BOX = ""  # what to do about a box that misses its image, in the format's own terms
 
     def __init__(self, root, split="train", val_fraction=0.0, split_seed=0, crop_to_bbox=False,
                  transform=None, target_transform=None):
@@ -313,7 +379,8 @@ class _BoxedDataset(_ImageDataset):
         classes, trainval, test = self.read(root)
         records = select_split(split, trainval, test, val_fraction, split_seed)
         super().__init__(root, split, classes, records, transform, target_transform)
-        self.bboxes = [box for _, _, box in records]
+        self.bboxes = [box for _, _, box, _ in records]
+        self.box_sources = [described for *_, described in records]  # for the sentence about a box: check_box's
         self.crop_to_bbox = crop_to_bbox
 
     def read(self, root: Path) -> tuple[list[str], list, list]:
@@ -322,14 +389,57 @@ class _BoxedDataset(_ImageDataset):
     def _box(self, index: int):
         return self.bboxes[index] if self.crop_to_bbox else None
 
+    def box_in_image(self, index: int, width: int, height: int) -> tuple[int, int, int, int]:
+        """box_pixels of sample index's box in its width x height image; a box with no part in the image (the
+        readers refused those left of or above it) is refused, naming the line or annotation that gave it."""
+        pixels = box_pixels(width, height, self.bboxes[index])
+        if pixels is None:
+            side = (f"right of its image, which is {width} px wide" if self.bboxes[index][0] >= width else
+                    f"below its image, which is {height} px high")
+            raise UserError(f"{self.box_sources[index]} lies wholly {side} ({self.samples[index][0]}); "
+                            f"{self.FIX_BOX}.")
+        return pixels
+
+    def check_image(self, index: int) -> tuple[int, int]:
+        """_ImageDataset.check_image, and the box is in the image whether or not training crops to it (the
+        pointing game of bcnn.eval reads it too)."""
+        width, height = super().check_image(index)
+        self.box_in_image(index, width, height - self.bottom_crop)
+        return width, height
+
 
 def describe_splits(dataset_class, root, val_fraction: float = 0.0, split_seed: int = 0) -> str:
     """One line for `python -m bcnn.data verify` and the download: classes and per-split image counts."""
     splits = ("trainval", "train", "val", "test") if val_fraction > 0 else ("trainval", "test")
     sets = {split: dataset_class(root, split, val_fraction, split_seed) for split in splits}
+    check_every_image([sets["trainval"], sets["test"]])
     official = " (the official val split)" if dataset_class.OFFICIAL_VAL else ""
     counts = ", ".join(f"{split} {len(dataset)}{official if split == 'val' else ''}" for split, dataset in sets.items())
     return f"{sets['test'].root}: {len(sets['test'].classes)} classes; images: {counts}"
+
+
+def check_every_image(datasets: list[_ImageDataset]) -> None:
+    """Each image of datasets refused or passed as training would (check_image), in threads: Pillow decodes with
+    the GIL released. One image's problem is its own sentence; with more, the count is added to the first's."""
+    jobs = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
+
+    def problem(job) -> UserError | None:
+        try:
+            job[0].check_image(job[1])
+        except UserError as error:
+            return error
+        return None
+
+    # Filters set here, in the main thread, hold for the pool's threads; load_rgb's own catch_warnings would
+    # race between them (it saves and restores the process's one filter list).
+    with warnings.catch_warnings(), ThreadPoolExecutor() as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        errors = [error for error in pool.map(problem, jobs) if error is not None]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        first = str(errors[0])
+        raise UserError(f"{first[:-1]} ({len(errors) - 1} more of the {len(jobs)} images fail too).")
 
 
 def clean_class_name(folder_name: str) -> str:

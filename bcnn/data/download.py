@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from bcnn.errors import UserError
+from bcnn.paths import file_kind
+
 
 def md5_of(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
@@ -74,10 +76,12 @@ def fetch_advice(root: Path, folder: str, dataset: str) -> str:
 def check_room(folder: Path) -> None:
     """Before a command makes or fills folder: no file stands at folder or above it, named in one sentence."""
     blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocker is None:
+        return
+    kind = file_kind(blocker.stat().st_mode)  # a file, or a named pipe, ...
     if blocker == folder:
-        raise UserError(f"{folder} is a file, where a folder belongs; pass another --root or move it away.")
-    if blocker is not None:
-        raise UserError(f"{blocker} is a file, so {folder} cannot be made; pass another --root or move it away.")
+        raise UserError(f"{folder} is {kind}, where a folder belongs; pass another --root or move it away.")
+    raise UserError(f"{blocker} is {kind}, so {folder} cannot be made; pass another --root or move it away.")
 
 
 def make_folder(folder: Path) -> None:

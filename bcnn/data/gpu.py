@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
-from bcnn.data.dataset import _ImageDataset, load_rgb
+from bcnn.data.dataset import _ImageDataset, check_image_file, load_rgb
 from bcnn.data.jpeg import bytes_tensor, decode_jpegs, default_decoder, exif_turned
 from bcnn.data.loader import build_loader
 from bcnn.errors import UserError
@@ -53,6 +53,7 @@ class EncodedFiles(Dataset):
     def __getitem__(self, item: int | tuple[int, int]):
         index, seed = item if isinstance(item, tuple) else (item, -1)
         path, label = self.dataset.samples[index]
+        check_image_file(path)  # a folder or a named pipe (whose read would wait forever) is named for what it is
         try:
             raw = Path(path).read_bytes()
         except OSError:  # missing or unreadable: PIL's reading gives the one-sentence error

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bcnn.data.cub import read_id_table, split_by_flag
+from bcnn.data.cub import box_check, read_id_table, split_by_flag
 from bcnn.data.dataset import (_BoxedDataset, check_dataset_folder, check_synthetic_sizes, describe_splits,
                                synthetic_image)
 from bcnn.data.download import make_folder, placed_by_hand
 from bcnn.errors import UserError
+from bcnn.paths import not_a_file
 
 NABIRDS_FOLDER = "nabirds"
 HOLDS = "images.txt and images/"
@@ -69,11 +70,15 @@ def _ancestors(class_id: int, parents: dict[int, int], names: dict[int, str]) ->
 
 def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
     """Check a nabirds folder; return (leaf class names, their ancestors' names, official train, test); records
-    are (path, label, bbox), labels 0..K-1 over the leaf classes images use, in class-id order."""
+    are (path, label, bbox, the words naming the bbox's line), labels 0..K-1 over the leaf classes images use, in
+    class-id order."""
     check_dataset_folder(root, "NABirds", HOLDS, get_nabirds(root), NABIRDS_FOLDER, "images.txt")
-    if not (root / "images.txt").is_file():
-        raise UserError(f"{root / 'images.txt'} is missing, so {root} is not a NABirds folder; {get_nabirds(root)}.")
-    tables = {name: read_id_table(root, name, parse, REEXTRACT, key) for name, (parse, key) in NABIRDS_TABLES.items()}
+    kind = not_a_file(root / "images.txt")
+    if kind:
+        raise UserError(f"{root / 'images.txt'} is {kind}, so {root} is not a NABirds folder; {get_nabirds(root)}.")
+    checks = {"bounding_boxes.txt": box_check(REEXTRACT)}
+    tables = {name: read_id_table(root, name, parse, REEXTRACT, key, checks.get(name))
+              for name, (parse, key) in NABIRDS_TABLES.items()}
     image_ids = set(tables["images.txt"])
     for name in ("image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
         ids = set(tables[name])
@@ -92,7 +97,7 @@ def read_nabirds(root: Path) -> tuple[list[str], list[list[str]], list, list]:
                             f"which hierarchy.txt says is not a leaf; {REEXTRACT}.")
     label_of = {class_id: label for label, class_id in enumerate(used)}
     records = {image_id: (str(root / "images" / rel_path), label_of[tables["image_class_labels.txt"][image_id]],
-                          tables["bounding_boxes.txt"][image_id])
+                          *tables["bounding_boxes.txt"][image_id])
                for image_id, rel_path in sorted(tables["images.txt"].items())}
     trainval, test = split_by_flag(records, tables["train_test_split.txt"], REEXTRACT)
     ancestors = [_ancestors(class_id, parents, names) for class_id in used]
@@ -103,6 +108,7 @@ class NABirdsDataset(_BoxedDataset):
     """NABirds over its leaf classes; `ancestors[label]` names the class's coarser groups, nearest first."""
 
     ADD_TRAINING_IMAGES = "mark images of every class 1 (train) in train_test_split.txt, or re-extract nabirds.tar.gz"
+    FIX_BOX = REEXTRACT
     FOLDER_HOLDS = HOLDS
 
     def read(self, root: Path) -> tuple[list[str], list, list]:
