@@ -142,7 +142,7 @@ def load_checkpoint(path: str | Path, option: str = "--checkpoint", needs: tuple
         raise UserError(f"checkpoint {path}'s 'classes' entry is not a list of class names; {then}.")
     if "config" in needs and not isinstance(state["config"], dict):
         raise UserError(f"checkpoint {path}'s 'config' entry is not a config (a dict of sections); {then}.")
-    check_finite(state["model"], path)
+    check_finite(state["model"], f"checkpoint {path}")
     return state
 
 
@@ -150,16 +150,17 @@ def _is_state_dict(state) -> bool:
     return isinstance(state, dict) and bool(state) and all(isinstance(value, torch.Tensor) for value in state.values())
 
 
-def check_finite(weights: dict, path) -> None:
+def check_finite(weights: dict, source: str) -> None:
     """Weights holding NaN or inf (a run that diverged, a damaged file) give NaN logits, which argmax reads as class
-    0: refused by name rather than evaluated, predicted from or trained on."""
+    0: refused by name rather than evaluated, predicted from or trained on. source: the file, as the error names it
+    ("checkpoint runs/x/best.pt")."""
     bad = [name for name, value in weights.items()
            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
         first = weights[bad[0]]
         count = int((~torch.isfinite(first)).sum())
         more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        raise UserError(f"checkpoint {path} holds NaN or inf weights: {count} of the {first.numel():,} values of {bad[0]}"
+        raise UserError(f"{source} holds NaN or inf weights: {count} of the {first.numel():,} values of {bad[0]}"
                         f"{more}; the run diverged or the file is damaged: use an earlier checkpoint, or train again "
                         "with a lower learning rate.")
 
@@ -173,7 +174,7 @@ def load_weights(path: str | Path) -> dict:
         state = {"model": state}
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is neither a bcnn checkpoint nor a state dict of tensors; use another file.")
-    check_finite(state["model"], path)
+    check_finite(state["model"], f"checkpoint {path}")
     return state
 
 

@@ -3,7 +3,10 @@ cache, frozen means frozen for the batch-norm families; a full bilinear head on 
 end to end on one network of each family, on a timm network and of the ResNet-50 recipe (random weights: nothing
 is downloaded)."""
 
+import dataclasses
+import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from torchvision.models import ResNet50_Weights
 from bcnn import eval as eval_cli
 from bcnn import train as train_cli
 from bcnn.config import ModelConfig, load_config
-from bcnn.errors import UserError
+from bcnn.errors import UserError, exit_on_user_error
 from bcnn.models import build_model
 from bcnn.models.backbones import FAMILIES, build_backbone, input_normalisation, resolve_cut
 from helpers.runs import STAGE1
@@ -50,11 +53,108 @@ def test_weights_from_a_file_of_the_whole_torchvision_model(name, tmp_path):
     assert all(torch.equal(loaded[key], expected[key]) for key in expected)
 
 
+def vgg16_file(folder: Path) -> Path:
+    """A state dict with torchvision VGG16's keys and shapes (its convolutions; the classifier left out for size)."""
+    features = FAMILIES["vgg16"].build(init_weights=False).features.state_dict()
+    path = folder / "vgg16.pth"
+    torch.save({f"features.{key}": value for key, value in features.items()}, path)
+    return path
+
+
 def test_a_file_of_another_network_is_refused_in_one_sentence(tmp_path):
-    path = tmp_path / "vgg16.pth"
-    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64)}, path)
-    with pytest.raises(UserError, match=r"vgg16.pth does not fit resnet50's features \(missing: conv1.weight"):
-        build_backbone("resnet50", str(path))
+    with pytest.raises(UserError) as error:
+        build_backbone("resnet50", str(vgg16_file(tmp_path)))
+    assert str(error.value) == (
+        f"{tmp_path / 'vgg16.pth'} does not fit resnet50's features (318 missing: conv1.weight, bn1.weight, bn1.bias, "
+        "...); its keys look like torchvision's vgg16 (features.N.weight); give a state dict of torchvision's "
+        "resnet50 (its state_dict() keys), or use imagenet or none.")
+    # A deeper network of the same family: every key of resnet50 is in it, with its shape, and more.
+    path = tmp_path / "resnet101.pth"
+    torch.save(FAMILIES["resnet101"].build().state_dict(), path)
+    with pytest.raises(UserError, match=r"resnet101.pth does not fit resnet50's features \(306 unexpected: "
+                                        r"layer3.6.conv1.weight, .*its keys look like a resnet101 "):
+        build_backbone("resnet50", str(path), "layer3")
+
+
+def timm_source(arch: str, folder: Path, **options) -> tuple[dict, Path]:
+    """A random timm network's state dict and a file holding it, in a checkpoint's "model" entry as timm's and
+    DeiT's training scripts save it."""
+    timm = pytest.importorskip("timm")
+    state = timm.create_model(arch, **options).state_dict()
+    path = folder / f"{arch}.pth"
+    torch.save({"model": state, "epoch": 3}, path)
+    return state, path
+
+
+@pytest.mark.parametrize("classes", [0, 200])
+def test_a_timm_file_loads_whatever_its_classifier(classes, tmp_path):
+    # A headless file (DINOv2's, or features saved alone) and a network fine-tuned on 200 classes: the backbone
+    # takes every weight but the classifier, which the map never uses.
+    state, path = timm_source("vit_tiny_patch16_224", tmp_path, num_classes=classes)
+    loaded = build_backbone("timm:vit_tiny_patch16_224", str(path), "auto", 224).module.network.model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in loaded.items())
+    assert len(loaded) == len([key for key in state if not key.startswith("head.")])
+
+
+@pytest.mark.parametrize("backbone, source, expected", [
+    # A ViT (as issue 28 found it: 8,000 characters of keys) and a convolutional timm network, which timm used to
+    # load without a word and leave random, each given VGG16's file.
+    ("timm:vit_tiny_patch16_224", None, "vgg16.pth does not fit timm's vit_tiny_patch16_224 (the file holds 0% of its "
+                                        "weights; 150 missing: cls_token, pos_embed, patch_embed.proj.weight, ...; 26 "
+                                        "unexpected: features.0.weight, features.0.bias, features.2.weight, ...); its "
+                                        "keys look like torchvision's vgg16 (features.N.weight); give a state dict of "
+                                        "timm's vit_tiny_patch16_224 (timm.create_model(\"vit_tiny_patch16_224\")."
+                                        "state_dict() keys), or use imagenet or none."),
+    ("timm:resnet18", None, "vgg16.pth does not fit timm's resnet18 (the file holds 0% of its weights; 120 missing: "
+                            "conv1.weight, bn1.weight, bn1.bias, ...; 26 unexpected: features.0.weight, "
+                            "features.0.bias, features.2.weight, ...); its keys look like torchvision's vgg16"),
+    # A shallower network of the same family: its keys are all the deeper one's, which lacks its extra blocks.
+    ("timm:resnet34", "resnet18", "resnet18.pth does not fit timm's resnet34 (the file holds 53% of its weights; 96 "
+                                  "missing: layer1.2.conv1.weight, layer1.2.bn1.weight, layer1.2.bn1.bias, ...); its "
+                                  "keys look like a resnet18 (conv1, layer1...layer4: torchvision's or timm's); give"),
+], ids=["vit", "timm_cnn", "shallower"])
+def test_a_timm_backbone_given_a_file_of_another_network_is_refused_in_a_line(backbone, source, expected, tmp_path,
+                                                                             caplog):
+    pytest.importorskip("timm")
+    path = vgg16_file(tmp_path) if source is None else timm_source(source, tmp_path)[1]
+    with pytest.raises(UserError) as error:
+        build_backbone(backbone, str(path), "auto", 64)
+    message = str(error.value)
+    assert message.startswith(str(path)) and expected in message, message
+    assert len(message) < 600 and "\n" not in message
+    assert "Unexpected keys" not in caplog.text  # timm's own list of them, thousands of characters, is not logged
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "timm:resnet18"])
+def test_a_weights_file_that_is_no_state_dict_is_refused_before_anything_is_built(backbone, tmp_path, monkeypatch):
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    (tmp_path / "folder.pth").mkdir()
+    os.mkfifo(tmp_path / "pipe.pth")  # opening it would wait for a writer: it must never be opened
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "notes.pth").write_text("not weights")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "settings.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # torch.save(model) rather than its state_dict()
+    # nothing is built for a file that is refused: its refusal costs no time
+    monkeypatch.setitem(FAMILIES, "vgg16", dataclasses.replace(
+        FAMILIES["vgg16"], build=lambda **_: pytest.fail("built before the file was read")))
+    expected = {
+        "folder.pth": "folder.pth is a folder; give the file in it that holds a state dict of ",
+        "pipe.pth": "pipe.pth is a named pipe, not a file; give a file holding a state dict of ",
+        "empty.pth": "empty.pth is empty (0 bytes: a download or copy that did not finish?); give a state dict of ",
+        "notes.pth": "notes.pth as a PyTorch state dict (",
+        "list.pth": "list.pth holds a list, not a state dict; give a state dict of ",
+        "settings.pth": "settings.pth holds no tensors (its entries: epoch, lr), so no weights; give a state dict of ",
+        "module.pth": "module.pth holds objects other than tensors (torch.nn.modules.linear.Linear, refused for "
+                      "safety: unpickling it could run code), as torch.save(model) writes; save model.state_dict() "
+                      "instead, and give a state dict of ",
+        "missing.pth": "missing.pth does not exist; give a state dict of ",
+    }
+    for name, sentence in expected.items():
+        with pytest.raises(UserError) as error:
+            build_backbone(backbone, str(tmp_path / name), "auto", 64)
+        assert sentence in str(error.value) and "\n" not in str(error.value), (name, str(error.value))
 
 
 def test_imagenet_weights_of_another_family_come_from_the_hub_cache(tmp_path, monkeypatch):
@@ -109,6 +209,12 @@ def test_a_refused_head_names_its_setting_and_never_suggests_the_refused_value(o
 def test_unknown_backbones_and_cuts_are_one_sentence():
     with pytest.raises(UserError, match="model.backbone must be one of vgg16, vgg19, resnet50"):
         load_config(None, ["--model.backbone=resnet9000"])
+    with pytest.raises(UserError, match=r"got 'VGG16'; did you mean vgg16 or vgg19\?$"):
+        load_config(None, ["--model.backbone=VGG16"])
+    if importlib.util.find_spec("timm"):
+        with pytest.raises(UserError, match=r"got 'vit_small_patch16_224'; timm's vit_small_patch16_224 is "
+                                            r"model.backbone=timm:vit_small_patch16_224\.$"):
+            load_config(None, ["--model.backbone=vit_small_patch16_224"])
     with pytest.raises(UserError, match="model.cut for resnet50 must be auto or one of layer4, layer3"):
         load_config(None, ["--model.backbone=resnet50", "--model.cut=relu5_3"])
 
@@ -153,6 +259,9 @@ def test_timm_missing_or_unknown_is_one_sentence(monkeypatch):
     pytest.importorskip("timm")
     with pytest.raises(UserError, match="timm has no model 'no_such_net'"):
         build_backbone("timm:no_such_net", "none")
+    with pytest.raises(UserError, match=r"^timm has no model 'vit_smal_patch16_224' \(model.backbone=timm:"
+                                        r"vit_smal_patch16_224.augreg_in1k\); did you mean timm:vit_small_patch16_224"):
+        build_backbone("timm:vit_smal_patch16_224.augreg_in1k", "none")
     monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
     with pytest.raises(UserError, match="needs timm, an optional extra: pip install timm"):
         build_backbone("timm:resnet18", "none")
@@ -190,3 +299,44 @@ def test_a_backbone_that_cannot_take_the_input_size_names_the_size_it_needs(back
         build_model(ModelConfig(backbone=backbone, backbone_weights="none", pooling="avg"), 3, input_size=crop)
     assert str(error.value).startswith(expected)
     build_model(ModelConfig(backbone=backbone, backbone_weights="none", pooling="avg"), 3, input_size=224)
+
+
+@pytest.mark.parametrize("weights", ["none", "imagenet"])
+def test_a_timm_tag_timm_lacks_is_one_sentence_naming_the_tags_it_has(weights, cub_3x13, tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    tags = [name.split(".", 1)[1] for name in timm.list_pretrained("vit_small_patch16_224.*")]
+    default = timm.models.get_pretrained_cfg("vit_small_patch16_224").tag
+    expected = (f"timm's vit_small_patch16_224 has no pretrained tag 'nosuchtag'; its tags are {', '.join(tags[:4])}"
+                f"{'' if len(tags) <= 4 else ' and'}")
+    with pytest.raises(UserError) as error:
+        build_backbone("timm:vit_small_patch16_224.nosuchtag", weights, "auto", 64)
+    assert str(error.value).startswith(expected) and str(error.value).endswith(f"for its default, {default}.")
+    # As the user meets it: train's first look at the backbone (its input normalisation), before any data is read.
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        exit_on_user_error(train_cli.main)(["--config", STAGE1, f"--data-root={cub_3x13}", f"--run-dir={run_dir}",
+                                            "--model.backbone=timm:vit_small_patch16_224.nosuchtag", *TINY,
+                                            f"--model.backbone_weights={weights}"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: {error.value}\n"  # one line, no traceback
+    assert not run_dir.exists()
+
+
+def test_imagenet_weights_of_a_timm_network_without_any_are_refused():
+    timm = pytest.importorskip("timm")
+    untrained = next(name for name in timm.list_models("resnet*") if not timm.models.is_model_pretrained(name))
+    with pytest.raises(UserError, match=f"^timm has no pretrained weights for {untrained} "
+                                        r"\(model.backbone_weights=imagenet\); set model.backbone_weights=none"):
+        build_backbone(f"timm:{untrained}", "imagenet", "auto", 64)
+
+
+@pytest.mark.parametrize("backbone, cells", [
+    ("timm:hiera_tiny_224", 7),  # its forward_intermediates refuses to apply the final norm: its maps come without
+    ("timm:levit_128", 4),  # 224 px is no whole number of its 64-px cells, yet the size it was made for
+])
+def test_timm_networks_with_odd_maps_build_and_run_at_their_native_size(backbone, cells):
+    pytest.importorskip("timm")
+    built = build_backbone(backbone, "none", "auto", 224)
+    with torch.no_grad():
+        feature_map = built.module.eval()(torch.randn(1, 3, 224, 224))
+    assert feature_map.shape == (1, built.channels, cells, cells)

@@ -162,3 +162,18 @@ def test_a_folder_or_a_named_pipe_as_the_checkpoint_is_named_as_what_it_is(sound
             eval_cli.main(["--checkpoint", str(path), "--device", "cpu"])
         with pytest.raises(UserError, match=kind):
             predict_cli.main([sound["image"], "--checkpoint", str(path), "--device", "cpu"])
+
+
+def test_backbone_weights_holding_nan_are_refused_before_training(sound, tmp_path):
+    """model.backbone_weights=FILE is read weights too: a VGG16 state dict with a NaN is refused by name."""
+    backbone = {key.removeprefix("backbone."): value for key, value in sound["state"]["model"].items()
+                if key.startswith("backbone.")}
+    backbone["0.weight"] = backbone["0.weight"].clone()
+    backbone["0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(backbone, tmp_path / "vgg16_features.pth")
+    with pytest.raises(UserError) as error:
+        train_cli.main(["--config", STAGE1, f"--data-root={sound['data']}", *TINY, "--device=cpu",
+                        f"--model.backbone_weights={tmp_path / 'vgg16_features.pth'}", f"--run-dir={tmp_path / 'run'}"])
+    assert str(error.value).startswith(f"model.backbone_weights {tmp_path / 'vgg16_features.pth'} holds NaN or inf "
+                                       "weights: 1 of the 1,728 values of 0.weight")
+    assert not (tmp_path / "run").exists()

@@ -33,11 +33,11 @@ def parse_args(argv):
                         help="auto: cuda when available (default: auto)")
     parser.add_argument("--image-size", type=int, help="input side in pixels (default: 448 on CUDA, 224 on CPU)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: 64 on CUDA, 8 on CPU)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
                         help="the backbone's autocast, as train.precision (default: auto)")
     parser.add_argument("--steps", type=int, help="timed steps per case (default: 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
-    parser.add_argument("--classes", type=int, default=200, help="classifier outputs (default: 200, CUB's)")
+    parser.add_argument("--classes", type=int, help="classifier outputs (default: 200, CUB's)")
     parser.add_argument("--num-workers", type=int,
                         help="loader worker processes (default: data.num_workers's default for this machine)")
     parser.add_argument("--cache-image-size", type=int,
@@ -70,6 +70,20 @@ def parse_args(argv):
 
 RECIPE_ONLY = ("recipe_images", "decode", "photo_side")  # options of --recipe alone
 STEPS_ONLY = ("cache_image_size", "cache_batch_size", "heads_image_size", "heads_batch_size")  # the step bench's
+MODEL_ONLY = ("image_size", "precision", "classes", "num_workers")  # of both, which --decoders (no model) ignores
+# Each option's least value, and why: a smaller one is refused in one sentence before any work.
+LEAST = (
+    ("image_size", 16, "VGG16's relu5_3 map is 1/16 of the image"),
+    ("batch_size", 1, "a step takes one image at least"),
+    ("steps", 1, "the figures are medians of timed steps"),
+    ("warmup", 0, "a count of untimed steps"),
+    ("classes", 2, "a classifier over one class learns nothing: its loss is 0 whatever its weights"),
+    ("num_workers", 0, "0 loads in the main process"),
+    ("cache_image_size", 16, "VGG16's relu5_3 map is 1/16 of the image"),
+    ("cache_batch_size", 1, "a step takes one image at least"),
+    ("heads_image_size", 16, "VGG16's relu5_3 map is 1/16 of the image"),
+    ("heads_batch_size", 1, "a step takes one image at least"),
+)
 
 
 def check_combination(args) -> None:
@@ -77,7 +91,7 @@ def check_combination(args) -> None:
     if args.decoders and args.recipe:
         raise UserError("--decoders and --recipe are two benchmarks; run them one at a time.")
     if args.decoders:
-        others, where, fix = (*STEPS_ONLY, *RECIPE_ONLY), "with --decoders", "drop --decoders"
+        others, where, fix = (*MODEL_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --decoders", "drop --decoders"
     elif args.recipe:
         others, where, fix = STEPS_ONLY, "with --recipe", "drop --recipe"
     else:
@@ -97,21 +111,20 @@ def resolve_settings(args) -> Settings:
         device=device,
         image_size=args.image_size if args.image_size is not None else (448 if cuda else 224),
         batch_size=args.batch_size if args.batch_size is not None else (64 if cuda or args.decoders else 8),
-        precision=resolve_precision(args.precision, device),
+        precision=resolve_precision(args.precision or "auto", device),
         steps=args.steps if args.steps is not None else (21 if args.decoders else 20 if cuda else 3),
         warmup=args.warmup if args.warmup is not None else (2 if args.decoders else 5 if cuda else 1),
-        classes=args.classes,
+        classes=args.classes if args.classes is not None else 200,
         num_workers=args.num_workers if args.num_workers is not None else default_workers(),
         cache_image_size=args.cache_image_size if args.cache_image_size is not None else 448,
         cache_batch_size=args.cache_batch_size if args.cache_batch_size is not None else 64,
         heads_image_size=args.heads_image_size if args.heads_image_size is not None else 448,
         heads_batch_size=args.heads_batch_size if args.heads_batch_size is not None else (64 if cuda else 4),
     )
-    for name, least in (("image_size", 32), ("batch_size", 1), ("steps", 1), ("warmup", 0), ("classes", 2),
-                        ("num_workers", 0), ("cache_image_size", 32), ("cache_batch_size", 2),
-                        ("heads_image_size", 32), ("heads_batch_size", 1)):
+    for name, least, why in LEAST:
         if getattr(settings, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(settings, name)}.")
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least} ({why}), got "
+                            f"{getattr(settings, name)}.")
     return settings
 
 

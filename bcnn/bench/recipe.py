@@ -154,8 +154,8 @@ def run_recipe(settings: Settings, train_images: int, decode: str, photo_side: i
     cases = {}
     with tempfile.TemporaryDirectory(prefix="bcnn-recipe-") as work:
         start = time.perf_counter()
-        root, mean_kb = write_photo_cub(Path(work) / "CUB_200_2011", trainval, trainval, side=photo_side,
-                                        workers=cores)
+        root, mean_kb = write_photo_cub(Path(work) / "CUB_200_2011", trainval, trainval, settings.classes,
+                                        side=photo_side, workers=cores)
         generation = time.perf_counter() - start
         cfg = DataConfig(root=str(root), resize=settings.image_size, crop=settings.image_size, val_fraction=0.1,
                          num_workers=settings.num_workers, decode=decode)
@@ -210,7 +210,8 @@ def run_recipe(settings: Settings, train_images: int, decode: str, photo_side: i
             cases[name] = _case(name, len(dataset), seconds, step_rate["eval"], f"evaluate() over the {name[:-5]} "
                                 "images")
     return {
-        "command": f"{settings.command()} --recipe --recipe-images {train_images} --decode {decode}",
+        "command": (f"{settings.command(step_bench=False)} --recipe --recipe-images {train_images} --decode {decode} "
+                    f"--photo-side {photo_side}"),
         "device": {"type": device.type, "name": device_name(device)},
         "torch": torch.__version__,
         "image_size": settings.image_size,

@@ -77,11 +77,13 @@ TARGETS = (
     ("speedup_vs_fp32_nchw", ">=", 2.5, "stage2_step speedup over fp32 + NCHW"),
     ("loader_vs_stage2_step", ">", 1.0, "loader images/s / stage2_step images/s"),
     ("cached_vs_live_epoch", ">=", 20.0, "live / cached stage-1 epoch time"),
-    # The heads side by side at the recipe's size (issue 22: a CPU at batch 4, a GPU at batch 64).
-    ("heads_matrix_sqrt_vs_bilinear", "<=", 1.10, "heads: matrix_sqrt step time / bilinear's"),
+    # The heads side by side at the recipe's size (issue 22: a CPU at batch 4, a GPU at batch 64); matrix_sqrt's
+    # 1.16 is its 36 float32 products at this CPU's peak, decided in issue 28 (docs/pooling.md).
+    ("heads_matrix_sqrt_vs_bilinear", "<=", 1.16, "heads: matrix_sqrt step time / bilinear's"),
     ("heads_compact_vs_bilinear", "<=", 1.05, "heads: compact step time / bilinear's"),
 )
 LOADER_BATCHES = 4  # batches of generated train images (the epoch cases'); the loader's epoch reads at least this
+MINI_CUB_CLASSES = 4  # of the generated mini-CUBs (mini_cub_classes: fewer for a smaller --classes)
 
 
 def _record(case: str, precision: str, layout: str, step_times: list[float], images_per_step: int,
@@ -272,9 +274,15 @@ def mini_cub_config(settings: Settings, root: Path) -> DataConfig:
                       crop=settings.image_size, num_workers=settings.num_workers)
 
 
+def mini_cub_classes(settings: Settings) -> int:
+    """The generated mini-CUBs' classes: 4, or fewer when the classifier has fewer outputs (their labels must be
+    among its outputs)."""
+    return min(MINI_CUB_CLASSES, settings.classes)
+
+
 def write_mini_cub(settings: Settings, folder: Path) -> Path:
     """LOADER_BATCHES batches of train images (and as many test images, unread), a bit larger than the input."""
-    classes = 4
+    classes = mini_cub_classes(settings)
     per_class_train = math.ceil(LOADER_BATCHES * settings.batch_size / classes)
     # write_synthetic_cub puts half of each class in the train split (at least 2, at most all but one).
     return write_synthetic_cub(folder / "CUB_200_2011", classes=classes, per_class=2 * max(per_class_train, 2),
@@ -282,9 +290,11 @@ def write_mini_cub(settings: Settings, folder: Path) -> Path:
 
 
 def write_cache_cub(settings: Settings, folder: Path) -> Path:
-    """One batch of train images (4 classes), a bit larger than the input: the live epoch is one step."""
-    per_class_train = max(2, math.ceil(settings.batch_size / 4))
-    return write_synthetic_cub(folder / "CUB_200_2011", classes=4, per_class=2 * per_class_train, seed=0,
+    """One batch of train images (mini_cub_classes classes), a bit larger than the input: the live epoch is one
+    step."""
+    classes = mini_cub_classes(settings)
+    per_class_train = max(2, math.ceil(settings.batch_size / classes))
+    return write_synthetic_cub(folder / "CUB_200_2011", classes=classes, per_class=2 * per_class_train, seed=0,
                                image_size=int(settings.image_size * 1.3))
 
 

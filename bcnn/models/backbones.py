@@ -8,11 +8,16 @@ The torchvision families a fine-grained researcher uses, each with its cuts (whe
 the first listed, the usual one), plus `timm:<name>` for any timm network that gives a feature map (timm is an
 optional extra: pip install timm), and named timm transformers (ViT, DeiT, DINOv2, EVA-02, CLIP, Swin, Swin-V2) with their
 usual weights, built for the crop (bcnn/models/timm_maps.py). Weights: "imagenet" (torchvision's weight enum through torch's hub cache, or
-timm's own cache), "none" (random), or a state-dict file. Nothing outside this module knows which network it is.
+timm's own cache), "none" (random), or a state-dict file (read by bcnn/models/weights.py, which says in a line why a
+file does not fit). Nothing outside this module knows which network it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib.util
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,11 +32,17 @@ from torch import nn
 from bcnn.errors import UserError
 from bcnn.models import timm_maps
 from bcnn.models.timm_maps import CUT_PATTERN, build_timm_map
-from bcnn.models.weights import backbone_file_format, describe_mismatch, read_backbone_file
+from bcnn.models.weights import (backbone_file_format, describe_mismatch, file_problem, first_line,
+                                 read_state_file, share_from_file)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
+# The share of a timm network's weights a file must supply: all but what timm resamples for the crop as it loads
+# them (position embeddings, relative-position tables: a few percent at most).
+TIMM_FILE_SHARE = 0.9
+# Where timm's own reader finds the weights in a checkpoint dict, in its order (an exponential average's first).
+TIMM_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 @dataclass
@@ -157,12 +168,31 @@ def resolve_cut(name: str, cut: str) -> tuple[str, int | None]:
                             f"block i) or stage<i> (a stage's map), got {cut!r}.")
         return cut, None
     if name not in FAMILIES:
-        raise UserError(f"model.backbone must be one of {', '.join(BACKBONE_NAMES)}, got {name!r}.")
+        raise UserError(f"model.backbone must be one of {', '.join(BACKBONE_NAMES)}, got {name!r}"
+                        f"{_backbone_hint(name)}")
     cuts = FAMILIES[name].cuts
     cut = next(iter(cuts)) if cut == "auto" else cut
     if cut not in cuts:
         raise UserError(f"model.cut for {name} must be auto or one of {', '.join(cuts)}, got {cut!r}.")
     return cut, cuts[cut].stride
+
+
+def _backbone_hint(name: str) -> str:
+    """The end of the sentence refusing an unknown model.backbone: the registered names nearest it, or timm's
+    network of that name."""
+    close = difflib.get_close_matches(name.lower(), [*FAMILIES, *TIMM_FAMILIES], n=3)
+    if close:
+        return f"; did you mean {_one_of(close)}?"
+    if name and importlib.util.find_spec("timm") is not None:
+        import timm
+
+        if timm.is_model(name.split(".")[0]):
+            return f"; timm's {name} is model.backbone=timm:{name}."
+    return "."
+
+
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def check_config(cfg) -> None:
@@ -191,25 +221,30 @@ def build_backbone(name: str, weights: str, cut: str = "auto", input_size: int |
     family = FAMILIES[name]
     part = family.cuts[cut]
     from_file = weights not in ("imagenet", "none")
+    whole = read_state_file(Path(weights), backbone_file_format(name, family.file_prefix)) if from_file else None
     if weights == "imagenet":
         model = _imagenet_model(name, family)
     else:
         model = family.build(**(family.no_init if from_file else {}))
     module = part.take(model)
     if from_file:
-        _load_file(module, Path(weights), name, family)
+        _load_file(module, whole, Path(weights), name, family)
     return Backbone(module, part.channels, part.stride, nonnegative=part.nonnegative)
 
 
-def _load_file(module: nn.Module, path: Path, name: str, family: Family) -> None:
-    state = read_backbone_file(path, name, family.file_prefix)
-    # Keys outside the cut part (a classifier, later stages) are not needed; every key inside it must fit.
-    expected = module.state_dict()
-    state = {key: value for key, value in state.items() if key in expected}
+def _load_file(module: nn.Module, whole: dict, path: Path, name: str, family: Family) -> None:
+    """whole: the file's state dict (read_state_file), of the whole torchvision model or of the cut part."""
+    prefix, state = family.file_prefix, whole
+    if prefix and any(key.startswith(prefix) for key in state):  # a whole torchvision model: its features part
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    # Keys outside the cut part (a classifier, later stages) are not needed; every key inside it must fit (a deeper
+    # network's extra blocks within it included).
+    parts = {part for part, _ in module.named_children()}
+    state = {key: value for key, value in state.items() if key.split(".")[0] in parts}
     mismatch = describe_mismatch(module, state)
     if mismatch:
-        raise UserError(f"{path} does not fit {name}'s features ({mismatch}); give "
-                        f"{backbone_file_format(name, family.file_prefix)}.")
+        raise UserError(file_problem(path, f"{name}'s features", mismatch, whole,
+                                     backbone_file_format(name, prefix)))
     module.load_state_dict(state)
 
 
@@ -245,34 +280,111 @@ def _timm(name: str):
     except ImportError:
         raise UserError(f"a timm network ({name}) needs timm, an optional extra: pip install timm "
                         "(or pip install -e \".[timm]\").") from None
-    if not timm.is_model(name.split(".")[0]):
-        raise UserError(f"timm has no model {name!r}; timm.list_models() lists them (e.g. resnet50, "
-                        "efficientnet_b0).")
+    arch, tagged, tag = name.partition(".")
+    if not arch:
+        raise UserError(f"model.backbone=timm:{name} names no timm network; write timm:<name>, e.g. timm:resnet50 "
+                        "(timm.list_models() lists them).")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = (f"did you mean {_one_of([f'timm:{close_name}' for close_name in close])}?" if close else
+                "pick one that timm.list_models() lists, e.g. timm:resnet50 or timm:vit_base_patch16_224.")
+        raise UserError(f"timm has no model {arch!r} (model.backbone=timm:{name}); {hint}")
+    if tagged:
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:  # timm's "Invalid pretrained tag"
+            raise UserError(_tag_problem(timm, arch, tag)) from None
     return timm
+
+
+def _tag_problem(timm, arch: str, tag: str) -> str:
+    """Why timm:arch.tag is refused, naming a few of the tags timm has weights for."""
+    tags = [network.split(".", 1)[1] for network in timm.list_pretrained(f"{arch}.*")]
+    if not tags:
+        return (f"timm's {arch} has no pretrained tag {tag!r} (it has no pretrained weights at all); write "
+                f"model.backbone=timm:{arch} with model.backbone_weights=none or a file.")
+    more = f" and {len(tags) - 4} more (timm.list_pretrained('{arch}.*'))" if len(tags) > 4 else ""
+    return (f"timm's {arch} has no pretrained tag {tag!r}; its tags are {', '.join(tags[:4])}{more}: write "
+            f"model.backbone=timm:{arch}.<tag>, or timm:{arch} for its default, "
+            f"{timm.models.get_pretrained_cfg(arch).tag}.")
 
 
 def _timm_backbone(backbone: str, weights: str, cut: str, input_size: int | None, drop_path_rate: float) -> Backbone:
     name = timm_name(backbone)
     timm = _timm(name)
-    options = {}
+    options, state = {}, None
     if weights == "imagenet":
+        if not timm.models.is_model_pretrained(name):
+            raise UserError(f"timm has no pretrained weights for {name} (model.backbone_weights=imagenet); set "
+                            "model.backbone_weights=none or to a file, or pick a network timm has weights for "
+                            f"(timm.list_pretrained('{name.split('.')[0]}*')).")
         options["pretrained"] = True
     elif weights != "none":
-        if not Path(weights).is_file():
-            problem = "is a folder" if Path(weights).is_dir() else "does not exist"
-            raise UserError(f"model.backbone_weights {weights} {problem}; give the file of a timm state dict of "
-                            f"{name}, or use imagenet or none.")
-        options.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+        path = Path(weights)
+        # Read here as timm reads it next (an average's weights first), to refuse in one sentence a file that is none.
+        state = read_state_file(path, _timm_file_format(name), TIMM_NESTED_KEYS)
+        # A network without a classifier (the map never uses one) and a pretrained config that says it has one: timm
+        # then drops the file's classifier, whatever its classes (or none), and loads the rest leniently, which the
+        # check after the load makes up for.
+        options.update(pretrained=True, pretrained_cfg_overlay={"file": str(path), "num_classes": 1}, num_classes=0)
     try:
-        built = build_timm_map(timm, backbone, name, options, cut, input_size, drop_path_rate)
-    except RuntimeError as err:  # timm's "does not support features_only", or a state dict that does not fit
-        raise UserError(f"timm could not build {name} as a feature extractor ({err}); pick a network that gives a "
-                        "feature map or a token grid.") from None
+        with _quiet_timm_loader() if state is not None else contextlib.nullcontext():
+            built = build_timm_map(timm, backbone, name, options, cut, input_size, drop_path_rate)
+    except (RuntimeError, KeyError, ValueError) as err:  # a file that does not fit (timm's filters or its load)
+        if state is not None and _timm_mismatch(timm, name, state):
+            raise UserError(_timm_file_problem(timm, name, weights, state)) from None
+        if not isinstance(err, RuntimeError):
+            raise
+        # timm's "does not support features_only"
+        raise UserError(f"timm could not build {name} as a feature extractor ({first_line(err)}); pick a network "
+                        "that gives a feature map or a token grid.") from None
     except (URLError, OSError) as err:
         raise UserError(f"could not load timm's pretrained weights of {name} ({type(err).__name__}: {err}); "
                         f"{_timm_cache_hint(timm, name)}, or set model.backbone_weights=none or to a file.") from None
+    # timm loads a file leniently once the classifier is dropped (a missing key is logged, not refused): check that
+    # the weights are the file's.
+    if state is not None:
+        share = share_from_file(built.module, state)
+        if share < TIMM_FILE_SHARE:
+            raise UserError(_timm_file_problem(timm, name, weights, state, share))
     mean, std = input_normalisation(backbone)
     return Backbone(built.module, channels=built.channels, stride=built.stride, mean=mean, std=std)
+
+
+@contextlib.contextmanager
+def _quiet_timm_loader():
+    """timm logs every key a lenient load passes over, thousands of characters for a file of another network; the
+    check after the load says what matters in one sentence."""
+    logger = logging.getLogger("timm.models._builder")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _timm_file_format(name: str) -> str:
+    return f'a state dict of timm\'s {name} (timm.create_model("{name.split(".")[0]}").state_dict() keys)'
+
+
+def _timm_mismatch(timm, name: str, state: dict) -> str:
+    """What of a state dict does not fit timm's network `name` at its native size, by key and shape (its classifier
+    aside); the network is built on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        network = timm.create_model(name.split(".")[0], num_classes=0)
+    config = timm.models.get_pretrained_cfg(name) or network.pretrained_cfg
+    classifier = (config if isinstance(config, dict) else config.to_dict()).get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {key: value for key, value in state.items() if key.rpartition(".")[0] not in classifier}
+    return describe_mismatch(network.state_dict(), state)
+
+
+def _timm_file_problem(timm, name: str, path, state: dict, share: float | None = None) -> str:
+    mismatch = _timm_mismatch(timm, name, state)
+    took = f"the file holds {share:.0%} of its weights" if share is not None else ""
+    detail = "; ".join(filter(None, (took, mismatch)))
+    return file_problem(path, f"timm's {name}", detail, state, _timm_file_format(name))
 
 
 def layer_decay_groups(module: nn.Module, backbone_lr: float, layer_decay: float, weight_decay: float) -> list[dict]:

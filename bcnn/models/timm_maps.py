@@ -9,7 +9,8 @@ Two kinds of network:
   fixes the input size: built with img_size = the crop (timm resamples the position embeddings of pretrained
   weights as it loads them) and, for windowed ones, the window that tiles every stage's grid, nearest the pretrained
   one (timm resizes the relative-position tables). Their maps come from timm's forward_intermediates, which drops
-  the class, distillation and register tokens, lays the patch tokens out on their grid and applies the final norm.
+  the class, distillation and register tokens, lays the patch tokens out on their grid and applies the final norm
+  (where it can: Hiera's maps come without).
 - every other network (convolutional ones, which take any size): timm's features_only, its map made channels-first
   where timm gives it channels-last.
 The cut: "auto" is the last map; block<i> (token networks) or stage<i> (the others) an earlier one, i counted as
@@ -45,6 +46,7 @@ class Layout:
     native_size: int
     window: int | None  # a windowed network's pretrained window, else None
     last_stride: int  # the whole network's input pixels per output cell
+    final_norm: bool = True  # its forward_intermediates applies the final norm to a map (Hiera's refuses to)
 
 
 def read_layout(timm, name: str) -> Layout:
@@ -57,22 +59,41 @@ def read_layout(timm, name: str) -> Layout:
     windows = [module.window_size for module in network.modules() if hasattr(module, "window_size")
                and hasattr(module, "shift_size")]
     window = windows[0] if windows else None
-    return Layout(cut_names=tuple(f"{word}{index}" for index in range(len(info))),
-                  sized=bool(config.get("fixed_input_size")), native_size=config.get("input_size", (3, 224, 224))[-1],
+    sized, native_size = bool(config.get("fixed_input_size")), config.get("input_size", (3, 224, 224))[-1]
+    return Layout(cut_names=tuple(f"{word}{index}" for index in range(len(info))), sized=sized,
+                  native_size=native_size,
                   window=None if window is None else int(window[0] if isinstance(window, tuple) else window),
-                  last_stride=info[-1]["reduction"])
+                  last_stride=info[-1]["reduction"],
+                  final_norm=not sized or applies_final_norm(network, len(info) - 1, native_size))
+
+
+def applies_final_norm(network: nn.Module, index: int, size: int) -> bool:
+    """Whether the network's forward_intermediates can apply its final norm to a map: most can, Hiera's asserts it
+    cannot (which would first show as a traceback in the first training step). Asked of the meta-device copy: no
+    computation."""
+    if not hasattr(network, "forward_intermediates"):
+        return True  # build_timm_map refuses it
+    try:
+        network.forward_intermediates(torch.zeros(1, 3, size, size, device="meta"), indices=[index], norm=True,
+                                      intermediates_only=True)
+    except AssertionError:
+        return False
+    except Exception:  # an operation the meta device lacks: the real forward applies the norm or says why not
+        return True
+    return True
 
 
 def size_problem(backbone: str, layout: Layout, crop: int) -> str | None:
     """Why a network built for the crop cannot take crop x crop images; None when it can."""
     cell = layout.last_stride
-    if crop % cell == 0:
+    if crop % cell == 0 or crop == layout.native_size:  # the size it was made for works, whole cells or not (LeViT)
         return None
     lower, upper = crop // cell * cell, (crop // cell + 1) * cell
     what = "its windows tile" if layout.window else "it cuts the image into"
     sizes = f"{lower} or {upper}" if lower else f"{upper}"
+    native = f", or its native {layout.native_size}" if layout.native_size % cell else ""
     return (f"data.crop={crop} does not fit model.backbone={backbone}: {what} whole {cell} x {cell} px cells; set "
-            f"data.crop (and data.resize) to {sizes}.")
+            f"data.crop (and data.resize) to {sizes}{native}.")
 
 
 def window_for(layout: Layout, crop: int) -> int:
@@ -140,7 +161,7 @@ def build_timm_map(timm, backbone: str, name: str, options: dict, cut: str, inpu
                         "Swin or convolutional network, or update timm.")
     from timm.models._features import FeatureGetterNet  # timm's own adapter: prefix tokens dropped, NCHW grid
 
-    getter = FeatureGetterNet(network, out_indices=(index,), output_fmt="NCHW", norm=True)
+    getter = FeatureGetterNet(network, out_indices=(index,), output_fmt="NCHW", norm=layout.final_norm)
     return TimmMap(LastFeatureMap(getter), getter.feature_info.channels()[-1], getter.feature_info.reduction()[-1])
 
 
