@@ -174,7 +174,8 @@ def test_imagenet_weights_of_another_family_come_from_the_hub_cache(tmp_path, mo
 
 
 def test_a_frozen_batch_norm_backbone_does_not_move():
-    model = build_model(ModelConfig(backbone="resnet50", cut="layer3", backbone_weights="none", pooling="avg"), 3)
+    model = build_model(ModelConfig(backbone="resnet50", cut="layer3", backbone_weights="none", pooling="avg"), 3,
+                        input_size=32)
     before = {key: value.clone() for key, value in model.backbone.state_dict().items()}
     model.train()
     assert not any(module.training for module in model.backbone.modules()), "batch norm statistics would move"
@@ -187,7 +188,7 @@ def test_a_frozen_batch_norm_backbone_does_not_move():
 
 def test_a_full_bilinear_head_on_2048_channels_is_refused_with_the_ways_out():
     with pytest.raises(UserError) as refused:
-        build_model(ModelConfig(backbone="resnet50", backbone_weights="none"), 200)
+        build_model(ModelConfig(backbone="resnet50", backbone_weights="none"), 200, input_size=448)
     message = str(refused.value)
     assert "4,194,304-d vector and a 839M-parameter classifier" in message
     assert all(way in message for way in ("model.pooling=compact", "model.pooling=isqrt_cov", "model.cut"))
@@ -200,7 +201,7 @@ def test_a_full_bilinear_head_on_2048_channels_is_refused_with_the_ways_out():
 ])
 def test_a_refused_head_names_its_setting_and_never_suggests_the_refused_value(options, refused, way_out):
     with pytest.raises(UserError) as error:
-        build_model(ModelConfig(backbone="resnet50", backbone_weights="none", **options), 200)
+        build_model(ModelConfig(backbone="resnet50", backbone_weights="none", **options), 200, input_size=448)
     message = str(error.value)
     assert message.startswith(refused) and way_out in message
     assert f"model.pooling={options['pooling']}" not in message  # the head it refused is no way out

@@ -209,7 +209,7 @@ def test_a_folder_where_a_file_belongs_and_a_file_where_a_folder_belongs_are_one
     with pytest.raises(UserError, match=r"^--config .*folder is a folder; pass a YAML file"):
         load_config(folder)
     with pytest.raises(UserError, match=r"^model.backbone_weights .*folder is a folder; give the file in it"):
-        build_model(ModelConfig(backbone_weights=str(folder)), 3)
+        build_model(ModelConfig(backbone_weights=str(folder)), 3, input_size=32)
     with pytest.raises(UserError, match=r"^--checkpoint .*folder is a folder; give the checkpoint file in it"):
         eval_cli.main(["--checkpoint", str(folder), "--device", "cpu"])
     for cache_dir, where in ((file, "is a file"), (file / "features", "lies under")):

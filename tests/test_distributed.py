@@ -41,7 +41,8 @@ def weights(run_dir, name="last.pt"):
 def initial_weights():
     """What bcnn.train starts small_run_args from: it seeds torch with train.seed (0) and builds the model."""
     torch.manual_seed(0)
-    return build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=3).state_dict()
+    return build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=3,
+                       input_size=32).state_dict()
 
 
 def metric_rows(run_dir):

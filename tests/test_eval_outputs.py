@@ -72,7 +72,7 @@ def evaluated(tmp_path_factory):
     cub = write_synthetic_cub(root / "cub", classes=CLASSES, per_class=6, seed=0)
     cfg = load_config(STAGE1, ["--data.crop=32", "--data.resize=40", f"--data.root={cub}"])
     torch.manual_seed(3)
-    model = build_model(cfg.model, CLASSES)
+    model = build_model(cfg.model, CLASSES, input_size=cfg.data.crop)
     classes = build_dataset(cfg.data, "test").classes
     checkpoint = root / "run" / "best.pt"
     save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "classes": classes, "epoch": 1,

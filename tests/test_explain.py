@@ -211,7 +211,8 @@ def test_on_a_normalised_bilinear_head_the_evidence_sums_to_zero_and_each_value_
 def test_every_head_s_evidence_sums_to_the_score_s_slope_as_the_map_is_scaled(head):
     # On the real VGG16 map: finite, on the backbone's grid, no gradient left in the weights, and summed over the
     # positions the score's slope as the whole map is scaled (Euler's theorem), whatever the head makes of the scale.
-    model = build_model(ModelConfig(backbone_weights="none", pooling=head, isqrt_reduce_dim=16, compact_dim=512), 3)
+    model = build_model(ModelConfig(backbone_weights="none", pooling=head, isqrt_reduce_dim=16, compact_dim=512), 3,
+                        input_size=64)
     model.eval()  # the reference reads map and head as the heatmap does: iSQRT-COV's BN with its running stats
     images, classes = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
     maps = class_heatmaps(model, images, classes)
@@ -244,7 +245,7 @@ def checkpoint(tmp_path_factory):
     Image.open(images / "003.Synthetic_Class_3" / "Synthetic_Class_3_0001.jpg").save(photos / "colour.png")
     assert Image.open(photos / "gray.jpg").mode == "L" and Image.open(photos / "cmyk.jpg").mode == "CMYK"
     torch.manual_seed(0)
-    model = build_model(cfg.model, 3)
+    model = build_model(cfg.model, 3, input_size=cfg.data.crop)
     path = root / "best.pt"
     save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "epoch": 1, "metrics": {},
                      "classes": CLASSES}, path)

@@ -46,7 +46,7 @@ def train_set(cub):
 
 def random_model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(backbone_weights="none"), 3)
+    return build_model(ModelConfig(backbone_weights="none"), 3, input_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +146,9 @@ def test_the_key_changes_with_everything_that_changes_the_features(model, train_
         moved.backbone[0].weight[0, 0, 0, 0] += 1e-3
     eps = copy.deepcopy(model)
     eps.pooling.sqrt_eps = 1e-4
-    average = build_model(ModelConfig(backbone_weights="none", pooling="avg"), 3)
+    average = build_model(ModelConfig(backbone_weights="none", pooling="avg"), 3, input_size=32)
     average.backbone.load_state_dict(model.backbone.state_dict())
-    pool5 = build_model(ModelConfig(backbone_weights="none", cut="pool5"), 3)
+    pool5 = build_model(ModelConfig(backbone_weights="none", cut="pool5"), 3, input_size=32)
     pool5.backbone.load_state_dict(model.backbone.state_dict())
     others = {
         "views": cache_key(model, train_set, ("center",), "fp32"),

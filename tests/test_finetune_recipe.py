@@ -94,7 +94,7 @@ def test_layer_decay_gives_smaller_rates_toward_the_input():
     assert decay["pos_embed"] == 0 and decay["norm.weight"] == 0
     assert [group["lr"] for group in groups if group["name"] == "classifier"] == [1e-2]
     with pytest.raises(UserError, match="optim.layer_decay=0.5 needs a backbone whose blocks timm can group"):
-        build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), 3).param_groups(
+        build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), 3, input_size=32).param_groups(
             backbone_lr=1e-3, classifier_lr=1e-2, layer_decay=0.5)
 
 

@@ -69,13 +69,14 @@ def stage2_config() -> Config:
 
 def initial_weights():
     torch.manual_seed(0)  # what bcnn.train does with train.seed 0 before it builds the model
-    return build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=3).state_dict()
+    return build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=3,
+                       input_size=32).state_dict()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_half_precision_training_step_has_finite_gradients_and_logits_close_to_float32(precision):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=10)
+    model = build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=10, input_size=64)
     generator = torch.Generator().manual_seed(1)
     images, targets = torch.randn(8, 3, 64, 64, generator=generator), torch.randint(0, 10, (8,), generator=generator)
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_a_feature_cache_built_in_workers_is_the_one_built_without(cub, decode, 
     cfg = data_config(cub, decode)
     views = build_dataset(cfg, "train", train_transform=False)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone_weights="none"), 3)
+    model = build_model(ModelConfig(backbone_weights="none"), 3, input_size=32)
     caches = [build_feature_cache(model, views, ("center", "flip"), tmp_path / str(workers), CPU, batch_size=4,
                                   num_workers=workers, data_cfg=cfg) for workers in (0, 1)]
     assert np.array_equal(caches[0].features, caches[1].features)

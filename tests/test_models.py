@@ -112,7 +112,7 @@ def test_signed_sqrt_is_the_authors_odd_continuous_form_and_ported_sqrt_the_port
 ])
 def test_the_bilinear_head_takes_the_ports_sqrt_only_on_maps_that_are_never_negative(backbone, backbone_b, ported):
     model = build_model(ModelConfig(backbone=backbone, backbone_b=backbone_b, backbone_weights="none",
-                                    backbone_b_weights="none"), num_classes=2).eval()
+                                    backbone_b_weights="none"), num_classes=2, input_size=64).eval()
     assert model.pooling.nonnegative_maps is ported
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_a_public_ports_checkpoint_gives_the_ports_logits_bit_for_bit():
     port = HaoMoodBCNN(num_classes=5).eval()
     saved = torch.nn.DataParallel(port).state_dict()  # what the port saves: module.features.N.*, module.fc.*
     assert all(key.startswith(("module.features.", "module.fc.")) for key in saved)
-    ours = build_model(ModelConfig(backbone_weights="none"), num_classes=5).eval()
+    ours = build_model(ModelConfig(backbone_weights="none"), num_classes=5, input_size=48).eval()
     load_model_weights(ours, saved)
     images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -313,7 +313,7 @@ def test_unfrozen_backbone_trains(random_backbone):
 
 
 def test_build_model_from_config():
-    model = build_model(ModelConfig(backbone_weights="none", cut="pool5", sqrt_eps=1e-3), num_classes=7)
+    model = build_model(ModelConfig(backbone_weights="none", cut="pool5", sqrt_eps=1e-3), num_classes=7, input_size=64)
     assert model.backbone_frozen and model.pooling.sqrt_eps == 1e-3
     assert isinstance(model.backbone[-1], nn.MaxPool2d)
     with torch.no_grad():
@@ -386,3 +386,14 @@ def test_load_model_weights_with_other_classes_is_a_user_error():
     state = {"module." + key: value for key, value in _small_model(3).state_dict().items()}
     with pytest.raises(UserError, match=r"classifier\.weight .*same classes"):
         load_model_weights(_small_model(5), state)
+
+
+def test_the_crop_is_a_required_part_of_building_a_model():
+    """A script on the library gets the model the commands build: without input_size a transformer would be built
+    for its native size and refuse the recipe's 448 px, so no default stands in for it."""
+    with pytest.raises(TypeError, match="input_size"):
+        build_model(ModelConfig(backbone="timm:vit_tiny_patch16_224", backbone_weights="none"), 3)
+    model = build_model(ModelConfig(backbone="timm:vit_tiny_patch16_224", backbone_weights="none", pooling="avg"), 3,
+                        input_size=448)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 448, 448)).shape == (1, 3)

@@ -19,7 +19,7 @@ LOGIT_TOLERANCE = 10 * 2.0**-9
 @pytest.fixture(scope="module")
 def model_and_images():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=10)
+    model = build_model(ModelConfig(backbone_weights="none", freeze_backbone=False), num_classes=10, input_size=64)
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     return model, images
 
@@ -84,7 +84,8 @@ def test_compiling_the_backbone_trains_the_same_model_with_plain_checkpoint_keys
         weights[compiled] = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert set(weights["true"]) == set(weights["false"]), "no _orig_mod. in the keys"
     torch.manual_seed(0)  # what bcnn.train does (train.seed 0) before it builds the model
-    initial = build_model(ModelConfig(backbone_weights="none", freeze_backbone=True), num_classes=3).state_dict()
+    initial = build_model(ModelConfig(backbone_weights="none", freeze_backbone=True), num_classes=3,
+                          input_size=32).state_dict()
     # The compiled backbone fuses and reorders its float32 work: the classifier trains to the same weights up to
     # rounding, and the frozen backbone stays bit for bit what it was.
     assert_same_training(weights["false"], weights["true"], initial)

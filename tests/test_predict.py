@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     (photos / "notes.txt").write_text("not an image, and without an image extension: skipped in a folder")
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(CLASSES)).eval()
+    model = build_model(cfg.model, len(CLASSES), input_size=cfg.data.crop).eval()
     # A random head scores every image about alike. Make row k the (centred) bilinear features of photo k, so
     # photo k is class k and the probabilities are spread: their order, and any mix-up of classes, then shows.
     with torch.no_grad():
@@ -302,7 +302,7 @@ def test_predict_cuts_the_aircraft_banner_as_training_and_eval_do(tmp_path, caps
                                                                   "--data.crop=32", "--data.resize=40"])
     test_set = build_dataset(cfg.data, "test")
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(test_set.classes)).eval()
+    model = build_model(cfg.model, len(test_set.classes), input_size=cfg.data.crop).eval()
     with torch.no_grad():
         model.classifier.weight.normal_(0, 5)  # probabilities spread, not saturated, so another view shows
     checkpoint = tmp_path / "best.pt"

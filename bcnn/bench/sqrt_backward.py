@@ -189,7 +189,7 @@ def part_times(maps: torch.Tensor, iterations: int, eps: float, repeats: int) ->
 def measure(size: int, images: int, batch: int, iterations: int, repeats: int) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(backbone_weights="none")
-    model = build_model(cfg, num_classes=2).eval()
+    model = build_model(cfg, num_classes=2, input_size=size).eval()
     with torch.no_grad():
         maps = model.backbone(photo_batch(size, images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     copies = maps.repeat((batch + images - 1) // images, 1, 1, 1)[:batch]  # the step's batch, for the times

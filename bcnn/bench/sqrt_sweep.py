@@ -97,7 +97,7 @@ def main(argv=None) -> list[dict]:
         raise UserError(f"--weights {args.weights} is not a file; give a VGG16 state-dict file, or none or imagenet.")
     torch.manual_seed(0)
     cfg = ModelConfig(backbone_weights=args.weights)
-    model = build_model(cfg, num_classes=2).eval()
+    model = build_model(cfg, num_classes=2, input_size=max(sizes)).eval()  # VGG16 takes every size: one model
     rows = [measure(model, size, args.images, cfg.sqrt_eps) for size in sizes]
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return rows

@@ -1,6 +1,6 @@
 """The model: one backbone (or two, for the asymmetric B-CNN), a pooling head, a linear classifier.
 
-    model = build_model(cfg.model, num_classes=200)   # VGG16 cut at relu5_3, bilinear pooling, frozen for stage 1
+    model = build_model(cfg.model, num_classes=200, input_size=448)   # VGG16 to relu5_3, bilinear, for 448-px crops
     vectors = model.embed(images)                      # (B, model.pooling.output_dim), the classifier's input
     logits = model(images)                             # (B, 200)
     optimizer = torch.optim.SGD(model.param_groups(backbone_lr=0.0, classifier_lr=1.0), momentum=0.9)
@@ -81,15 +81,16 @@ class BilinearCNN(nn.Module):
         return groups
 
 
-def build_model(cfg, num_classes: int, input_size: int | None = None) -> BilinearCNN:
+def build_model(cfg, num_classes: int, *, input_size: int) -> BilinearCNN:
     """The model the config describes (cfg: bcnn.config.ModelConfig); its backbone(s) frozen when
-    cfg.freeze_backbone (stage 1). input_size: data.crop, which a transformer backbone is built for (None: its native
-    size), refused in one sentence when a backbone cannot take it."""
+    cfg.freeze_backbone (stage 1). input_size: the crop it will be fed (data.crop), required: a transformer backbone
+    is built for it (its native size would refuse the recipe's 448 px), and a backbone that cannot take it is refused
+    in one sentence, so a script on the library builds the model the commands build."""
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights, cfg.cut, input_size, cfg.drop_path_rate)
     backbone_b = (build_backbone(cfg.backbone_b, cfg.backbone_b_weights, cfg.cut, input_size, cfg.drop_path_rate)
                   if cfg.backbone_b else None)
     for name, built in ((cfg.backbone, backbone), (cfg.backbone_b, backbone_b)):
-        problem = built and input_size and input_size_problem(name, built, input_size)
+        problem = built and input_size_problem(name, built, input_size)
         if problem:
             raise UserError(problem)
     if backbone_b is not None and (backbone_b.mean, backbone_b.std) != (backbone.mean, backbone.std):
