@@ -138,6 +138,9 @@ SHOT_WEBGL = $(CHROMIUM) --headless --no-sandbox --use-angle=swiftshader --enabl
 
 screenshots: demo
 	$(PY) -m bcnn.eval --checkpoint demo/runs/stage2/best.pt --split test --projector --no-figures
+	$(PY) -c 'from tensorboard.backend.event_processing.event_accumulator import EventAccumulator as E; \
+		run = E("demo/runs/stage2", size_guidance={"images": 0}); run.Reload(); \
+		open("docs/tensorboard_demo_heatmaps.png", "wb").write(run.Images("val/heatmaps")[-1].encoded_image_string)'
 	$(VENV)/bin/tensorboard --logdir demo/runs --port 6123 > demo/tensorboard.log 2>&1 & pid=$$!; \
 	$(VENV)/bin/tensorboard --logdir demo/runs/stage2/projector_best_test --port 6124 > demo/tensorboard_projector.log \
 		2>&1 & projector=$$!; sleep 10; \
