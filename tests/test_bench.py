@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from bcnn.bench import __main__ as bench_cli
 from bcnn.bench import steps
 from bcnn.bench.__main__ import check_combination, main, parse_args, resolve_settings
 from bcnn.errors import UserError
@@ -115,7 +116,10 @@ def test_a_newly_registered_head_is_timed_beside_the_bilinear_one_with_no_change
     assert "toy_max" not in steps.timed_heads()
 
 
-def test_human_form_prints_the_table_and_the_targets():
+def test_human_form_prints_the_table_and_the_targets(bench_json, monkeypatch):
+    # The same command without --json, printing the figures the module's bench run measured (measuring again would
+    # cost the suite 20 s and test nothing more: format_report reads only the result).
+    monkeypatch.setattr(bench_cli, "run", lambda settings: json.loads(bench_json))
     report = run_bench(TOY)
     assert report.startswith("bcnn.bench on ")
     assert "targets:" in report and "reproduce: python -m bcnn.bench --device cpu --image-size 32" in report
