@@ -68,7 +68,7 @@ demo: $(VENV_DEP)
 	$(PY) -m bcnn.demo --root demo
 
 test: $(VENV_DEP)
-	$(PY) -m pytest -q -n auto tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=10 tests
 
 test-gpu: $(VENV_DEP)
 	$(PY) -m pytest -q -m gpu tests

@@ -26,13 +26,60 @@ def pytest_report_header(config):
     return f"bcnn: {SUITE_THREADS} CPU thread(s) (OMP_NUM_THREADS), CUDA {'yes' if torch.cuda.is_available() else 'no'}"
 
 
+# Session fixtures that train a model for tests in several files. pytest-xdist (`make test`) builds a session or
+# module fixture once in each worker that runs a test needing it: with `--dist loadgroup`, the tests that share one
+# of these, or a module fixture of their file, run in one worker, so each is built once per suite.
+SHARED_RUNS = {"reference_run"}
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+    group_tests_that_share_a_run(items)  # before pytest-xdist's worker reads the groups
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    yield
+    if config.getoption("loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
+        name_the_groups_in_node_ids(items)
+
+
+def group_tests_that_share_a_run(items) -> None:
+    """An xdist_group per set of tests linked by the shared fixtures they use: a run of SHARED_RUNS, or their
+    file's module fixtures (a trained run, a model, a generated dataset)."""
+    parent = {}
+
+    def root(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys = {}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        definitions = getattr(item, "_fixtureinfo", None)
+        per_module = {name for name, defs in (definitions.name2fixturedefs.items() if definitions else ())
+                      if defs and defs[-1].scope == "module"}
+        keys[item] = [name if name in SHARED_RUNS else str(item.path) for name in item.fixturenames
+                      if name in SHARED_RUNS or name in per_module]
+        for key in keys[item][1:]:
+            parent[root(key)] = root(keys[item][0])
+    for item, linked in keys.items():
+        if linked:
+            item.add_marker(pytest.mark.xdist_group(Path(root(linked[0])).name))
+
+
+def name_the_groups_in_node_ids(items) -> None:
+    """What pytest-xdist's worker does for --dist loadgroup, where its scheduler reads each test's group: the group's
+    name after an @ at the end of its node id. Under pytest 9.2 the assignment xdist 3.8 makes no longer changes the
+    node id (pytest-dev/pytest-xdist#1386) and every test would be scheduled on its own; where xdist did it, this does
+    nothing."""
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        if group is not None and not item.nodeid.endswith(f"@{group.args[0]}"):
+            from _pytest.nodeid import NodeId  # pytest >= 9.2: node ids are NodeId objects
+
+            item._id = NodeId.parse(f"{item.nodeid}@{group.args[0]}")
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +98,13 @@ def writable_cub(mini_cub, tmp_path) -> Path:
 def cub_3x13(tmp_path_factory) -> Path:
     """3 classes x 13 images: 18 train+val, 21 test (odd, so two ranks get shards of different sizes)."""
     return write_synthetic_cub(tmp_path_factory.mktemp("cub_3x13") / "cub", classes=3, per_class=13, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cub_3x6(tmp_path_factory) -> Path:
+    """3 classes x 6 images: at data.val_fraction=0.34, 6 train (two steps of 4), 3 val, 9 test. For the runs whose
+    claims hold at any size, where fewer images are fewer steps."""
+    return write_synthetic_cub(tmp_path_factory.mktemp("cub_3x6") / "cub", classes=3, per_class=6, seed=0)
 
 
 @pytest.fixture(scope="session")

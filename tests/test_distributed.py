@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bcnn import eval as eval_cli
 from bcnn.config import ModelConfig
 from bcnn.distributed import per_rank_batch_size, setup
 from bcnn.engine import train_one_epoch
@@ -95,9 +96,7 @@ def test_torchrun_with_one_process_takes_the_distributed_path_and_computes_what_
 def test_two_process_eval_counts_each_test_image_once(cub_3x13, reference_run, tmp_path):
     checkpoint = str(reference_run / "best.pt")
     single, sharded = tmp_path / "one.json", tmp_path / "two.json"
-    result = launch(sys.executable, "-m", "bcnn.eval", "--checkpoint", checkpoint, "--device=cpu",
-                    "--batch-size=4", f"--output={single}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    eval_cli.main(["--checkpoint", checkpoint, "--device=cpu", "--batch-size=4", f"--output={single}"])
     result = torchrun("-m", "bcnn.eval", "--checkpoint", checkpoint, "--device=cpu", "--batch-size=4",
                       f"--output={sharded}")
     assert result.returncode == 0, result.stderr[-3000:]

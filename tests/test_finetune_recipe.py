@@ -194,12 +194,10 @@ def test_two_processes_train_the_whole_recipe_as_one_does(cub_3x13, tmp_path):
     # one process would: the comparison runs without it (everything else of the recipe on).
     recipe = [option for option in RECIPE if not option.startswith("--model.drop_path_rate")]
     runs = {name: tmp_path / name for name in ("one", "two")}
-    for name, processes in (("one", 1), ("two", 2)):
-        command = (("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}")
-                   if processes > 1 else ())
-        result = launch(sys.executable, *command, "-m", "bcnn.train", *small_run_args(cub_3x13, runs[name], *recipe),
-                        processes=processes)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    train_cli.main(small_run_args(cub_3x13, runs["one"], *recipe))  # one process: this one
+    result = launch(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "bcnn.train", *small_run_args(cub_3x13, runs["two"], *recipe), processes=2)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     torch.manual_seed(0)  # what bcnn.train starts from: train.seed, then the model
     initial = build_model(ModelConfig(backbone="timm:vit_tiny_patch16_224", backbone_weights="none",
                                       freeze_backbone=False), 3, input_size=32).state_dict()

@@ -1,6 +1,8 @@
 """End to end, as a user runs it: `make demo`'s pipeline (mini-CUB -> stage 1 -> stage 2 -> eval) and the CLIs.
 
 The demo runs once per session (module fixture, small images and few epochs) and the tests read what it wrote.
+The commands run in this process (helpers.runs.run_in_process) but where the process itself is under test: what
+`python -m` prints for a user's mistake.
 """
 
 import json
@@ -12,8 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bcnn import demo as demo_cli
+from bcnn import eval as eval_cli
 from bcnn import train as train_cli
 from bcnn.data import write_synthetic_cub
+from helpers.runs import run_in_process
 
 CLASSES = 4
 REPO = Path(__file__).resolve().parent.parent
@@ -41,8 +46,8 @@ def best_step(run_dir):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    result = run("bcnn.demo", "--root", str(root), "--classes", str(CLASSES), "--per-class", "20",
-                 "--crop", "64", "--epochs", "8")
+    result = run_in_process(demo_cli.main, "--root", root, "--classes", CLASSES, "--per-class", 20, "--crop", 64,
+                            "--epochs", 8)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, result.stdout
 
@@ -105,8 +110,8 @@ def test_stage2_starts_from_stage1_and_moves_the_backbone(demo):
 def test_eval_with_flip_and_on_val(demo):
     root, _ = demo
     checkpoint = root / "runs" / "stage2" / "best.pt"
-    result = run("bcnn.eval", "--checkpoint", str(checkpoint), "--split", "val", "--tta", "flip",
-                 "--batch-size", "3", "--device", "cpu")
+    result = run_in_process(eval_cli.main, "--checkpoint", checkpoint, "--split", "val", "--tta", "flip",
+                            "--batch-size", 3, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     report = json.loads((checkpoint.parent / "eval_best_val_flip.json").read_text())
     val_rows = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
@@ -135,12 +140,9 @@ def test_folder_dataset_trains_with_a_config_change(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((cub / "images" / rel).read_bytes())
     run_dir = tmp_path / "run"
-    result = run("bcnn.train", "--config", STAGE1, "--data-root", str(tmp_path / "folder"),
-                 "--data.format=folder", "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32",
-                 "--data.resize=40", "--train.epochs=1")
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run("bcnn.eval", "--checkpoint", str(run_dir / "best.pt"), "--device=cpu")
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_cli.main(["--config", STAGE1, "--data-root", str(tmp_path / "folder"), "--data.format=folder",
+                    "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32", "--data.resize=40", "--train.epochs=1"])
+    eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--device=cpu"])
     report = json.loads((run_dir / "eval_best_test.json").read_text())
     assert report["count"] == split_counts(cub)["test"]
 
@@ -169,8 +171,8 @@ def test_the_demo_model_points_at_the_birds(demo):
     pytest.importorskip("captum")
     root, _ = demo
     output = root / "pointing.json"
-    result = run("bcnn.eval", "--checkpoint", str(root / "runs" / "stage2" / "best.pt"), "--split", "test",
-                 "--device", "cpu", "--pointing-game", "--no-figures", f"--output={output}")
+    result = run_in_process(eval_cli.main, "--checkpoint", root / "runs" / "stage2" / "best.pt", "--split", "test",
+                            "--device", "cpu", "--pointing-game", "--no-figures", f"--output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     game = json.loads(output.read_text())["pointing_game"]
     assert game["images"] == split_counts(root / "mini_cub")["test"]

@@ -59,12 +59,12 @@ def run(recipe, data, run_path, *extra):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_each_head_trains_caches_resumes_evaluates_and_predicts(head, cub_3x13, tmp_path, monkeypatch):
+def test_each_head_trains_caches_resumes_evaluates_and_predicts(head, cub_3x6, tmp_path, monkeypatch):
     stage1, final, options = HEADS[head]
     init = []
     if stage1:
         cache_dir = tmp_path / "cache"
-        run(stage1, cub_3x13, tmp_path / "stage1", *options, "--train.epochs=1", "--train.cache_features=true",
+        run(stage1, cub_3x6, tmp_path / "stage1", *options, "--train.epochs=1", "--train.cache_features=true",
             f"--train.cache_dir={cache_dir}")
         assert "feature cache: computing" in (tmp_path / "stage1" / "train.log").read_text()
         # Each image's cached row is the head's vector (8,192 values for compact), never a C x C matrix.
@@ -76,15 +76,15 @@ def test_each_head_trains_caches_resumes_evaluates_and_predicts(head, cub_3x13, 
         init = [f"--train.init_from={tmp_path / 'stage1' / 'best.pt'}"]
     else:
         with pytest.raises(UserError, match="cache_features needs a pooling head without trainable layers"):
-            run(final, cub_3x13, tmp_path / "cached", *options, "--model.freeze_backbone=true",
+            run(final, cub_3x6, tmp_path / "cached", *options, "--model.freeze_backbone=true",
                 "--train.cache_features=true")
 
     final_args = [*options, *init, "--train.epochs=2"]
-    uninterrupted = run(final, cub_3x13, tmp_path / "whole", *final_args)
+    uninterrupted = run(final, cub_3x6, tmp_path / "whole", *final_args)
     interrupt_after_first_last_pt(monkeypatch)
     with pytest.raises(Interrupted, match="stopped training"):
-        run(final, cub_3x13, tmp_path / "resumed", *final_args)
-    resumed = run(final, cub_3x13, tmp_path / "resumed", *final_args)
+        run(final, cub_3x6, tmp_path / "resumed", *final_args)
+    resumed = run(final, cub_3x6, tmp_path / "resumed", *final_args)
     assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()
     assert (resumed["train_loss"], resumed["val_top1"]) == (uninterrupted["train_loss"], uninterrupted["val_top1"])
     whole, again = (torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -99,7 +99,7 @@ def test_each_head_trains_caches_resumes_evaluates_and_predicts(head, cub_3x13, 
     assert (evaluated["count"], evaluated["top1"]) == (measured["val_count"], measured["val_top1"])
     assert evaluated["loss"] == pytest.approx(measured["val_loss"], rel=1e-5)  # another batch size: summation order
 
-    image = next((cub_3x13 / "images").rglob("*.jpg"))
+    image = next((cub_3x6 / "images").rglob("*.jpg"))
     [prediction] = predict_cli.main([str(image), "--checkpoint", str(best), "--device", "cpu", "--topk", "3"])
     assert len(prediction["predictions"]) == 3
     assert sum(p["probability"] for p in prediction["predictions"]) == pytest.approx(1.0, abs=1e-5)

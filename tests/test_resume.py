@@ -19,7 +19,7 @@ from bcnn.config import Config, config_to_dict
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import TrainingDiverged
 from bcnn.errors import UserError
-from helpers.runs import REPO, launch, small_run_args
+from helpers.runs import REPO, launch, run_in_process, small_run_args
 
 KILL_HELPER = str(REPO / "tests" / "helpers" / "kill_after_save.py")
 
@@ -47,7 +47,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(cub_3x13, r
     stopped_at = load(run_dir / "last.pt")
     assert (stopped_at["epoch"], stopped_at["step_in_epoch"]) == (0, 2), where
 
-    again = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))  # the very same command
+    again = run_in_process(train_cli.main, *small_run_args(cub_3x13, run_dir))  # the very same command
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "epoch 1, step 2" in again.stdout
 
@@ -66,9 +66,7 @@ def test_resume_names_a_checkpoint_explicitly(cub_3x13, reference_run, tmp_path)
     killed_dir = tmp_path / "killed"
     launch(sys.executable, KILL_HELPER, *small_run_args(cub_3x13, killed_dir), env={"KILL_AFTER_SAVES": "3"})
     assert load(killed_dir / "last.pt")["global_step"] == 4
-    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, tmp_path / "elsewhere"),
-                 f"--resume={killed_dir / 'last.pt'}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_cli.main(small_run_args(cub_3x13, tmp_path / "elsewhere", f"--resume={killed_dir / 'last.pt'}"))
     expected, resumed = load(reference_run / "last.pt")["model"], load(tmp_path / "elsewhere" / "last.pt")["model"]
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
@@ -80,7 +78,7 @@ def copy_run(run_dir, tmp_path):
 def test_rerunning_a_finished_run_changes_nothing_and_more_epochs_extend_it(cub_3x13, reference_run, tmp_path):
     run_dir = copy_run(reference_run, tmp_path)
     before = {name: (run_dir / name).read_bytes() for name in ("best.pt", "last.pt", "metrics.jsonl")}
-    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))
+    result = run_in_process(train_cli.main, *small_run_args(cub_3x13, run_dir))
     assert result.returncode == 0 and "already finished 2 epochs" in result.stdout
     assert all((run_dir / name).read_bytes() == content for name, content in before.items())
 
@@ -156,8 +154,7 @@ def test_a_checkpoint_that_cannot_be_resumed_is_one_clear_error(cub_3x13, refere
         path.write_bytes((reference_run / "last.pt").read_bytes()[:5000])
     elif problem == "pickled code":
         torch.save({"model": {}, "payload": UserError("runs code when unpickled")}, path)
-    result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, tmp_path / "run"),
-                    f"--resume={path}")
+    result = run_in_process(train_cli.main, *small_run_args(cub_3x13, tmp_path / "run"), f"--resume={path}")
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -210,9 +207,9 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cub_3
 
 
 def test_a_learning_rate_that_blows_up_is_one_clear_error(cub_3x13, tmp_path):
-    result = launch(sys.executable, "-m", "bcnn.train",
-                    *small_run_args(cub_3x13, tmp_path / "run", "--optim.lr=1e30", "--model.freeze_backbone=true",
-                                    "--train.epochs=1", "--train.checkpoint_every=0"))
+    result = run_in_process(train_cli.main, *small_run_args(cub_3x13, tmp_path / "run", "--optim.lr=1e30",
+                                                           "--model.freeze_backbone=true", "--train.epochs=1",
+                                                           "--train.checkpoint_every=0"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert re.match(r"error: the training loss became NaN or infinite at step \d+ \(epoch 1\)", result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1
@@ -226,7 +223,7 @@ def test_a_last_pt_from_before_a_config_key_existed_still_resumes():
                 "backbone_b", "backbone_b_weights"):
         del saved["model"][key]
     saved["model"]["cut"] = "relu5_3"
-    state = {"config": saved, "optimizer": {}}
+    state = {"config": saved, **{name: {} for name in train_cli.RESUME_ENTRIES}}  # what else a last.pt carries
     train_cli.check_resumable(Config(), state, Path("last.pt"))  # the defaults are what those runs did
     changed = Config()
     changed.model.pooling = "compact"

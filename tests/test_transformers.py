@@ -30,37 +30,49 @@ from helpers.runs import STAGE1, launch  # noqa: E402
 SMALL = {name: 128 if name.startswith("swin") else 112 for name in TIMM_FAMILIES}
 
 
-@pytest.mark.parametrize("name", TIMM_FAMILIES)
-def test_each_named_family_builds_for_a_crop_that_is_not_its_native_size(name):
+@pytest.fixture(scope="module")
+def family(request):
+    """A named family (request.param) built with random weights for its SMALL size, in eval mode: shared by the
+    tests below, which only read it."""
+    name = request.param
+    backbone = build_backbone(name, "none", "auto", SMALL[name])
+    backbone.module.eval()
+    return name, backbone
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES, indirect=True)
+def test_each_named_family_builds_for_a_crop_that_is_not_its_native_size(family):
+    name, backbone = family
     size = SMALL[name]
-    backbone = build_backbone(name, "none", "auto", size)
     native = timm.models.get_pretrained_cfg(TIMM_FAMILIES[name]).input_size[-1]
     assert native != size
     with torch.no_grad():
-        feature_map = backbone.module.eval()(torch.randn(2, 3, size, size))
+        feature_map = backbone.module(torch.randn(2, 3, size, size))
     assert feature_map.shape == (2, backbone.channels, size // backbone.stride, size // backbone.stride)
     assert (backbone.mean, backbone.std) == input_normalisation(name)
 
 
-def response_cell(module, size: int, stride: int, row: int, column: int) -> tuple[int, int]:
-    """The map cell whose features change most when the input's patch (row, column) is painted over."""
+def response_cells(module, size: int, stride: int, patches: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """For each input patch (row, column) painted over, the map cell whose features change most."""
     images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 0.1
-    marked = images.clone()
-    marked[..., row * stride:(row + 1) * stride, column * stride:(column + 1) * stride] = 3.0
+    marked = images.repeat(len(patches), 1, 1, 1)  # one image per patch, marked in that patch alone
+    for image, (row, column) in zip(marked, patches):
+        image[:, row * stride:(row + 1) * stride, column * stride:(column + 1) * stride] = 3.0
     with torch.no_grad():
-        change = (module(marked) - module(images)).norm(dim=1)[0]  # (H, W)
-    return divmod(int(change.argmax()), change.shape[1])
+        change = (module(marked) - module(images)).norm(dim=1)  # (patches, H, W)
+    return [divmod(int(cell.argmax()), change.shape[2]) for cell in change]
 
 
 # A ViT (one class token), DeiT (class + distillation), DINOv2 with 4 registers, a Swin: a prefix token left in,
 # or a grid laid out transposed or shifted, moves the response out of the marked cell.
-@pytest.mark.parametrize("name, size", [("vit_b16_in21k", 112), ("deit_b16_distilled", 112),
-                                        ("dinov2_vitb14_reg", 112), ("swin_b_in22k", 128)])
-def test_a_marked_patch_answers_in_its_own_cell_of_the_map(name, size):
-    backbone = build_backbone(name, "none", "auto", size)
-    module, cells = backbone.module.eval(), size // backbone.stride
-    for row, column in ((0, 0), (cells - 1, 1), (2, cells - 1), (cells // 2, cells // 2)):
-        assert response_cell(module, size, backbone.stride, row, column) == (row, column)
+@pytest.mark.parametrize("family", ["vit_b16_in21k", "deit_b16_distilled", "dinov2_vitb14_reg", "swin_b_in22k"],
+                         indirect=True)
+def test_a_marked_patch_answers_in_its_own_cell_of_the_map(family):
+    name, backbone = family
+    size = SMALL[name]  # 7 x 7 patches of 16 px, 8 x 8 of 14 px, 4 x 4 cells of 32 px
+    cells = size // backbone.stride
+    patches = [(0, 0), (cells - 1, 1), (2, cells - 1), (cells // 2, cells // 2)]
+    assert response_cells(backbone.module, size, backbone.stride, patches) == patches
 
 
 def test_an_earlier_block_is_that_block_s_tokens_on_their_grid_after_the_final_norm():
@@ -148,9 +160,9 @@ def test_a_bilinear_head_too_large_for_swin_l_names_the_ways_out():
     ("timm:vit_tiny_patch16_224", ["--model.pooling=matrix_sqrt"]),
     ("timm:swin_tiny_patch4_window7_224", ["--model.pooling=compact", "--model.compact_dim=1024"]),
 ], ids=["vit", "swin"])
-def test_tiny_transformer_run_end_to_end(backbone, options, cub_3x13, tmp_path, capsys):
+def test_tiny_transformer_run_end_to_end(backbone, options, cub_3x6, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train_cli.main(["--config", STAGE1, f"--data-root={cub_3x13}", f"--run-dir={run_dir}", "--device=cpu",
+    train_cli.main(["--config", STAGE1, f"--data-root={cub_3x6}", f"--run-dir={run_dir}", "--device=cpu",
                     f"--model.backbone={backbone}", "--model.backbone_weights=none", "--data.resize=72",
                     "--data.crop=64", "--data.val_fraction=0.34", "--data.num_workers=2", "--train.batch_size=4",
                     "--train.epochs=1", "--train.log_every=0", "--train.precision=fp32",
@@ -160,8 +172,8 @@ def test_tiny_transformer_run_end_to_end(backbone, options, cub_3x13, tmp_path, 
     assert best["config"]["model"]["backbone"] == backbone
     evaluated = eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "test", "--device", "cpu",
                                "--no-figures"])
-    assert evaluated["count"] == 21
-    images = sorted((cub_3x13 / "images").rglob("*.jpg"))[:2]
+    assert evaluated["count"] == 9  # the test split
+    images = sorted((cub_3x6 / "images").rglob("*.jpg"))[:2]
     predicted = predict_cli.main([*map(str, images), "--checkpoint", str(run_dir / "best.pt"), "--json",
                                   "--device", "cpu"])
     assert [len(result["predictions"]) for result in predicted] == [3, 3]
@@ -177,9 +189,9 @@ TRANSFORMER_RECIPES = {"cub_dinov2_vitb14_avg": 28, "cub_dinov2_vitb14_matrix_sq
 
 
 @pytest.mark.parametrize("recipe", TRANSFORMER_RECIPES)
-def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x13, tmp_path):
+def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x6, tmp_path):
     crop, experiments = TRANSFORMER_RECIPES[recipe], Path(STAGE1).parent
-    shrink = [f"--data-root={cub_3x13}", "--device=cpu", f"--data.resize={crop + 4}", f"--data.crop={crop}",
+    shrink = [f"--data-root={cub_3x6}", "--device=cpu", f"--data.resize={crop + 4}", f"--data.crop={crop}",
               "--data.val_fraction=0.34", "--data.num_workers=2", "--train.epochs=1", "--train.batch_size=4",
               "--train.log_every=0", "--train.precision=fp32"]
     train_cli.main(["--config", str(experiments / f"{recipe}_stage1.yaml"), f"--run-dir={tmp_path / 's1'}",

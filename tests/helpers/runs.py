@@ -1,9 +1,12 @@
 """The small training run that the DDP and resume tests compare against, one launcher for every subprocess the
-suite starts, and the suite's CPU thread budget."""
+suite starts (and one for a command run in this process instead), and the suite's CPU thread budget."""
 
+import contextlib
 import functools
+import io
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -50,6 +53,26 @@ def launch(*command, env=None, processes=1):
     threads = str(max(1, suite_threads() // processes))
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, **(env or {})})
+
+
+def run_in_process(main, *argv) -> subprocess.CompletedProcess:
+    """`python -m bcnn.<entry point> ARGV` as the entry point's __main__ runs it (exit_on_user_error(main)), in this
+    process: for tests of what a command does and says rather than of the process, without the seconds a new
+    interpreter takes to import torch. Its exit status, stdout and stderr, Python's warnings written to stderr as
+    the interpreter writes them."""
+    from bcnn.errors import exit_on_user_error
+
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            exit_on_user_error(main)(list(map(str, argv)))
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    for warning in caught:
+        stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno))
+    return subprocess.CompletedProcess([main.__module__, *argv], status, stdout.getvalue(), stderr.getvalue())
 
 
 def interrupt_after_first_last_pt(monkeypatch):
