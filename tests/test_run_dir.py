@@ -451,7 +451,7 @@ def test_a_stop_while_the_final_projector_is_written_is_finished_by_the_same_com
     rather than saying "already finished" and leaving it unwritten."""
     run_dir = tmp_path / "run"
     args = ["--config", REPO / "experiments" / "demo_stage1.yaml", f"--data-root={cub_3x13}", f"--run-dir={run_dir}",
-            "--device=cpu", "--data.resize=40", "--data.crop=32", "--data.num_workers=0", "--train.epochs=1",
+            "--device=cpu", "--data.resize=40", "--data.crop=32", "--data.num_workers=1", "--train.epochs=1",
             "--model.backbone_weights=none", "--train.log_every=0", "--train.heatmap_images=0"]
     args = [str(arg) for arg in args]
     real_write = train_cli.write_projector_folder
