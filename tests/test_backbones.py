@@ -38,6 +38,28 @@ def test_each_cut_gives_the_channels_and_stride_it_reports(name):
     assert resolve_cut(name, "auto")[0] == next(iter(FAMILIES[name].cuts))
 
 
+@pytest.mark.parametrize("name", ["vgg16", "vgg19"])
+def test_a_random_vgg_part_is_initialised_as_torchvision_initialises_vgg(name):
+    """VGG is built on the meta device and only its cut part initialised (backbones._vgg_init): its keys and shapes
+    are torchvision's, and every convolution is He-normal over its fan-out with zero biases, as VGG.__init__ does."""
+    part = build_backbone(name, "none").module
+    reference = FAMILIES[name].build(init_weights=False).features[: len(part)]
+    assert {key: value.shape for key, value in part.state_dict().items()} == \
+        {key: value.shape for key, value in reference.state_dict().items()}
+    convolutions = [module for module in part.modules() if isinstance(module, torch.nn.Conv2d)]
+    assert len(convolutions) == (13 if name == "vgg16" else 16)
+    for conv in convolutions:
+        weight = conv.weight.detach().double()
+        n = weight.numel()
+        expected_std = math.sqrt(2 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]))
+        # The sample standard deviation of n normal values has a relative standard error of 1 / sqrt(2n): allow
+        # five of them (n >= 1,728, so at most 8.5%); a uniform init or a fan-in one misses by far more.
+        assert abs(weight.std().item() / expected_std - 1) < 5 / math.sqrt(2 * n), conv
+        assert abs(weight.mean().item()) < 5 * expected_std / math.sqrt(n), conv
+        assert torch.count_nonzero(conv.bias) == 0
+        assert conv.weight.device.type == "cpu" and torch.isfinite(weight).all()
+
+
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "convnext_tiny"])  # vgg16: tests/test_models.py
 def test_weights_from_a_file_of_the_whole_torchvision_model(name, tmp_path):
     source = FAMILIES[name].build()  # random weights, and batch-norm statistics unlike the defaults
