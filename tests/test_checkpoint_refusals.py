@@ -3,8 +3,6 @@ diverged run, a damaged file), a checkpoint without the entries the command need
 a named pipe where the checkpoint goes; and class scores that are NaN or inf are an error, never a class."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from bcnn.config import config_to_dict, load_config
 from bcnn.errors import UserError
 from bcnn.models import build_model
 from bcnn.models.trained import from_checkpoint
-from helpers.runs import REPO, STAGE1
+from helpers.runs import STAGE1, run_in_process
 
 TINY = ["--data.crop=32", "--data.resize=40", "--data.num_workers=0"]
 
@@ -78,8 +76,7 @@ def test_nan_or_inf_weights_are_refused_by_eval_predict_explain_and_init_from(so
 
 def test_the_cli_says_it_in_one_line_and_exits_2(sound, tmp_path):
     path = variant(sound, "diverged_cli", poison("backbone.0.weight", float("nan")))
-    result = subprocess.run([sys.executable, "-m", "bcnn.eval", "--checkpoint", path, "--device", "cpu",
-                             "--output", str(tmp_path / "e.json")], cwd=REPO, capture_output=True, text=True)
+    result = run_in_process(eval_cli.main, "--checkpoint", path, "--device", "cpu", "--output", tmp_path / "e.json")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: checkpoint ") and result.stderr.count("\n") == 1, result.stderr
     assert "backbone.0.weight" in result.stderr and not (tmp_path / "e.json").exists()

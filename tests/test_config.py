@@ -2,7 +2,6 @@
 are one sentence each (exit status 2 from the CLI); the shipped experiments load."""
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from bcnn.config import Config, config_from_dict, config_to_dict, load_config, r
 from bcnn import train as train_cli
 from bcnn.errors import UserError
 from bcnn.models.backbones import vgg16_features
-from helpers.runs import STAGE1, launch
+from helpers.runs import STAGE1, run_in_process
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -191,7 +190,7 @@ def test_train_cli_refuses_config_mistake_before_any_data_or_run_dir(tmp_path, a
 def test_train_cli_names_the_config_file_yaml_cannot_read(tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text("optim:\n\tlr: 0.5\n")
-    result = launch(sys.executable, "-m", "bcnn.train", "--config", str(config), f"--run-dir={tmp_path / 'run'}")
+    result = run_in_process(train_cli.main, "--config", config, f"--run-dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: config file {config}, line 2, column 1: a tab, which YAML does "
                                           "not allow there (it indents with spaces only); use spaces."]

@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import tarfile
 import threading
 import warnings
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bcnn import train as train_cli
 from bcnn.config import DataConfig
 from bcnn.data import (
     CUB200, IMAGENET_MEAN, IMAGENET_STD, REPLACE_IMAGE, FolderDataset, build_dataset, build_loader,
@@ -29,6 +29,7 @@ from bcnn.data import (
 from bcnn.data.__main__ import main as data_cli_main
 from bcnn.data.gpu import EncodedFiles
 from bcnn.errors import UserError
+from helpers.runs import STAGE1, run_in_process
 
 SPLITS = ("train", "val", "trainval", "test")
 
@@ -348,9 +349,9 @@ def test_synthetic_cub_is_deterministic(tmp_path):
     assert first != contents(write_synthetic_cub(tmp_path / "c", classes=2, per_class=3, seed=5, image_size=32))
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bcnn.data", *args], capture_output=True, text=True, timeout=120,
-                          env=env)
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """python -m bcnn.data ARGS, in this process (what the command says and returns is what the tests check)."""
+    return run_in_process(data_cli_main, *args)
 
 
 def test_cli_synth_writes_a_dataset_that_verify_accepts(tmp_path):
@@ -667,11 +668,10 @@ def test_verify_refuses_a_split_option_out_of_range_in_one_sentence(mini_cub, ar
 
 
 def run_train(data_root: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    """One epoch of the demo's stage 1 on small crops, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "bcnn.train", "--config", "experiments/demo_stage1.yaml", f"--data-root={data_root}",
-         "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32", "--data.resize=40", "--train.epochs=1", *args],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    """One epoch of the demo's stage 1 on small crops, as a user runs it (in this process; its loader workers are
+    processes of their own, as in a user's run)."""
+    return run_in_process(train_cli.main, "--config", STAGE1, f"--data-root={data_root}", "--device=cpu",
+                          f"--run-dir={run_dir}", "--data.crop=32", "--data.resize=40", "--train.epochs=1", *args)
 
 
 def test_train_cli_reports_an_image_broken_in_a_worker_in_one_line(writable_cub, tmp_path):

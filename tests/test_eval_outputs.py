@@ -11,8 +11,6 @@ import contextlib
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from bcnn.config import config_to_dict, load_config
 from bcnn.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, write_synthetic_cub
 from bcnn.errors import UserError
 from bcnn.models import build_model
+from helpers.runs import run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
@@ -132,11 +131,10 @@ def test_figures_are_written_as_pngs(evaluated):
             assert image.format == "PNG" and min(image.size) > 300
 
 
-def test_subprocess_with_output_and_no_figures(evaluated, tmp_path):
+def test_the_command_with_output_and_no_figures(evaluated, tmp_path):
     output = tmp_path / "reports" / "stage1_test.json"
-    result = subprocess.run([sys.executable, "-m", "bcnn.eval", "--checkpoint", str(evaluated["checkpoint"]),
-                             "--device=cpu", f"--output={output}", "--no-figures"],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = run_in_process(eval_cli.main, "--checkpoint", evaluated["checkpoint"], "--device=cpu",
+                            f"--output={output}", "--no-figures")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(path.name for path in output.parent.iterdir()) == ["stage1_test.json",
                                                                      "stage1_test_per_class.csv"]

@@ -6,8 +6,6 @@ The commands run in this process (helpers.runs.run_in_process) but where the pro
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+def run(module, *args):
+    """python -m MODULE ARGS (bcnn.train or bcnn.eval), in this process."""
+    return run_in_process({"bcnn.train": train_cli.main, "bcnn.eval": eval_cli.main}[module], *args)
 
 
 def split_counts(cub_root: Path) -> dict:

@@ -7,7 +7,6 @@ hand, for a model whose weights the test itself saved.
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from bcnn.data import write_synthetic_cub
 from bcnn.errors import UserError
 from bcnn.models import build_model
 from helpers.numerics import FORWARD_RTOL
+from helpers.runs import launch, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
@@ -98,8 +98,8 @@ def photo_paths(trained) -> list[str]:
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "bcnn.predict", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+    """python -m bcnn.predict ARGS in this process: its output and exit status."""
+    return run_in_process(predict_cli.main, *args)
 
 
 def test_probabilities_are_the_softmax_of_the_model_on_the_eval_transform(trained, capsys):
@@ -255,7 +255,9 @@ def test_cli_exit_status_is_1_when_an_input_failed_and_good_images_are_printed(t
     missing, text_file = str(tmp_path / "missing.jpg"), tmp_path / "notes.txt"
     text_file.write_text("hello")
     good = photo_paths(trained)[0]
-    result = run_cli(missing, str(text_file), good, "--checkpoint", trained["checkpoint"])
+    # a process of its own: the exit status 1 is set by the module's __main__ block, which is what this checks
+    result = launch(sys.executable, "-m", "bcnn.predict", missing, str(text_file), good,
+                    "--checkpoint", trained["checkpoint"])
     assert result.returncode == 1, result.stderr
     errors = result.stderr.splitlines()
     assert len(errors) == 2 and errors[0].startswith(f"error: {missing}: ")

@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from bcnn import eval as eval_cli
 from bcnn import report
 from bcnn import train as train_cli
 from bcnn.errors import UserError
-from helpers.runs import REPO, STAGE1
+from helpers.runs import REPO, STAGE1, run_in_process
 
 TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
         "--model.backbone_weights=none", "--train.batch_size=4", "--train.epochs=1", "--train.log_every=0",
@@ -210,13 +209,11 @@ def test_runs_evaluated_on_different_data_are_named(runs, tmp_path):
     evaluation = json.loads((moved / "eval_best_test.json").read_text())
     evaluation["data_root"] = "/elsewhere/CUB_200_2011"
     (moved / "eval_best_test.json").write_text(json.dumps(evaluation))
-    completed = subprocess.run([sys.executable, "-m", "bcnn.report", str(runs / "seed1"), str(moved)], cwd=REPO,
-                               capture_output=True, text=True)
+    completed = run_in_process(report.main, runs / "seed1", moved)
     assert completed.returncode == 0, completed.stderr
     note = completed.stdout.strip().splitlines()[-1]
     assert note.startswith("note: the runs were evaluated on different data: ")
     assert f"{runs / 'seed1'} on {evaluation['data_root']}" not in note  # each run beside its own root
     assert f"{moved} on /elsewhere/CUB_200_2011" in note and str(runs / "seed1") in note
-    same = subprocess.run([sys.executable, "-m", "bcnn.report", str(runs / "seed0"), str(runs / "seed1")], cwd=REPO,
-                          capture_output=True, text=True)
+    same = run_in_process(report.main, runs / "seed0", runs / "seed1")
     assert "different data" not in same.stdout  # one root, one count: nothing to say

@@ -26,7 +26,7 @@ from bcnn.data import build_dataset
 from bcnn.data.__main__ import main as data_cli_main
 from bcnn.errors import Interrupted, UserError, sigterm_raises
 from bcnn.run_dir import LOCK_FILE, RunDirectory
-from helpers.runs import REPO, launch, small_run_args, suite_threads
+from helpers.runs import REPO, launch, run_in_process, small_run_args, suite_threads
 
 
 def fingerprints(folder: Path) -> dict:
@@ -37,7 +37,8 @@ def fingerprints(folder: Path) -> dict:
 
 
 def train(*args):
-    return launch(sys.executable, "-m", "bcnn.train", *args)
+    """bcnn.train in this process (the command's output and status, not its process, are what these tests check)."""
+    return run_in_process(train_cli.main, *args)
 
 
 def one_error_line(result, *fragments):
@@ -224,13 +225,15 @@ def test_a_run_directory_held_by_a_running_run_is_refused_and_eval_is_not(cub_3x
     running.hold()  # this test process stands for a run in progress (say, trained on with more epochs)
     try:
         before = fingerprints(finished_run)
-        result = train(*small_run_args(cub_3x13, finished_run, "--train.epochs=3"))
+        # a process of its own: the lock names this test's process, which a run in this process would hold itself
+        result = launch(sys.executable, "-m", "bcnn.train", *small_run_args(cub_3x13, finished_run,
+                                                                           "--train.epochs=3"))
         one_error_line(result, f"run directory {finished_run} is in use by another run (host ",
                        f"pid {os.getpid()}", "another --run-dir")
         assert fingerprints(finished_run) == before
         # eval and predict only read a run: never blocked
-        evaluated = launch(sys.executable, "-m", "bcnn.eval", "--checkpoint", str(finished_run / "best.pt"),
-                           "--device=cpu", "--no-figures")
+        evaluated = run_in_process(eval_cli.main, "--checkpoint", finished_run / "best.pt", "--device=cpu",
+                                   "--no-figures")
         assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     finally:
         running.release()
@@ -403,8 +406,8 @@ def test_eval_prints_its_numbers_before_a_write_fails(finished_run, monkeypatch,
 
 
 def test_eval_output_that_is_a_folder_is_one_sentence(finished_run, tmp_path):
-    result = launch(sys.executable, "-m", "bcnn.eval", "--checkpoint", str(finished_run / "best.pt"),
-                    "--device=cpu", f"--output={tmp_path}")
+    result = run_in_process(eval_cli.main, "--checkpoint", finished_run / "best.pt", "--device=cpu",
+                            f"--output={tmp_path}")
     one_error_line(result, f"--output {tmp_path} is a folder; give a file name")
 
 

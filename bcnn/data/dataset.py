@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from bcnn.data.transforms import IMAGENET_NORMALISATION
 from bcnn.errors import UserError
-from bcnn.paths import file_kind, not_a_file
+from bcnn.paths import file_kind
 
 SPLITS = ("train", "val", "trainval", "test")
 REPLACE_IMAGE = "replace it with a readable image, or re-extract the dataset's archive"

@@ -3,8 +3,11 @@ suite starts (and one for a command run in this process instead), and the suite'
 
 import contextlib
 import functools
+import gc
 import io
+import multiprocessing
 import os
+import signal
 import subprocess
 import warnings
 from pathlib import Path
@@ -63,6 +66,7 @@ def run_in_process(main, *argv) -> subprocess.CompletedProcess:
     from bcnn.errors import exit_on_user_error
 
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    children_before = set(multiprocessing.active_children())
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -70,9 +74,28 @@ def run_in_process(main, *argv) -> subprocess.CompletedProcess:
             exit_on_user_error(main)(list(map(str, argv)))
         except SystemExit as stop:
             status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            end_children_as_an_exit_would(children_before)
     for warning in caught:
         stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno))
     return subprocess.CompletedProcess([main.__module__, *argv], status, stdout.getvalue(), stderr.getvalue())
+
+
+def end_children_as_an_exit_would(children_before: set) -> None:
+    """Kill the daemon processes a command run in this process left behind (the persistent loader workers of a run
+    that failed, held by its traceback), as the command's own process would at its exit, then collect what held
+    them. Left alone, they were shut down at a later garbage collection: each took torch's 5-s join timeout to
+    end, forked as they were from a test process with threads of its own, and one interrupted the xdist worker's
+    exit. torch's SIGCHLD handler is set aside meanwhile: it would take their deaths for a worker failure."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in multiprocessing.active_children():
+            if child.daemon and child not in children_before:
+                child.kill()
+                child.join(timeout=5)
+        gc.collect()  # the loaders' __del__: their workers' pids leave torch's registry
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def interrupt_after_first_last_pt(monkeypatch):
