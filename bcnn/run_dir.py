@@ -26,6 +26,13 @@ anything else is refused, naming it. Without --overwrite it clears only what a r
 first checkpoint (config.yaml, train.log, events); an earlier run's results (a checkpoint, evaluations, epoch
 rows) need --overwrite. --overwrite moves the earlier run into previous_run/ and deletes that folder once the new
 run writes its first last.pt; a run that stops before then (a bad image, Ctrl-C) puts it back as it was.
+
+Why by content and not by a manifest the run writes (a list of its files with their hashes; considered in issue 28
+and left): train.log, metrics.jsonl and the TensorBoard events grow with every step, so their hashes would be stale
+unless the manifest were rewritten, atomically, after each write; bcnn.eval adds its files to a run's directory from
+another process later; and a run killed between writing a file and its manifest entry, a directory written before
+manifests or copied by hand, would still need recognising by content. A manifest would add a second rule beside
+this one, not replace it.
 """
 
 from __future__ import annotations
