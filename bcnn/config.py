@@ -45,6 +45,17 @@ class DataConfig:
     rrc_min_scale: float = 0.25
     rotation: float = 0.0  # degrees; 0 = off
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+    # Per-image augmentations of fine-tuning recipes (DeiT's, MAE's), timm's own (pip install timm); 0 or "" = off:
+    # a timm policy string, rand-m9-mstd0.5-inc1 (RandAugment as DeiT), augmix-m5-w4-d2, original (AutoAugment), or
+    # trivial (torchvision's TrivialAugmentWide); applied after the crop and flip, before ToTensor
+    auto_augment: str = ""
+    random_erasing: float = 0.0  # timm's RandomErasing: probability per image, one box of per-pixel noise (DeiT: 0.25)
+    # timm's Mixup / CutMix on each training batch, on either decode path (soft targets; train.label_smoothing is
+    # folded into them); 0 = off:
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) (DeiT: 0.8)
+    cutmix: float = 0.0  # alpha of CutMix's Beta(alpha, alpha) (DeiT: 1.0)
+    mixup_prob: float = 1.0  # the probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # with both on: the probability of CutMix rather than mixup for a batch
     num_workers: int = -1  # loader worker processes per training process; -1 = from the machine's cores
     # Where images are decoded and augmented: cpu (PIL, in the loader workers); gpu (whole batches on the training
     # device, nvjpeg on a GPU: bcnn/data/gpu.py); auto (gpu when training on CUDA). The default stays cpu until the
@@ -91,9 +102,13 @@ class ScheduleConfig:
     factor: float = 0.1  # plateau and step: multiply the lr by this
     patience: int = 3  # plateau: epochs without improvement before the lr drops
     step_size: int = 20  # step: epochs between drops
-    min_lr: float = 0.0  # cosine: final lr; plateau: floor
+    # cosine: the classifier's final lr, each other group ending at the same fraction of its own peak (optim.lr's
+    # share: MAE scales the floor with each group's lr); plateau: every group's floor
+    min_lr: float = 0.0
     unit: str = "epoch"  # epoch: step and cosine change the lr once per epoch; step: cosine at every optimizer step
-    warmup_epochs: float = 0.0  # linear warmup over this many epochs' optimizer steps into the schedule; 0 = off
+    # a linear warmup to each group's peak over this many epochs' optimizer steps, then the schedule over the steps
+    # that remain (as DeiT, MAE and timm); 0 = off
+    warmup_epochs: float = 0.0
 
 
 @dataclass
@@ -130,7 +145,12 @@ class Config:
 
 
 # Augmentations only the CPU (PIL) decode path does; data.decode=auto falls back to it when one is on.
-CPU_ONLY_AUGMENTATIONS = ("random_resized_crop", "rotation", "color_jitter")
+CPU_ONLY_AUGMENTATIONS = ("random_resized_crop", "rotation", "color_jitter", "auto_augment", "random_erasing")
+# Augmentations that draw a new view of an image each epoch, which a feature cache (one view and its mirror) cannot.
+VIEW_AUGMENTATIONS = ("random_resized_crop", "rotation", "color_jitter", "auto_augment", "random_erasing", "mixup",
+                      "cutmix")
+# The policies data.auto_augment names, by their first dash-separated word (timm's, and torchvision's trivial).
+AUTO_AUGMENT_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a", "trivial")
 
 CHOICES = {
     ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "folder"),
@@ -155,6 +175,11 @@ RANGES = {
     "data.rotation": "[0, inf)",
     "data.color_jitter": "[0, inf)",
     "data.num_workers": "[-1, inf)",
+    "data.random_erasing": "[0, 1]",
+    "data.mixup": "[0, inf)",
+    "data.cutmix": "[0, inf)",
+    "data.mixup_prob": "[0, 1]",
+    "data.mixup_switch_prob": "[0, 1]",
     "optim.lr": "[0, inf)",
     "model.drop_path_rate": "[0, 1)",
     "optim.backbone_lr": "[0, inf)",
@@ -396,6 +421,15 @@ def validate(cfg: Config) -> None:
     if cfg.data.decode == "gpu" and off_device:
         raise UserError(f"data.decode=gpu does the recipe's resize, crop and flip only, not data.{off_device[0]}; "
                         "set data.decode=cpu (or auto, which then decodes on the CPU).")
+    policy = cfg.data.auto_augment.split("-")[0]
+    if cfg.data.auto_augment and policy not in AUTO_AUGMENT_POLICIES:
+        raise UserError(f"data.auto_augment must start with one of {', '.join(AUTO_AUGMENT_POLICIES)} (e.g. "
+                        f"rand-m9-mstd0.5-inc1, RandAugment as DeiT), got {cfg.data.auto_augment!r}.")
+    if cfg.train.cache_features:
+        drawn = [name for name in VIEW_AUGMENTATIONS if getattr(cfg.data, name)]
+        if drawn:
+            raise UserError(f"train.cache_features computes one view of each image (and its mirror) once, and "
+                            f"data.{drawn[0]} draws a new one each epoch; turn one of them off.")
     if cfg.schedule.name == "plateau" and cfg.data.val_fraction == 0:
         raise UserError(
             "schedule.name=plateau watches val accuracy but data.val_fraction is 0 (no val split); "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bcnn.data.loader import worker_errors
 from bcnn.distributed import all_reduce_
 from bcnn.precision import autocast
+from bcnn.tta import average_view_logits, is_multi_view
 from bcnn.errors import UserError
 
 NO_BAD_STEP = 2**62
@@ -85,7 +86,8 @@ def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps: int = 1, scaler=None,
                     meter: EpochMeter | None = None, first_step: int = 0, after_step=None, on_report=None,
                     log_every: int = 20, diverged_hint: str = "", precision: str = "fp32",
-                    channels_last: bool = False, label_smoothing: float = 0.0, clip_grad_norm: float = 0.0) -> dict:
+                    channels_last: bool = False, label_smoothing: float = 0.0, clip_grad_norm: float = 0.0,
+                    mix=None) -> dict:
     """Train over the loader; one optimizer step per `accum_steps` micro-batches (the last step of an epoch
     may have fewer). The loss of each micro-batch is weighted by its share of the step's images, so the
     update equals that of one big batch; DDP's gradient all-reduce runs only on a step's last micro-batch.
@@ -93,6 +95,9 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
     precision: the backbone's autocast (bcnn.precision); the head and the loss stay float32.
     label_smoothing: of the training loss (torch's cross_entropy); clip_grad_norm > 0: the gradients' global L2
     norm clipped to it before each optimizer step (after unscaling, under fp16).
+    mix(images, targets, epoch, step, position) -> (images, soft targets): mixup / CutMix of each micro-batch
+    (bcnn.mixing.BatchMixer; None: off); the soft targets then hold the label smoothing, and top-1 counts the
+    images' own labels.
     first_step: optimizer steps of this epoch already done before a resume (the loader then starts after them).
     after_step(step, meter): called after each optimizer step (step counts from the epoch start), e.g. to
     write a mid-epoch checkpoint.
@@ -115,12 +120,18 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             images, targets = next(micro_batches)
             images = to_device(images, device, channels_last)
             targets = targets.to(device, non_blocking=True)
+            soft = None
+            if mix is not None:
+                images, soft = mix(images, targets, epoch, step, position)
             last = position == len(group) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast(precision, device):
                     logits = model(images)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+                if soft is None:
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+                else:  # timm's SoftTargetCrossEntropy: -sum(q log p)
+                    loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
                 weighted = loss * (size / step_images)
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
             meter.loss_sum += loss.detach().double() * size
@@ -166,8 +177,10 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusion: bool = False,
              precision: str = "fp32", channels_last: bool = False) -> dict:
-    """Accuracy in percent. tta="flip" averages the logits of each image and its mirror. With confusion=True
-    the result also holds "confusion", a (classes, classes) LongTensor of counts [true class, predicted class].
+    """Accuracy in percent. tta="flip" averages the logits of each image and its mirror; a multi-view tta
+    (bcnn.tta: five_crop, ten_crop, multiscale) takes a loader of (B, V, 3, H, W) views, forwards them as one
+    (B*V, 3, H, W) batch and averages each image's V logits. With confusion=True the result also holds
+    "confusion", a (classes, classes) LongTensor of counts [true class, predicted class].
 
     Under DDP each rank reads its own shard (no padding: every image once) and the counts are summed over
     ranks, so every rank returns the numbers one process would.
@@ -179,12 +192,18 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     nonfinite = torch.zeros((), dtype=torch.long, device=device)  # images whose logits hold NaN or inf
     for images, targets in loader:
-        images = to_device(images, device, channels_last)
+        if is_multi_view(tta) != (images.dim() == 5):
+            raise ValueError(f"tta={tta!r} and a loader of {images.dim()}-d batches: a multi-view tta needs the "
+                             "(B, V, 3, H, W) views of bcnn.tta.view_transform, and only it")
+        views = images.shape[1] if images.dim() == 5 else 1
+        images = to_device(images.flatten(0, 1) if views > 1 else images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(images).float()
             if tta == "flip":
                 logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        if views > 1:
+            logits = average_view_logits(logits, views)  # (B, classes)
         nonfinite += (~torch.isfinite(logits).all(dim=1)).sum()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         top_k = logits.topk(k, dim=1).indices  # (B, k)

@@ -3,14 +3,16 @@ with the per-class accuracies (CSV), the confusion matrix and per-class accuracy
 
     python -m bcnn.eval --split test                       # stage 2's best.pt, right after `make stage2`
     python -m bcnn.eval --checkpoint runs/cub_vgg16_stage1/best.pt --split val --tta flip
+    python -m bcnn.eval --split test --tta ten_crop        # the mean logits of 10 crops a test image (bcnn.tta)
     python -m bcnn.eval --split test --no-figures          # numbers only: JSON and CSV, no PNGs
     torchrun --standalone --nproc_per_node=4 -m bcnn.eval --split test   # sharded: every image counted once
 
 The files are named after the checkpoint and the split, beside the checkpoint: for best.pt on the test split
-eval_best_test.json, eval_best_test_per_class.csv, eval_best_test_confusion.png and eval_best_test_per_class.png
-(last.pt's evaluation does not replace best.pt's; with --output, named after its stem). The JSON also lists
-the most confused pairs of classes, and the five largest are printed. An existing file is replaced only when an
-evaluation wrote it (bcnn.run_dir.written_by_eval): never a checkpoint, a config or a user's file.
+eval_best_test.json, eval_best_test_per_class.csv, eval_best_test_confusion.png and eval_best_test_per_class.png,
+with the --tta choice after the split unless it is none (eval_best_test_ten_crop.json) (last.pt's evaluation does
+not replace best.pt's; with --output, named after its stem). The JSON also lists the most confused pairs of
+classes, and the five largest are printed. An existing file is replaced only when an evaluation wrote it
+(bcnn.run_dir.written_by_eval): never a checkpoint, a config or a user's file.
 
 The dataset, split and transforms come from the config stored in the checkpoint (the val split is the same
 seeded hold-out the run used); `--data-root` points at the data when it has moved. The model is rebuilt from
@@ -20,7 +22,9 @@ the checkpoint alone: no ImageNet weights are needed.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors
 from bcnn.run_dir import EVAL_SIBLINGS, write_projector_folder, written_by_bcnn, written_by_eval
 from bcnn.tensorboard_log import TensorBoardLog
+from bcnn.tta import TTA_CHOICES, images_per_batch, is_multi_view, view_transform
 
 DEFAULT_CHECKPOINT = "runs/cub_vgg16_stage2/best.pt"
 MOST_CONFUSED_SAVED, MOST_CONFUSED_PRINTED = 10, 5
@@ -54,13 +59,18 @@ def parse_args(argv):
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                         help="backbone autocast; default fp32 (IEEE float32 on GPUs too, no TF32): the reference "
                         "numbers; bf16 is faster on GPUs")
-    parser.add_argument("--tta", default="none", choices=["none", "flip"],
-                        help="flip: average the logits of each image and its mirror")
-    parser.add_argument("--batch-size", type=int, help="default: the run's train.eval_batch_size")
+    parser.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                        help="test-time augmentation; an image's class scores are the mean of its views' logits. "
+                        "flip: the centre view and its mirror; five_crop: the 4 corners and the centre of the "
+                        "resized image; ten_crop: those and their mirrors; multiscale: centre crops of the image "
+                        "resized to data.resize x 1, 1.15, 1.3 (bcnn.tta)")
+    parser.add_argument("--batch-size", type=int,
+                        help="default: the run's train.eval_batch_size; with five_crop, ten_crop or multiscale a "
+                        "batch holds batch-size // views images (at least 1), so one forward sees as many crops")
     parser.add_argument("--data-root", help="dataset folder, when it differs from the one the run used")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--num-workers", type=int, help="default: the run's data.num_workers")
-    parser.add_argument("--output", help="JSON file to write; default: eval_<checkpoint name>_<split>[_flip].json "
+    parser.add_argument("--output", help="JSON file to write; default: eval_<checkpoint name>_<split>[_<tta>].json "
                         "beside the checkpoint; the CSV and PNGs are named after its stem")
     parser.add_argument("--pointing-game", action="store_true",
                         help="also score where the model looks: the share of images whose heatmap peak (true "
@@ -83,15 +93,17 @@ def main(argv=None) -> dict:
 
 
 def output_paths(args) -> dict[str, Path]:
-    """What this evaluation writes: "json" (--output, or eval_<checkpoint name>_<split>[_flip].json beside the
-    checkpoint), and the CSV and PNGs named after it; a file already there must be one an evaluation wrote."""
+    """What this evaluation writes: "json" (--output, or eval_<checkpoint name>_<split>[_<tta>].json beside the
+    checkpoint; no _<tta> for none), and the CSV and PNGs named after it; a file already there must be one an
+    evaluation wrote."""
     if args.output:
         output = Path(args.output)
         if output.is_dir():
             raise UserError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'eval.json'}.")
     else:
         checkpoint = Path(args.checkpoint)
-        output = checkpoint.parent / f"eval_{checkpoint.stem}_{args.split}{'_flip' if args.tta == 'flip' else ''}.json"
+        tta = "" if args.tta == "none" else f"_{args.tta}"
+        output = checkpoint.parent / f"eval_{checkpoint.stem}_{args.split}{tta}.json"
     paths = {"json": output, **{suffix: sibling(output, suffix) for suffix in EVAL_SIBLINGS
                                 if suffix.endswith(".csv") or not args.no_figures}}
     for path in paths.values():
@@ -117,14 +129,18 @@ def run(args, ctx: distributed.Context) -> dict:
             f"the classes of {cfg.data.root} differ from those the checkpoint was trained on; "
             "pass the --data-root of the dataset it was trained on."
         )
-    loader = build_image_loader(cfg.data, dataset, args.batch_size or cfg.train.eval_batch_size, train=False, seed=0,
-                                device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
-                                num_workers=args.num_workers)
+    batch_size = args.batch_size or cfg.train.eval_batch_size
+    loader = build_image_loader(cfg.data, dataset, batch_size, train=False, seed=0, device=ctx.device,
+                                rank=ctx.rank, world_size=ctx.world_size, num_workers=args.num_workers)
+    if is_multi_view(args.tta):
+        evaluated = multi_view_loader(cfg.data, dataset, batch_size, args, ctx)
+    else:
+        evaluated = loader
     boxes = pointing_game_boxes(loader, dataset, cfg.data) if args.pointing_game else None
 
     precision = resolve_precision(args.precision, ctx.device)
     configure_device(ctx.device, tf32=precision != "fp32")
-    metrics = evaluate(model, loader, ctx.device, len(classes), tta=args.tta, confusion=True,
+    metrics = evaluate(model, evaluated, ctx.device, len(classes), tta=args.tta, confusion=True,
                        precision=precision, channels_last=True)
     if args.pointing_game:
         metrics["pointing_game"] = run_pointing_game(model, loader, *boxes, cfg.data.crop, ctx.device)
@@ -168,6 +184,19 @@ def run(args, ctx: distributed.Context) -> dict:
         if path.exists():
             print(f"wrote {path}")
     return result
+
+
+def multi_view_loader(data_cfg, dataset, batch_size: int, args, ctx: distributed.Context):
+    """evaluate()'s loader for a multi-view --tta: each image as its (V, 3, crop, crop) views (bcnn.tta), in the
+    plain loader's order and shards, batch_size // V images a batch (one forward then holds about batch_size crops,
+    as without TTA). Always decoded by PIL in the loader workers: data.decode's device path makes the centre view
+    only. The pointing game, gallery and projector keep reading the centre view."""
+    views = copy.copy(dataset)  # the same images and labels, another transform
+    views.transform = view_transform(data_cfg, args.tta, dataset.normalisation)
+    cpu_decode = dataclasses.replace(data_cfg, decode="cpu")
+    return build_image_loader(cpu_decode, views, images_per_batch(batch_size, args.tta), train=False, seed=0,
+                              device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+                              num_workers=args.num_workers)
 
 
 def write_gallery(model, dataset, pairs: list[dict], class_names: list[str], cfg, device, outputs: dict,

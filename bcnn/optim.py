@@ -6,8 +6,14 @@
     step_schedule(scheduler, val_stats)                           # once per epoch; plateau watches val top-1
 
 Without warmup and with schedule.unit=epoch the schedules are torch's, stepped once per epoch (as every recipe
-before the transformer backbones, whose checkpoints stay valid). With schedule.warmup_epochs > 0 or
-schedule.unit=step, StepSchedule sets every group's lr at every optimizer step t from a formula (below).
+before the transformer backbones, whose checkpoints stay valid; cosine is torch's CosineAnnealingLR with each
+group's own floor, CosineByEpoch). With schedule.warmup_epochs > 0 or schedule.unit=step, StepSchedule sets every
+group's lr at every optimizer step t from a formula (below).
+
+A cosine's floor is per group: schedule.min_lr is the classifier's final lr (the group whose peak is optim.lr), and
+every group ends at the same fraction min_lr / optim.lr of its own peak, as MAE's lr_sched.adjust_learning_rate
+scales its floor with each group's lr_scale; with layer decay an absolute floor would leave the groups whose peak is
+below it flat, or rising. plateau's min_lr stays torch's absolute floor.
 """
 
 from __future__ import annotations
@@ -32,41 +38,58 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     return optimizer_class(groups, lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
 
 
+def floor_fraction(cfg: Config) -> float:
+    """The fraction of its peak each group's cosine ends at: schedule.min_lr over the classifier's peak, optim.lr
+    (at most 1: a floor above the peak holds the peak; 0 when optim.lr is 0)."""
+    return min(cfg.schedule.min_lr / cfg.optim.lr, 1.0) if cfg.optim.lr > 0 else 0.0
+
+
+def cosine(peak: float, floor: float, progress: float) -> float:
+    """From peak at progress 0 to floor at 1 (clamped to [0, 1]): MAE's and timm's floor + (peak - floor) (1 +
+    cos(pi u)) / 2, written as a drop from the peak so that u = 0 gives the peak exactly."""
+    progress = min(max(progress, 0.0), 1.0)
+    return peak - (peak - floor) * 0.5 * (1 - math.cos(math.pi * progress))
+
+
 class StepSchedule:
-    """Each group's lr at optimizer step t (0 = the first step of the run), from its configured lr b:
+    """Each group's lr at optimizer step t (0 = the first step of the run), from its configured (peak) lr b, with
+    W warmup steps, S = steps_per_epoch, T = epochs * S, e = t // S the epoch and f = floor_fraction(cfg):
 
-        lr(t) = b * warmup(t) * decay(t),   warmup(t) = min(1, (t + 1) / W)   (W = warmup steps; 1 when W = 0)
-        decay: none 1;  step factor^(e // step_size);  cosine m/b + (1 - m/b) (1 + cos(pi u)) / 2
-        with e = t // steps_per_epoch the epoch, m = schedule.min_lr, and u = t / (epochs * steps_per_epoch)
-        (schedule.unit=step) or e / epochs (unit=epoch, torch's CosineAnnealingLR in closed form).
+        cosine:  t < W: b (t + 1) / W        (linear, reaching b at the last warmup step, t = W - 1)
+                 t >= W: f b + (1 - f) b (1 + cos(pi u)) / 2,   u = (t - W) / (T - W)   (schedule.unit=step)
+                                                                u = max(0, e S - W) / (T - W)   (unit=epoch)
+        step:    b min(1, (t + 1) / W) factor^(e // step_size);   none: b min(1, (t + 1) / W)
 
-    A function of t alone: its state is t, which a resumed run restores with the rest."""
+    The cosine runs over the steps that remain after the warmup, as MAE (lr_sched.adjust_learning_rate) and DeiT
+    (timm's CosineLRScheduler with warmup_t) run it; unit=epoch holds each epoch at its start's value (u clamped to
+    [0, 1]; W >= T never leaves the warmup). A function of t alone: its state is t, which a resumed run restores."""
 
     def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
         self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
-        self.epochs, self.sched = cfg.train.epochs, cfg.schedule
+        self.total_steps, self.sched = cfg.train.epochs * steps_per_epoch, cfg.schedule
         self.warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+        self.floor_fraction = floor_fraction(cfg)
         for group in optimizer.param_groups:  # kept in the optimizer's state: a resumed run finds the configured lr
             group.setdefault("base_lr", group["lr"])
         self.step_count = 0
         self.apply()
 
-    def factor(self, step: int, base_lr: float) -> float:
-        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        epoch, sched = step // self.steps_per_epoch, self.sched
-        if sched.name == "step":
-            decay = sched.factor ** (epoch // sched.step_size)
-        elif sched.name == "cosine":
-            progress = (step / (self.epochs * self.steps_per_epoch) if sched.unit == "step" else epoch / self.epochs)
-            floor = min(sched.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
-            decay = floor + (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
-        else:
-            decay = 1.0
-        return warmup * decay
+    def lr(self, step: int, peak: float) -> float:
+        warmup_steps, sched = self.warmup_steps, self.sched
+        warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0  # (t + 1) / W is exactly 1 at t = W - 1
+        if sched.name == "cosine":
+            if step < warmup_steps:
+                return peak * warmup
+            start = step if sched.unit == "step" else step // self.steps_per_epoch * self.steps_per_epoch
+            remaining = self.total_steps - warmup_steps  # none when the warmup fills the run: hold the peak
+            progress = (start - warmup_steps) / remaining if remaining > 0 else 0.0
+            return cosine(peak, peak * self.floor_fraction, progress)
+        decay = sched.factor ** (step // self.steps_per_epoch // sched.step_size) if sched.name == "step" else 1.0
+        return peak * warmup * decay
 
     def apply(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * self.factor(self.step_count, group["base_lr"])
+            group["lr"] = self.lr(self.step_count, group["base_lr"])
 
     def step(self) -> None:
         self.step_count += 1
@@ -78,6 +101,18 @@ class StepSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step_schedule"]  # a KeyError for an epoch scheduler's state: the resume says so
         self.apply()
+
+
+class CosineByEpoch(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """torch's CosineAnnealingLR stepped once per epoch, its state unchanged (a checkpoint of it resumes), each
+    group's floor its own: peak * floor_fraction, in closed form."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, floor_fraction: float):
+        self.floor_fraction = floor_fraction  # before torch's __init__, which sets the first lr
+        super().__init__(optimizer, T_max=epochs)
+
+    def get_lr(self) -> list[float]:
+        return [cosine(peak, peak * self.floor_fraction, self.last_epoch / self.T_max) for peak in self.base_lrs]
 
 
 def per_step(cfg: Config) -> bool:
@@ -100,7 +135,7 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int | None = None):
     if sched.name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=sched.step_size, gamma=sched.factor)
     if sched.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs, eta_min=sched.min_lr)
+        return CosineByEpoch(optimizer, cfg.train.epochs, floor_fraction(cfg))
     return None
 
 

@@ -13,6 +13,7 @@ import sys
 from tqdm import tqdm
 
 log = logging.getLogger("bcnn")
+LAYER_GROUP, NO_WEIGHT_DECAY = "backbone_layer", "_no_wd"  # the layer-decay groups' names (bcnn.models.timm_maps)
 
 
 class ConsoleFilter(logging.Filter):
@@ -22,8 +23,22 @@ class ConsoleFilter(logging.Filter):
         return getattr(record, "to_console", True)
 
 
+def logged_lrs(lrs: dict) -> dict:
+    """The groups' lrs a progress line shows: all of them, except that of the backbone's groups by depth (layer
+    decay, about 26 for a ViT-B) only the top and bottom depths, each the weight-decayed group where there is one
+    ("_no_wd": the same depth without weight decay). metrics.jsonl and TensorBoard keep every group."""
+    by_depth = {}  # depth -> its group names, the weight-decayed one first
+    for name in lrs:
+        if name.startswith(LAYER_GROUP):
+            depth = int(name[len(LAYER_GROUP):].removesuffix(NO_WEIGHT_DECAY))
+            by_depth.setdefault(depth, []).append(name)
+    ends = {sorted(by_depth[depth], key=lambda name: name.endswith(NO_WEIGHT_DECAY))[0]
+            for depth in (max(by_depth), min(by_depth))} if by_depth else set()
+    return {name: lr for name, lr in lrs.items() if not name.startswith(LAYER_GROUP) or name in ends}
+
+
 def format_stats(stats: dict) -> str:
-    lrs = " ".join(f"lr_{name} {lr:.3g}" for name, lr in stats["lr"].items())
+    lrs = " ".join(f"lr_{name} {lr:.3g}" for name, lr in logged_lrs(stats["lr"]).items())
     return f"loss {stats['loss']:.4f} top1 {stats['top1']:.2f}% {lrs} {stats['images_per_sec']:.1f} img/s"
 
 

@@ -44,6 +44,7 @@ from bcnn.explain import class_heatmaps, require_captum, upsample
 from bcnn.feature_cache import build_feature_cache, feature_loader
 from bcnn.figures import figure_to_array, heatmap_grid_figure
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
+from bcnn.mixing import build_mixer
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.backbones import resolve_cut
 from bcnn.optim import (after_optimizer_step, build_ema, build_optimizer, build_scheduler, per_step, step_schedule,
@@ -319,6 +320,7 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         val_loader = (build_image_loader(cfg.data, val_set, cfg.train.eval_batch_size, train=False, **shard)
                       if val_set is not None else None)
         step_model, step_precision, step_channels_last = model, precision, cfg.train.channels_last
+    mixer = build_mixer(cfg, len(classes), ctx.rank)  # None unless data.mixup or data.cutmix
     if per_step(cfg):
         steps = math.ceil(math.ceil(train_loader.sampler.num_samples / micro_batch) / cfg.train.accum_steps)
         scheduler = build_scheduler(cfg, optimizer, steps)
@@ -358,16 +360,17 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
                                       on_report=recorder.report, log_every=cfg.train.log_every,
                                       diverged_hint=diverged_hint, precision=step_precision,
                                       channels_last=step_channels_last, label_smoothing=cfg.train.label_smoothing,
-                                      clip_grad_norm=cfg.optim.clip_grad_norm)
+                                      clip_grad_norm=cfg.optim.clip_grad_norm, mix=mixer)
         val_stats, ema_val_stats = ((evaluate(weights, val_loader, device, len(classes), confusion=True,
                                               precision=step_precision, channels_last=step_channels_last)
                                      if val_loader is not None and weights is not None else None)
                                     for weights in (step_model, ema and ema.module))
         step_schedule(scheduler, val_stats)
         recorder.end_epoch(train_stats, val_stats, device, ema_val_stats)
-        log.info("epoch %d done: train loss %.4f top1 %.2f%%%s (%.0f s)", epoch, train_stats["loss"],
+        log.info("epoch %d done: train loss %.4f top1 %.2f%%%s%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
                  f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
+                 f", val_ema_top1 {ema_val_stats['top1']:.2f}%" if ema_val_stats else "",  # what best_of=ema picks by
                  train_stats["seconds"])
 
     row = counters.metrics

@@ -190,6 +190,8 @@ def test_photo_like_images_compress_like_photos(tmp_path):
     (["--decode", "gpu", "--recipe-images", "8"], "--recipe-images and --decode do not apply without --recipe"),
     (["--recipe", "--cache-batch-size", "8"], "--cache-batch-size does not apply with --recipe; drop --recipe"),
     (["--decoders", "--recipe"], "--decoders and --recipe are two benchmarks; run them one at a time."),
+    (["--recipe", "--augment"], "--recipe and --augment are two benchmarks; run them one at a time."),
+    (["--augment", "--recipe-images", "8"], "--recipe-images does not apply with --augment; drop --augment"),
     (["--decoders", "--heads-batch-size", "8"], "--heads-batch-size does not apply with --decoders; drop --decoders "
                                                 "or leave --heads-batch-size out."),
 ])
@@ -215,3 +217,15 @@ def test_the_decoder_bench_times_each_decoder_and_compares_their_pixels_with_pil
     report = run_bench(["--decoders", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
     assert report.startswith("bcnn.bench --decoders on ") and "largest difference from PIL's RGB" in report
 
+
+
+def test_the_augmentation_bench_times_each_set_against_the_step():
+    result = json.loads(run_bench(["--augment", "--device", "cpu", "--image-size", "32", "--batch-size", "2",
+                                   "--steps", "1", "--warmup", "0", "--num-workers", "1", "--precision", "fp32",
+                                   "--json"]))
+    from bcnn.bench.augment import AUGMENTATION_SETS
+    assert [row["augmentations"] for row in result["sets"]] == list(AUGMENTATION_SETS)
+    for row in result["sets"]:
+        assert row["ms_per_image"] > 0 and row["loader_images_per_sec"] > 0
+        assert math.isclose(row["loader_over_step"], row["loader_images_per_sec"] / result["step_images_per_sec"])
+    assert result["mixup_cutmix_ms_per_batch"] > 0 and result["command"].endswith("--augment")

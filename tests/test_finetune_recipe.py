@@ -40,15 +40,17 @@ def lrs_over_run(options, steps_per_epoch, epochs):
 
 
 def test_warmup_into_cosine_per_step_is_its_formula():
-    # 5 steps an epoch, 4 epochs, 1.5 epochs of warmup (8 steps rounded from 7.5), cosine to 1e-3 over all 20 steps.
-    seen = lrs_over_run(["--schedule.name=cosine", "--schedule.unit=step", "--schedule.warmup_epochs=1.5",
-                         "--schedule.min_lr=0.001"], steps_per_epoch=5, epochs=4)
+    # 5 steps an epoch, 4 epochs, 1.5 epochs of warmup (8 steps rounded from 7.5) to the peak, then a cosine over
+    # the 12 steps that remain, each group to min_lr / optim.lr = 1/100 of its peak (tests/test_schedule.py: more).
+    seen = lrs_over_run(["--optim.lr=0.1", "--schedule.name=cosine", "--schedule.unit=step",
+                         "--schedule.warmup_epochs=1.5", "--schedule.min_lr=0.001"], steps_per_epoch=5, epochs=4)
     for t, lrs in enumerate(seen):
         for base, lr in zip((0.1, 0.02), lrs):
-            ramp = (t + 1) / 8 if t < 8 else 1.0
-            cosine = 0.001 + (base - 0.001) * 0.5 * (1 + math.cos(math.pi * t / 20))
-            assert lr == pytest.approx(ramp * cosine, rel=1e-12)
-    assert seen[0][0] == pytest.approx(0.1 / 8) and seen[8][0] < 0.1 and seen[-1][0] > 0.001
+            floor = base / 100
+            expected = (base * (t + 1) / 8 if t < 8
+                        else floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * (t - 8) / 12)))
+            assert lr == pytest.approx(expected, rel=1e-12)
+    assert seen[0][0] == pytest.approx(0.1 / 8) and seen[7][0] == seen[8][0] == 0.1 and seen[-1][0] > 0.001
 
 
 def test_warmup_into_an_epoch_step_schedule_and_a_cosine_by_epoch():
@@ -183,6 +185,8 @@ def test_a_ctrl_c_run_with_the_whole_recipe_resumes_bit_for_bit(recipe_run, cub_
         [group["lr"] for group in resumed["optimizer"]["param_groups"]]
     best = load(recipe_run / "best.pt")
     assert "val_ema_top1" in best["metrics"] and "val_top1" in best["metrics"]
+    assert "val_ema_top1" in next(line for line in (recipe_run / "train.log").read_text().splitlines()
+                                  if "epoch 1 done" in line), "the epoch line shows what best_of=ema picks by"
     # best.pt holds the average's weights (train.best_of=ema), not the trained ones
     ema_at_best = load(recipe_run / "last.pt")["ema"] if best["epoch"] == 2 else None
     if ema_at_best is not None:

@@ -17,7 +17,7 @@ import json
 import sys
 
 from bcnn import distributed
-from bcnn.bench.report import format_decoders, format_recipe, format_report
+from bcnn.bench.report import format_augment, format_decoders, format_recipe, format_report
 from bcnn.bench.settings import Settings
 from bcnn.bench.steps import run
 from bcnn.config import DataConfig
@@ -65,6 +65,10 @@ def parse_args(argv):
     decoders.add_argument("--decoders", action="store_true",
                           help="time TorchCodec's, torchvision's and PIL's JPEG decoding on a batch of --batch-size "
                           "photo-like JPEGs (default 64) over --steps rounds (default 21), and compare their pixels")
+    augment = parser.add_argument_group("the training augmentations' cost (bcnn/bench/augment.py)")
+    augment.add_argument("--augment", action="store_true",
+                         help="time each augmentation set's transform per image and the training loader's images/s "
+                         "with it, against the stage-2 step's images/s at the same size and batch")
     return parser.parse_args(argv)
 
 
@@ -88,9 +92,12 @@ LEAST = (
 
 def check_combination(args) -> None:
     """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
-    if args.decoders and args.recipe:
-        raise UserError("--decoders and --recipe are two benchmarks; run them one at a time.")
-    if args.decoders:
+    chosen = [name for name in ("decoders", "recipe", "augment") if getattr(args, name)]
+    if len(chosen) > 1:
+        raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks; run them one at a time.")
+    if args.augment:
+        others, where, fix = (*STEPS_ONLY, *RECIPE_ONLY), "with --augment", "drop --augment"
+    elif args.decoders:
         others, where, fix = (*MODEL_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --decoders", "drop --decoders"
     elif args.recipe:
         others, where, fix = STEPS_ONLY, "with --recipe", "drop --recipe"
@@ -142,6 +149,12 @@ def main(argv=None) -> dict:
         from bcnn.bench.decoders import run_decoders
         result = run_decoders(settings)
         print(json.dumps(result, indent=2) if args.json else format_decoders(result))
+        return result
+    if args.augment:
+        from bcnn.bench.augment import run_augment
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = run_augment(settings)
+        print(json.dumps(result, indent=2) if args.json else format_augment(result))
         return result
     if args.recipe:
         # Imported for --recipe alone: it needs bcnn.feature_cache, which the step bench does without.

@@ -149,3 +149,20 @@ def format_decoders(result: dict) -> str:
     lines += ["", f"reproduce: {result['command']}"]
     return "\n".join(lines)
 
+
+
+def format_augment(result: dict) -> str:
+    lines = [
+        f"bcnn.bench --augment on {result['device']['name']} ({result['device']['type']}): {result['image_size']} px, "
+        f"batch {result['batch_size']}, {result['num_workers']} loader workers",
+        f"the stage-2 step: {result['step_images_per_sec']:,.1f} images/s; mixup / CutMix on a batch: "
+        f"{result['mixup_cutmix_ms_per_batch']:.2f} ms",
+        "",
+        f"{'augmentations':<22} {'ms/image':>9} {'loader images/s':>16} {'loader / step':>14}",
+    ]
+    for row in result["sets"]:
+        lines.append(f"{row['augmentations']:<22} {row['ms_per_image']:>9.2f} {row['loader_images_per_sec']:>16,.1f} "
+                     f"{row['loader_over_step']:>14.2f}")
+    lines += ["", "ms/image: the transform alone on one thread (a worker's CPU time per image); loader / step below 1: "
+              "the loader is the bottleneck", f"reproduce: {result['command']}"]
+    return "\n".join(lines)

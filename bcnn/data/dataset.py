@@ -5,8 +5,10 @@ and the synthetic image the format writers draw."""
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import math
 import os
+import random
 import re
 import stat
 import warnings
@@ -289,6 +291,33 @@ def select_split(split: str, trainval: list, test: list, val_fraction: float, sp
     return [trainval[i] for i in (holdout if split == "val" else keep)]
 
 
+@contextlib.contextmanager
+def seeded_augmentation(seed: int | None):
+    """Every global generator a transform may draw from seeded from `seed` (TrainSampler's augment_seed) for this
+    sample only, then given back to the caller as it was; nothing is touched when seed is None.
+
+    torchvision's transforms draw from torch's CPU generator; timm's policies (RandAugment, AutoAugment, AugMix) from
+    Python's random and numpy's global generator, and its RandomErasing from random and torch. Python's and numpy's
+    are both Mersenne Twisters that an int seeds the same way: one seed for both would give them one stream, so
+    SeedSequence derives a seed of each from augment_seed, unrelated to each other and to it. torch keeps
+    augment_seed itself, so the augmentations of runs without timm's are what they were."""
+    if seed is None:
+        yield
+        return
+    words = np.random.SeedSequence(seed).generate_state(4)  # four unrelated 32-bit words
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # Not torch.manual_seed, which would also reseed (and lose) the CUDA RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(int(words[0]) << 32 | int(words[1]))
+        np.random.seed(words[2:])
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class _ImageDataset(Dataset):
     """What CUB200 and FolderDataset share: ImageFolder-style attributes and RGB loading."""
 
@@ -354,11 +383,7 @@ class _ImageDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         image, target = self.load_image(index), self.targets[index]
         if self.transform is not None:
-            # torchvision's transforms draw from torch's global CPU RNG: seed it for this sample only, then give
-            # the caller its state back. Not torch.manual_seed, which would also reseed (and lose) the CUDA RNG.
-            with torch.random.fork_rng(devices=[], enabled=seed is not None):
-                if seed is not None:
-                    torch.default_generator.manual_seed(seed)
+            with seeded_augmentation(seed):
                 image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)
