@@ -40,9 +40,11 @@ from bcnn.errors import UserError, exit_on_user_error
 from bcnn.figures import confusion_figure, confusion_gallery_figure, per_class_accuracy_figure, save_figure
 from bcnn.metrics import most_confused_pairs, per_class_rows
 from bcnn.models import input_normalisation
+from bcnn.models.cost import model_cost
 from bcnn.models.trained import from_checkpoint
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors
+from bcnn.protocols import knn_accuracy, retrieval_metrics
 from bcnn.run_dir import EVAL_SIBLINGS, write_projector_folder, written_by_bcnn, written_by_eval
 from bcnn.tensorboard_log import TensorBoardLog
 from bcnn.tta import TTA_CHOICES, images_per_batch, is_multi_view, view_transform
@@ -78,6 +80,13 @@ def parse_args(argv):
     parser.add_argument("--projector", action="store_true",
                         help="also put the split's embed vectors, classes and thumbnails in TensorBoard's projector: "
                              "a log folder projector_<checkpoint>_<split>/ beside the checkpoint")
+    parser.add_argument("--knn", action="store_true",
+                        help="also score k-NN accuracy on the embed vectors, as DINOv2 does (cosine, the k nearest "
+                        "training images vote with weight exp(sim / 0.07), k = 10, 20, 100, 200); the gallery is "
+                        "trainval for --split test, train for --split val (bcnn.protocols)")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="also score retrieval within the split on the embed vectors: Recall@1, 2, 4, 8, "
+                        "precision@1, R-precision, MAP@R (Musgrave et al., ECCV 2020; bcnn.protocols)")
     parser.add_argument("--no-figures", action="store_true",
                         help="skip the confusion and per-class PNGs (slow to draw for 200 classes); JSON and CSV only")
     return parser.parse_args(argv)
@@ -119,6 +128,7 @@ def run(args, ctx: distributed.Context) -> dict:
     if args.num_workers is not None and args.num_workers < -1:
         raise UserError(f"--num-workers must be -1 (from this machine's cores) or at least 0, got {args.num_workers}.")
     outputs = output_paths(args)  # checked before the evaluation's minutes, not after
+    check_embedding_protocols(args, ctx)
     if args.pointing_game:
         require_captum()
     trained = from_checkpoint(args.checkpoint, ctx.device, data_root=args.data_root)
@@ -144,11 +154,14 @@ def run(args, ctx: distributed.Context) -> dict:
                        precision=precision, channels_last=True)
     if args.pointing_game:
         metrics["pointing_game"] = run_pointing_game(model, loader, *boxes, cfg.data.crop, ctx.device)
+    if args.knn or args.retrieval:
+        metrics.update(embedding_protocols(args, model, loader, trained, batch_size, ctx))
     gallery = None
     confusion = metrics.pop("confusion")  # (C, C) counts [true, predicted], the same on every rank
     most_confused = most_confused_pairs(confusion, classes, k=MOST_CONFUSED_SAVED)
     result = {"checkpoint": str(args.checkpoint), "epoch": trained.epoch, "split": args.split,
-              "tta": args.tta, "data_root": cfg.data.root, **metrics, "most_confused": most_confused}
+              "tta": args.tta, "data_root": cfg.data.root, **metrics, "most_confused": most_confused,
+              "cost": model_cost(model, cfg.data.crop, ctx.device)}  # parameters and GFLOPs beside the accuracy
     if not ctx.is_main:  # every rank holds the same numbers; one writes them
         return result
     rows = per_class_rows(confusion, classes)
@@ -156,6 +169,7 @@ def run(args, ctx: distributed.Context) -> dict:
     print(f"{args.split}: {metrics['count']} images, top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, "
           f"mean per-class {metrics['mean_class_acc']:.2f}% (tta {args.tta}; {args.checkpoint})")
     print_most_confused(most_confused[:MOST_CONFUSED_PRINTED], {row["class"]: row["images"] for row in rows})
+    print_embedding_protocols(metrics)
     if "pointing_game" in metrics:
         game = metrics["pointing_game"]
         print(f"pointing game: {game['hits']} of {game['images']} images "
@@ -242,6 +256,52 @@ def write_projector(model, dataset, class_names: list[str], cfg, device, args) -
 
     write_projector_folder(folder, write)
     return folder
+
+
+KNN_GALLERY = {"test": "trainval", "val": "train"}  # the training images a query is compared with
+
+
+def check_embedding_protocols(args, ctx) -> None:
+    """Refuse, before any work, what k-NN or retrieval cannot do here."""
+    if (args.knn or args.retrieval) and ctx.distributed:
+        raise UserError("--knn and --retrieval compare every image with every other, which one process does; run "
+                        "python -m bcnn.eval without torchrun for them.")
+    if args.knn and args.split not in KNN_GALLERY:
+        raise UserError(f"--knn compares the evaluated images with the training images, and --split {args.split} is "
+                        "training images itself; use --split test (gallery: trainval) or val (gallery: train).")
+
+
+def embedding_protocols(args, model, loader, trained, batch_size: int, ctx) -> dict:
+    """k-NN accuracy against the training images and retrieval within the split, on model.embed vectors (the
+    normalised vector the classifier reads), each computed once."""
+    vectors, labels, _ = embed_split(model, loader, trained.normalisation, ctx.device)
+    vectors, labels = vectors.to(ctx.device), labels.to(ctx.device)
+    results = {}
+    if args.knn:
+        gallery_split = KNN_GALLERY[args.split]
+        gallery_set = build_dataset(trained.config.data, gallery_split, train_transform=False,
+                                    normalisation=trained.normalisation)
+        gallery_loader = build_image_loader(trained.config.data, gallery_set, batch_size, train=False, seed=0,
+                                            device=ctx.device, num_workers=args.num_workers)
+        gallery, gallery_labels, _ = embed_split(model, gallery_loader, trained.normalisation, ctx.device)
+        results["knn"] = {"gallery_split": gallery_split,
+                          **knn_accuracy(vectors, labels, gallery.to(ctx.device), gallery_labels.to(ctx.device))}
+    if args.retrieval:
+        results["retrieval"] = retrieval_metrics(vectors, labels)
+    return results
+
+
+def print_embedding_protocols(metrics: dict) -> None:
+    if "knn" in metrics:
+        knn = metrics["knn"]
+        scores = ", ".join(f"k={k} {knn['top1'][k]:.2f}%" + (f" (all {used})" if used < k else "")
+                           for k, used in knn["k_used"].items())
+        print(f"k-NN top-1 against the {knn['gallery_split']} images ({knn['gallery']}): {scores}")
+    if "retrieval" in metrics:
+        found = metrics["retrieval"]
+        recalls = ", ".join(f"{key} {value:.2f}%" for key, value in found.items() if key.startswith("recall@"))
+        print(f"retrieval within the split ({found['queries']} queries): {recalls}, precision@1 "
+              f"{found['precision@1']:.2f}%, R-precision {found['r_precision']:.2f}%, MAP@R {found['map@r']:.2f}%")
 
 
 def pointing_game_boxes(loader, dataset, data_cfg) -> tuple[list[str], list]:

@@ -47,6 +47,7 @@ from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted,
 from bcnn.mixing import build_mixer
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.backbones import resolve_cut
+from bcnn.models.cost import model_cost
 from bcnn.optim import (after_optimizer_step, build_ema, build_optimizer, build_scheduler, per_step, step_schedule,
                         update_ema)
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
@@ -501,6 +502,10 @@ def log_model(cfg: Config, model, precision: str) -> None:
              "and classifier float32), %s", cfg.model.backbone, second, cut, cfg.model.pooling,
              model.pooling.output_dim, trainable, "frozen" if model.backbone_frozen else "trainable", precision,
              "channels_last" if cfg.train.channels_last else "NCHW")
+    cost = model_cost(model, cfg.data.crop, next(model.parameters()).device)
+    log.info("cost: %s parameters (backbone %s, head %s, classifier %s), %.2f GFLOPs per %d-px image (2 per "
+             "multiply-add)", f"{cost['total_params']:,}", f"{cost['backbone_params']:,}", f"{cost['head_params']:,}",
+             f"{cost['classifier_params']:,}", cost["gflops"], cfg.data.crop)
 
 
 def training_state(optimizer, scheduler, scaler, ema) -> dict:

@@ -4,6 +4,7 @@
     python -m bcnn.bench --device cuda --precision fp16 --steps 50
     python -m bcnn.bench --json                           # the same figures as JSON, nothing else on stdout
     python -m bcnn.bench --recipe --device cuda           # the whole recipe's wall time at CUB's scale
+    python -m bcnn.bench --cost                           # every head's parameters and GFLOPs at 448 px
     make bench ARGS="--batch-size 16"
 
 The command line alone: the step bench's cases are in steps.py, the recipe's in recipe.py, the report in report.py.
@@ -17,7 +18,7 @@ import json
 import sys
 
 from bcnn import distributed
-from bcnn.bench.report import format_augment, format_decoders, format_recipe, format_report
+from bcnn.bench.report import format_augment, format_cost, format_decoders, format_recipe, format_report
 from bcnn.bench.settings import Settings
 from bcnn.bench.steps import run
 from bcnn.config import DataConfig
@@ -69,12 +70,18 @@ def parse_args(argv):
     augment.add_argument("--augment", action="store_true",
                          help="time each augmentation set's transform per image and the training loader's images/s "
                          "with it, against the stage-2 step's images/s at the same size and batch")
+    cost = parser.add_argument_group("each model's parameters and GFLOPs (bcnn/bench/cost.py)")
+    cost.add_argument("--cost", action="store_true",
+                      help="every pooling head on every torchvision backbone family, random weights: parameters "
+                      "(backbone, head, classifier), the pooled vector's size and one image's forward GFLOPs at "
+                      "--image-size (default: 448, the recipe's crop) for --classes classes")
     return parser.parse_args(argv)
 
 
 RECIPE_ONLY = ("recipe_images", "decode", "photo_side")  # options of --recipe alone
 STEPS_ONLY = ("cache_image_size", "cache_batch_size", "heads_image_size", "heads_batch_size")  # the step bench's
 MODEL_ONLY = ("image_size", "precision", "classes", "num_workers")  # of both, which --decoders (no model) ignores
+TIMED_ONLY = ("batch_size", "precision", "steps", "warmup", "num_workers")  # of timing, which --cost does not do
 # Each option's least value, and why: a smaller one is refused in one sentence before any work.
 LEAST = (
     ("image_size", 16, "VGG16's relu5_3 map is 1/16 of the image"),
@@ -92,7 +99,7 @@ LEAST = (
 
 def check_combination(args) -> None:
     """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
-    chosen = [name for name in ("decoders", "recipe", "augment") if getattr(args, name)]
+    chosen = [name for name in ("decoders", "recipe", "augment", "cost") if getattr(args, name)]
     if len(chosen) > 1:
         raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks; run them one at a time.")
     if args.augment:
@@ -101,6 +108,8 @@ def check_combination(args) -> None:
         others, where, fix = (*MODEL_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --decoders", "drop --decoders"
     elif args.recipe:
         others, where, fix = STEPS_ONLY, "with --recipe", "drop --recipe"
+    elif args.cost:
+        others, where, fix = (*TIMED_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --cost", "drop --cost"
     else:
         others, where, fix = RECIPE_ONLY, "without --recipe", "add --recipe"
     ignored = [name for name in others if getattr(args, name) is not None]
@@ -116,7 +125,7 @@ def resolve_settings(args) -> Settings:
     cuda = device.type == "cuda"
     settings = Settings(
         device=device,
-        image_size=args.image_size if args.image_size is not None else (448 if cuda else 224),
+        image_size=args.image_size if args.image_size is not None else (448 if cuda or args.cost else 224),
         batch_size=args.batch_size if args.batch_size is not None else (64 if cuda or args.decoders else 8),
         precision=resolve_precision(args.precision or "auto", device),
         steps=args.steps if args.steps is not None else (21 if args.decoders else 20 if cuda else 3),
@@ -149,6 +158,11 @@ def main(argv=None) -> dict:
         from bcnn.bench.decoders import run_decoders
         result = run_decoders(settings)
         print(json.dumps(result, indent=2) if args.json else format_decoders(result))
+        return result
+    if args.cost:
+        from bcnn.bench.cost import run_cost
+        result = run_cost(settings)
+        print(json.dumps(result, indent=2) if args.json else format_cost(result))
         return result
     if args.augment:
         from bcnn.bench.augment import run_augment

@@ -166,3 +166,28 @@ def format_augment(result: dict) -> str:
     lines += ["", "ms/image: the transform alone on one thread (a worker's CPU time per image); loader / step below 1: "
               "the loader is the bottleneck", f"reproduce: {result['command']}"]
     return "\n".join(lines)
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:,.2f}M"
+
+
+def format_cost(result: dict) -> str:
+    lines = [
+        f"bcnn.bench --cost ({result['device']}); torch {result['torch']}: {result['image_size']} px, "
+        f"{result['classes']} classes, random weights",
+        "",
+        f"{'backbone':<14} {'head':<12} {'backbone':>10} {'head':>8} {'classifier':>11} {'total':>10} "
+        f"{'vector':>10} {'GFLOPs':>8}",
+    ]
+    for family, heads in result["families"].items():
+        for head, cost in heads.items():
+            if "refused" in cost:
+                lines.append(f"{family:<14} {head:<12} refused: {cost['refused']}")
+                continue
+            lines.append(f"{family:<14} {head:<12} {_millions(cost['backbone_params']):>10} "
+                         f"{_millions(cost['head_params']):>8} {_millions(cost['classifier_params']):>11} "
+                         f"{_millions(cost['total_params']):>10} {cost['vector_size']:>10,} {cost['gflops']:>8.1f}")
+    lines += ["", "parameters in millions; GFLOPs: one image's forward, 2 FLOPs per multiply-add of the convolutions "
+              "and matrix products (torch.utils.flop_counter)", f"reproduce: {result['command']}"]
+    return "\n".join(lines)
