@@ -4,10 +4,8 @@ of (seed, epoch, sample index) alone and leave the caller's generators as they w
 with them stopped by Ctrl-C resumes to the uninterrupted run's weights bit for bit; a policy timm cannot build, a
 missing timm and the batched GPU decode are one sentence each."""
 
-import json
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from bcnn.data import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader,
 from bcnn.data.gpu import DeviceDecodeLoader
 from bcnn.errors import Interrupted, UserError
 from bcnn.mixing import BatchMixer
-from helpers.runs import interrupt_after_first_last_pt, run_in_process, small_run_args
+from helpers.runs import interrupt_after_first_last_pt, load, rows_without_timing, run_in_process, small_run_args
 
 RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's
 POLICIES = [RANDAUGMENT, "augmix-m5-w4-d2", "original", "3a"]  # one of each of timm's builders, and 3a's jitter
@@ -163,16 +161,6 @@ def test_the_batched_gpu_decode_refuses_them_by_name_and_auto_decodes_on_the_cpu
     assert not decode_on_device(DataConfig(**{**vars(cfg), "decode": "auto"}), "cuda")
     with pytest.raises(ValueError, match=f"does not do data.{key}"):
         DeviceDecodeLoader(None, cfg, 4, True, 1, 0, torch.device("cpu"))
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rows_without_timing(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in row.items() if key not in ("train_seconds", "train_images_per_sec")}
-            for row in rows]
 
 
 # Mixup and CutMix on as well (bcnn/mixing.py, tests/test_mixing.py): one run checks that the whole of MAE's

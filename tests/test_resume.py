@@ -2,7 +2,6 @@
 run changes nothing; a resume under another recipe, a checkpoint that does not fit, or a diverging loss is one
 clear error that leaves the checkpoints as they were."""
 
-import json
 import re
 import shutil
 import signal
@@ -19,19 +18,9 @@ from bcnn.config import Config, config_to_dict
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import TrainingDiverged
 from bcnn.errors import UserError
-from helpers.runs import REPO, launch, run_in_process, small_run_args
+from helpers.runs import REPO, launch, load, rows_without_timing, run_in_process, small_run_args
 
 KILL_HELPER = str(REPO / "tests" / "helpers" / "kill_after_save.py")
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rows_without_timing(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in row.items() if key not in ("train_seconds", "train_images_per_sec")}
-            for row in rows]
 
 
 @pytest.mark.parametrize("kill_after, where", [

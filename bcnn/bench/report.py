@@ -150,7 +150,6 @@ def format_decoders(result: dict) -> str:
     return "\n".join(lines)
 
 
-
 def format_augment(result: dict) -> str:
     lines = [
         f"bcnn.bench --augment on {result['device']['name']} ({result['device']['type']}): {result['image_size']} px, "

@@ -5,12 +5,15 @@ import contextlib
 import functools
 import gc
 import io
+import json
 import multiprocessing
 import os
 import signal
 import subprocess
 import warnings
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent.parent
 STAGE1 = str(REPO / "experiments" / "demo_stage1.yaml")
@@ -111,3 +114,15 @@ def interrupt_after_first_last_pt(monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(run_dir, "save_checkpoint", save_then_interrupt)
+
+
+def load(path):
+    """A checkpoint, as the tests read one."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rows_without_timing(run_dir):
+    """A run's metrics.jsonl rows without their wall-clock figures: what two runs of the same training share."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if key not in ("train_seconds", "train_images_per_sec")}
+            for row in rows]
