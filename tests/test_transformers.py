@@ -187,7 +187,8 @@ def test_tiny_transformer_run_end_to_end(backbone, options, cub_3x6, tmp_path, c
 
 
 # The transformer recipes of experiments/ as `make stage1 stage2 RECIPE=...` runs them, shrunk: random weights, one
-# epoch each, 2 x 2 tokens (of 14-, 16- and 32-px cells), loader workers on.
+# epoch each, 2 x 2 tokens (of 14-, 16- and 32-px cells), loader workers on. Without the val heatmaps and the
+# projector, a third of each run's time: the tiny ViT and Swin runs above draw both through the same code.
 TRANSFORMER_RECIPES = {"cub_dinov2_vitb14_avg": 28, "cub_dinov2_vitb14_matrix_sqrt": 28, "cub_vit_b16_in21k": 32,
                        "cub_swin_b_in22k_compact": 64}
 
@@ -197,7 +198,7 @@ def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x6, tmp_path):
     crop, experiments = TRANSFORMER_RECIPES[recipe], Path(STAGE1).parent
     shrink = [f"--data-root={cub_3x6}", "--device=cpu", f"--data.resize={crop + 4}", f"--data.crop={crop}",
               "--data.val_fraction=0.34", "--data.num_workers=2", "--train.epochs=1", "--train.batch_size=4",
-              "--train.log_every=0", "--train.precision=fp32"]
+              "--train.log_every=0", "--train.precision=fp32", "--train.heatmap_images=0", "--train.projector=false"]
     train_cli.main(["--config", str(experiments / f"{recipe}_stage1.yaml"), f"--run-dir={tmp_path / 's1'}",
                     "--model.backbone_weights=none", *shrink])
     stage2 = train_cli.main(["--config", str(experiments / f"{recipe}_stage2.yaml"), f"--run-dir={tmp_path / 's2'}",
@@ -208,14 +209,25 @@ def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x6, tmp_path):
 
 
 # Every head on every named family at the recipes' 448 px (DINOv2 and EVA-02: 32 x 32 tokens; ViTs: 28 x 28; Swins:
-# 14 x 14), or refused where its vector would pass the size build_model allows (Swin-L's 1,536 channels).
+# 14 x 14), or refused where its vector would pass the size build_model allows (Swin-L's 1,536 channels). The large
+# networks are built and run on the meta device (shapes, no numbers: a second instead of ten); their base-size
+# siblings, the same timm classes with fewer and narrower blocks, run for real here.
+ON_META = {"vit_l16_in21k": "vit_b16_in21k", "dinov2_vitl14": "dinov2_vitb14", "swin_l_in22k": "swin_b_in22k"}
+
+
 @pytest.mark.parametrize("name", TIMM_FAMILIES)
 def test_every_head_on_every_named_family_at_the_recipe_s_448_px(name):
     assert timm.models.get_pretrained_cfg(TIMM_FAMILIES[name]).input_size[-1] != 448  # built for a size not its own
-    backbone = build_backbone(name, "none", "auto", 448)
-    assert (backbone.mean, backbone.std) == input_normalisation(name)
-    with torch.no_grad():
-        feature_map = backbone.module.eval()(torch.randn(1, 3, 448, 448))
+    with torch.device("meta" if name in ON_META else "cpu"):
+        backbone = build_backbone(name, "none", "auto", 448)
+        assert (backbone.mean, backbone.std) == input_normalisation(name)
+        with torch.no_grad():
+            feature_map = backbone.module.eval()(torch.randn(1, 3, 448, 448))
+    if name in ON_META:  # random numbers of the map's shape for the heads; the class is its sibling's
+        with torch.device("meta"):
+            sibling = build_backbone(ON_META[name], "none", "auto", 448)
+        assert type(backbone.module.network.model) is type(sibling.module.network.model)
+        feature_map = torch.randn(feature_map.shape)
     grid = 448 // backbone.stride
     assert feature_map.shape == (1, backbone.channels, grid, grid) and grid in (14, 28, 32)
     for head in ("bilinear", "matrix_sqrt", "isqrt_cov", "compact", "avg"):
