@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize, PowerNorm
-from matplotlib.figure import Figure
-from matplotlib.font_manager import FontProperties
 
 from bcnn.data import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# matplotlib is imported where a figure is drawn, not with this module: it is 0.4 s of every command's start-up
+# (bcnn.train, eval and predict import this module), and a command that draws nothing should not pay it.
 
 SCREEN_DPI = 100  # figure_to_array's resolution: 200 classes at 0.12 inch -> 12 px per label
 SAVE_DPI = 150  # PNG files: 18 px per label, so 5pt names stay legible when zoomed
@@ -44,6 +46,10 @@ def _label_fontsize(inches_per_label: float) -> float:
 
 def _widest_text_inches(texts: list[str], fontsize: float) -> float:
     """Measured with the Agg renderer, so the margins fit the longest class name exactly."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
     renderer = FigureCanvasAgg(Figure(dpi=72)).get_renderer()
     font = FontProperties(size=fontsize)
     widths = [renderer.get_text_width_height_descent(text, font, ismath=False)[0] for text in texts]
@@ -59,6 +65,9 @@ def _tick_labels(class_names: list[str]) -> list[str]:
 
 
 def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=SCREEN_DPI)
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas
     return fig
@@ -86,6 +95,8 @@ def confusion_figure(confusion, class_names: list[str], title: str) -> Figure:
     fig = _new_figure(width, height)
     ax = fig.add_axes((left / width, bottom / height, plot_inches / width, plot_inches / height))
     cax = fig.add_axes(((left + plot_inches + 0.15) / width, bottom / height, 0.2 / width, plot_inches / height))
+
+    from matplotlib.colors import PowerNorm
 
     image = ax.imshow(shares, cmap="Blues", norm=PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
     ticks = np.arange(num_classes)
@@ -143,6 +154,8 @@ def per_class_accuracy_figure(correct, total, class_names: list[str], title: str
 
 def figure_to_array(fig: Figure) -> np.ndarray:
     """(H, W, 3) uint8 RGB, for TensorBoard's add_image(..., dataformats="HWC")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
@@ -188,6 +201,9 @@ def _overlay(axes, view: np.ndarray, heatmap) -> None:
 
 def _evidence_colorbar(fig, cax, label: str, orientation: str = "vertical"):
     """The overlay's colour scale, -1 to 1, at full opacity, its ends named."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     scale = ScalarMappable(norm=Normalize(vmin=-1.0, vmax=1.0), cmap=EVIDENCE_COLOURS)
     bar = fig.colorbar(scale, cax=cax, orientation=orientation)
     bar.set_ticks([-1.0, 0.0, 1.0], labels=["-1: against", "0", "+1: for"], fontsize=6)
