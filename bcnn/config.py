@@ -36,6 +36,9 @@ class DataConfig:
     # (aircraft) uses that for any value > 0, and trains on train + val with 0.
     val_fraction: float = 0.1
     split_seed: int = 0  # seeds the val hold-out only, so it stays fixed when train.seed changes
+    # all: every class in every split | retrieval: metric learning's class-disjoint protocol, the first half of the
+    # classes (CUB 1-100, Cars 1-98) trained on, the second half the test split (bcnn/data/class_split.py)
+    class_split: str = "all"
     crop_to_bbox: bool = False  # cub, cars, nabirds: crop every image to its bounding box before the transform
     annotation_level: str = "variant"  # aircraft only: variant (100 classes) | family (70) | manufacturer (30)
     resize: int = 448  # shorter side, before the crop
@@ -155,6 +158,7 @@ AUTO_AUGMENT_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r",
 CHOICES = {
     ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "folder"),
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
+    ("data", "class_split"): ("all", "retrieval"),
     ("data", "decode"): ("cpu", "gpu", "auto"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),

@@ -6,6 +6,11 @@ with the per-class accuracies (CSV), the confusion matrix and per-class accuracy
     python -m bcnn.eval --split test --tta ten_crop        # the mean logits of 10 crops a test image (bcnn.tta)
     python -m bcnn.eval --split test --no-figures          # numbers only: JSON and CSV, no PNGs
     torchrun --standalone --nproc_per_node=4 -m bcnn.eval --split test   # sharded: every image counted once
+    python -m bcnn.eval --split test --knn --retrieval     # also k-NN and retrieval on the embed vectors
+    python -m bcnn.eval --config experiments/cub_dinov2_vitb14_avg_stage1.yaml --knn   # frozen features, untrained
+
+Without a classifier to score (--config's untrained model, or the test split of data.class_split=retrieval, whose
+classes the run never saw) only k-NN and retrieval are computed, and only the JSON is written.
 
 The files are named after the checkpoint and the split, beside the checkpoint: for best.pt on the test split
 eval_best_test.json, eval_best_test_per_class.csv, eval_best_test_confusion.png and eval_best_test_per_class.png,
@@ -41,7 +46,9 @@ from bcnn.figures import confusion_figure, confusion_gallery_figure, per_class_a
 from bcnn.metrics import most_confused_pairs, per_class_rows
 from bcnn.models import input_normalisation
 from bcnn.models.cost import model_cost
-from bcnn.models.trained import from_checkpoint
+from bcnn.config import load_config
+from bcnn.models.backbones import TIMM_PREFIX
+from bcnn.models.trained import TrainedModel, from_checkpoint, untrained
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors
 from bcnn.protocols import knn_accuracy, retrieval_metrics
@@ -55,8 +62,14 @@ GALLERY_PAIRS, GALLERY_PER_SIDE = 3, 4  # the confusion gallery: its pairs, and 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bcnn.eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    parser = argparse.ArgumentParser(prog="python -m bcnn.eval", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help=f"the trained model; default: {DEFAULT_CHECKPOINT}")
+    model.add_argument("--config", help="instead of a checkpoint: score the frozen features of the model an experiment "
+                       "YAML describes, untrained (its backbone's pretrained weights, no classifier), with --knn "
+                       "and/or --retrieval; any config key can follow as --section.key=value (e.g. "
+                       "--model.backbone=dinov2_vitl14)")
     parser.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                         help="backbone autocast; default fp32 (IEEE float32 on GPUs too, no TF32): the reference "
@@ -89,7 +102,14 @@ def parse_args(argv):
                         "precision@1, R-precision, MAP@R (Musgrave et al., ECCV 2020; bcnn.protocols)")
     parser.add_argument("--no-figures", action="store_true",
                         help="skip the confusion and per-class PNGs (slow to draw for 200 classes); JSON and CSV only")
-    return parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and not args.config:  # config keys set a model that --config builds; a checkpoint holds its own
+        parser.error(f"unrecognized arguments: {' '.join(overrides)} (config keys as --section.key=value go with "
+                     "--config only)")
+    if args.checkpoint is None and args.config is None:
+        args.checkpoint = DEFAULT_CHECKPOINT
+    args.overrides = overrides
+    return args
 
 
 def main(argv=None) -> dict:
@@ -109,6 +129,8 @@ def output_paths(args) -> dict[str, Path]:
         output = Path(args.output)
         if output.is_dir():
             raise UserError(f"--output {output} is a folder; give a file name, e.g. --output {output / 'eval.json'}.")
+    elif args.config:
+        output = FROZEN_FOLDER / f"eval_{frozen_name(args)}_{args.split}.json"
     else:
         checkpoint = Path(args.checkpoint)
         tta = "" if args.tta == "none" else f"_{args.tta}"
@@ -131,9 +153,11 @@ def run(args, ctx: distributed.Context) -> dict:
     check_embedding_protocols(args, ctx)
     if args.pointing_game:
         require_captum()
-    trained = from_checkpoint(args.checkpoint, ctx.device, data_root=args.data_root)
+    trained = load_model(args, ctx)
     model, cfg, classes = trained.model.to(memory_format=torch.channels_last), trained.config, trained.classes
     dataset = build_dataset(cfg.data, args.split, train_transform=False, normalisation=trained.normalisation)
+    if protocols_only(args, cfg):
+        return run_protocols_only(args, ctx, trained, dataset, outputs["json"])
     if list(dataset.classes) != classes:
         raise UserError(
             f"the classes of {cfg.data.root} differ from those the checkpoint was trained on; "
@@ -239,7 +263,7 @@ def write_gallery(model, dataset, pairs: list[dict], class_names: list[str], cfg
 def write_projector(model, dataset, class_names: list[str], cfg, device, args) -> Path:
     """The split's model.embed vectors in TensorBoard's projector (bcnn.projector), in a log folder of their own
     beside the checkpoint, replaced only when an earlier --projector wrote it."""
-    checkpoint = Path(args.checkpoint)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else FROZEN_FOLDER / frozen_name(args)
     folder = checkpoint.parent / f"projector_{checkpoint.stem}_{args.split}"
     if folder.exists() and not written_by_bcnn(folder):
         raise UserError(f"{folder} exists and is not a projector bcnn.eval wrote; move it away, or evaluate a "
@@ -259,6 +283,78 @@ def write_projector(model, dataset, class_names: list[str], cfg, device, args) -
 
 
 KNN_GALLERY = {"test": "trainval", "val": "train"}  # the training images a query is compared with
+FROZEN_FOLDER = Path("runs") / "frozen"  # where --config's evaluations go by default
+
+
+def frozen_name(args) -> str:
+    """A --config evaluation's name: its backbone and head, e.g. dinov2_vitb14_avg (read again by load_model)."""
+    cfg = load_config(args.config, [*args.overrides, *([f"--data.root={args.data_root}"] if args.data_root else [])])
+    backbone = cfg.model.backbone.replace(TIMM_PREFIX, "timm_").replace("/", "_")
+    return f"{backbone}_{cfg.model.pooling}"
+
+
+def load_model(args, ctx: distributed.Context) -> TrainedModel:
+    """The checkpoint's model, or with --config the untrained model the config describes (its classes: the
+    dataset's, or the trained half under data.class_split=retrieval)."""
+    if not args.config:
+        return from_checkpoint(args.checkpoint, ctx.device, data_root=args.data_root)
+    cfg = load_config(args.config, [*args.overrides, *([f"--data.root={args.data_root}"] if args.data_root else [])])
+    if not (args.knn or args.retrieval):
+        raise UserError("--config scores a model before any training, whose classifier has learnt nothing; pass "
+                        "--knn and/or --retrieval (they score its features), or --checkpoint a trained model.")
+    classes = list(build_dataset(cfg.data, "trainval", train_transform=False).classes)
+    return untrained(cfg, classes, ctx.device)
+
+
+def protocols_only(args, cfg) -> bool:
+    """Whether this evaluation scores the embeddings alone: an untrained model (--config), or the test split of a
+    class-disjoint run (data.class_split=retrieval), whose classes the classifier never saw."""
+    return bool(args.config) or (cfg.data.class_split == "retrieval" and args.split == "test")
+
+
+def run_protocols_only(args, ctx: distributed.Context, trained: TrainedModel, dataset, output: Path) -> dict:
+    """k-NN and retrieval on the embed vectors, printed and in the JSON; no top-1, no per-class files or figures."""
+    cfg, untrained_model = trained.config, bool(args.config)
+    why = ("an untrained model (--config)" if untrained_model else
+           "the test split of a run trained with data.class_split=retrieval, whose classes the classifier never saw")
+    if not (args.knn or args.retrieval):
+        raise UserError(f"{why} has no top-1 to score; pass --retrieval (and --knn where the gallery shares its "
+                        "classes), or evaluate --split val.")
+    if args.knn and cfg.data.class_split == "retrieval" and args.split == "test":
+        raise UserError("--knn on the test split of data.class_split=retrieval would compare test images with "
+                        "training images of other classes; drop --knn (--retrieval is the protocol's score).")
+    for flag, on in (("--tta", args.tta != "none"), ("--pointing-game", args.pointing_game)):
+        if on:
+            raise UserError(f"{flag} reads the classifier, which {why} cannot use; drop {flag}.")
+    if not untrained_model:  # the data is the run's: its trained half must be the checkpoint's classes
+        trained_half = build_dataset(cfg.data, "trainval", train_transform=False).classes
+        if list(trained_half) != trained.classes:
+            raise UserError(f"the classes of {cfg.data.root} differ from those the checkpoint was trained on; pass "
+                            "the --data-root of the dataset it was trained on.")
+    batch_size = args.batch_size or cfg.train.eval_batch_size
+    loader = build_image_loader(cfg.data, dataset, batch_size, train=False, seed=0, device=ctx.device,
+                                num_workers=args.num_workers)
+    metrics = embedding_protocols(args, trained.model, loader, trained, batch_size, ctx)
+    result = {"checkpoint": str(args.checkpoint) if args.checkpoint else None,
+              "config": str(args.config) if args.config else None, "epoch": trained.epoch, "split": args.split,
+              "embeddings_only": why, "data_root": cfg.data.root, "class_split": cfg.data.class_split,
+              "backbone": cfg.model.backbone, "backbone_weights": cfg.model.backbone_weights,
+              "pooling": cfg.model.pooling, "count": len(dataset), **metrics,
+              "cost": model_cost(trained.model, cfg.data.crop, ctx.device)}
+    print(f"{args.split}: {len(dataset)} images of {len(dataset.classes)} classes, embeddings only ({why}; "
+          f"{args.checkpoint or args.config})")
+    print_embedding_protocols(metrics)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"cannot write {error.filename or output} ({(error.strerror or str(error)).lower()}); the "
+                        "numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
+    if args.projector:
+        folder = write_projector(trained.model, dataset, list(dataset.classes), cfg, ctx.device, args)
+        print(f"projector: {folder} (tensorboard --logdir {folder})")
+    print(f"wrote {output}")
+    return result
 
 
 def check_embedding_protocols(args, ctx) -> None:

@@ -74,6 +74,7 @@ STALE_TEMPORARIES = ".*.pt.*.tmp"
 EVAL_SIBLINGS = {"per_class.csv": b"index,class,images,correct,accuracy\r\n", "confusion.png": b"\x89PNG",
                  "per_class.png": b"\x89PNG", "confused_gallery.png": b"\x89PNG"}
 EVAL_KEYS = {"checkpoint", "split", "tta", "top1", "count", "most_confused"}
+EMBEDDING_EVAL_KEYS = {"checkpoint", "split", "count", "embeddings_only"}  # bcnn.eval without a classifier to score
 TRAIN_LOG_START = re.compile(r"\d\d:\d\d:\d\d run dir")  # bcnn.train's first log line: "run dir(ectory) PATH"
 READ_LIMIT = 16 << 20  # no file of these kinds is larger; a larger one is not bcnn's
 
@@ -421,7 +422,7 @@ def _is_eval_json(path: Path) -> bool:
         result = json.loads(text) if text is not None else None
     except ValueError:
         return False
-    return isinstance(result, dict) and EVAL_KEYS <= result.keys()
+    return isinstance(result, dict) and (EVAL_KEYS <= result.keys() or EMBEDDING_EVAL_KEYS <= result.keys())
 
 
 def _read_holder(lock_file) -> str:

@@ -24,6 +24,7 @@ import torch
 from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
 from bcnn.data.aircraft import AIRCRAFT_FOLDER, FGVCAircraftDataset, download_aircraft, write_synthetic_aircraft
 from bcnn.data.cars import CARS_FOLDER, StanfordCarsDataset, download_cars, write_synthetic_cars
+from bcnn.data.class_split import class_disjoint_split
 from bcnn.data.cub import CUB200, download_cub, write_synthetic_cub
 from bcnn.data.dataset import (REPLACE_IMAGE, SPLITS, _ImageDataset, clean_class_name, describe_splits, load_rgb,
                                 refuse_a_file)
@@ -68,7 +69,12 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
                         "false.")
     refuse_a_file(cfg.root, "--data-root (data.root)", reader.FOLDER_HOLDS)
     options = {name: getattr(cfg, name) for name in reader.OPTIONS}
-    dataset = reader(cfg.root, split, cfg.val_fraction, cfg.split_seed, transform=transform, **options)
+    if cfg.class_split == "retrieval":  # classes halved, whatever the official split (bcnn/data/class_split.py)
+        dataset = class_disjoint_split(lambda official: reader(cfg.root, official, 0.0, cfg.split_seed,
+                                                               transform=transform, **options),
+                                       split, cfg.val_fraction, cfg.split_seed)
+    else:
+        dataset = reader(cfg.root, split, cfg.val_fraction, cfg.split_seed, transform=transform, **options)
     dataset.normalisation = normalisation
     return dataset
 

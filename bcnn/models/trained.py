@@ -7,7 +7,8 @@
 
 The checkpoint alone rebuilds the model (no ImageNet weights are read: every weight comes from it), built for the
 crop the run trained at, and refused in one sentence when it lacks the config or class names, holds NaN or inf
-weights, or does not fit the model its config describes. Not re-exported by bcnn.models: it reads bcnn.config,
+weights, or does not fit the model its config describes. untrained(cfg, classes) is the model a config describes
+before any training (a pretrained backbone's frozen features, scored by bcnn.eval --config). Not re-exported by bcnn.models: it reads bcnn.config,
 which itself reads the backbones' and heads' rules from bcnn.models.
 """
 
@@ -36,7 +37,7 @@ class TrainedModel:
     epoch: int | None  # epochs the run had completed when it wrote the checkpoint
     normalisation: tuple  # (mean, std) the backbone expects
     transform: Callable  # the eval transform: resize, centre crop, to tensor, normalise
-    path: Path
+    path: Path | None  # the checkpoint; None for untrained()
 
 
 def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", option: str = "--checkpoint",
@@ -60,3 +61,14 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", option
     return TrainedModel(model=model.to(device).eval(), config=cfg, classes=classes,
                         epoch=epoch if isinstance(epoch, int) else None, normalisation=normalisation,
                         transform=build_transforms(cfg.data, train=False, normalisation=normalisation), path=path)
+
+
+def untrained(cfg: Config, classes: list[str], device: str | torch.device = "cpu") -> TrainedModel:
+    """The model a config describes before any training: the backbone with the weights model.backbone_weights names
+    (timm's or torchvision's pretrained ones by default), the head, and an untrained classifier over `classes` that
+    no score may read. For scoring a backbone's frozen features (k-NN, retrieval: bcnn.eval --config)."""
+    model = build_model(cfg.model, num_classes=len(classes), input_size=cfg.data.crop)
+    normalisation = input_normalisation(cfg.model.backbone)
+    return TrainedModel(model=model.to(device).eval(), config=cfg, classes=classes, epoch=None,
+                        normalisation=normalisation,
+                        transform=build_transforms(cfg.data, train=False, normalisation=normalisation), path=None)
