@@ -6,8 +6,9 @@
 Fine-grained accuracies vary by about a point between seeds, so one run cannot tell a gain from noise. For each
 run directory this reads what `python -m bcnn.eval` wrote beside its checkpoint (eval_<checkpoint>_<split>.json,
 and eval_<checkpoint>_<split>_flip.json when evaluated with --tta flip) and its config.yaml, and prints per run
-top-1, top-5 and mean per-class accuracy, single view and flip side by side, then the mean and the sample
-standard deviation over the runs. It evaluates nothing itself, and says which runs lack an evaluation.
+top-1, top-5 and mean per-class accuracy, single view and flip side by side, and the k-NN and retrieval scores
+where bcnn.eval computed them (--knn, --retrieval; an evaluation of a class-disjoint test split has those alone),
+then the mean and the sample standard deviation over the runs. It evaluates nothing itself, and says which runs lack an evaluation.
 
 A run directory given twice (or through a link) counts once. An evaluation of another epoch than the run's
 checkpoint now holds (best.pt was replaced after bcnn.eval ran) is refused, naming the command that renews it; one
@@ -28,6 +29,10 @@ import yaml
 from bcnn.errors import UserError, exit_on_user_error
 
 METRICS = (("top1", "top-1"), ("top5", "top-5"), ("mean_class_acc", "mean per-class"))
+# bcnn.eval --knn / --retrieval's scores (the single view's JSON: they read the embed vectors, not the TTA's logits),
+# flattened: knn_top1@<k>, recall@<K>, precision@1, r_precision, map@r; the table shows these three, the JSON all.
+TABLE_PROTOCOLS = (("knn_top1@20", "k-NN@20"), ("recall@1", "R@1"), ("map@r", "MAP@R"))
+RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r")
 VIEWS = (("", "single view"), ("_flip", "flip"))
 # Keys that differ between runs of one experiment by design; any other difference is pointed out.
 EXPECTED_TO_DIFFER = {("train", "seed"), ("train", "run_dir"), ("train", "init_from")}
@@ -52,11 +57,15 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
     views = {suffix: read_evaluation(run_dir / f"eval_{checkpoint}_{split}{suffix}.json",
                                      evaluate + (" --tta flip" if suffix else ""))
              for suffix, _ in VIEWS}
-    if views[""] is None and views["_flip"] is None:
+    single = views[""]  # k-NN and retrieval are read from it alone
+    protocols = protocol_scores(single) if single is not None else {}
+    if single is not None and "embeddings_only" in single:  # no top-1 (the test split of a class-disjoint run)
+        views[""] = None
+    if views[""] is None and views["_flip"] is None and not protocols:
         raise UserError(f"{run_dir} has no evaluation of {checkpoint}.pt on {split}; run {evaluate} (add --tta flip "
                         "for the flip column) first.")
     current = checkpoint_epoch(checkpoint_file)
-    for suffix, result in views.items():
+    for suffix, result in {**views, "": single}.items():
         if result is not None and current is not None and result.get("epoch") != current:
             name = f"eval_{checkpoint}_{split}{suffix}.json"
             raise UserError(f"{run_dir / name} evaluates epoch {result.get('epoch')}, but {checkpoint_file} now "
@@ -65,11 +74,26 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
         print(f"note: {checkpoint_file} is not there, so {run_dir}'s evaluation could not be checked against it",
               file=sys.stderr)
     config = read_config(run_dir)
+    evaluations = [result for result in (single, views["_flip"]) if result]
     return {"run": str(run_dir), "seed": (config.get("train") or {}).get("seed"), "config": config,
             "views": {suffix: {key: result[key] for key, _ in METRICS} if result else None
                       for suffix, result in views.items()},
-            "images": next(result["count"] for result in views.values() if result),
-            "data_roots": sorted({str(result.get("data_root")) for result in views.values() if result})}
+            "protocols": protocols,
+            "images": next(result["count"] for result in evaluations),
+            "data_roots": sorted({str(result.get("data_root")) for result in evaluations})}
+
+
+def protocol_scores(result: dict) -> dict:
+    """An eval JSON's k-NN and retrieval scores as flat keys ({} when it has neither)."""
+    scores = {}
+    knn = result.get("knn")
+    if isinstance(knn, dict) and isinstance(knn.get("top1"), dict):
+        scores.update({f"knn_top1@{k}": value for k, value in knn["top1"].items()})
+    retrieval = result.get("retrieval")
+    if isinstance(retrieval, dict):
+        scores.update({key: value for key, value in retrieval.items()
+                       if key.startswith("recall@") or key in RETRIEVAL_KEYS})
+    return scores
 
 
 def read_evaluation(path: Path, evaluate: str) -> dict | None:
@@ -81,12 +105,19 @@ def read_evaluation(path: Path, evaluate: str) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError) as error:
         reason = "not UTF-8" if isinstance(error, UnicodeDecodeError) else f"not JSON: {error}"
         raise UserError(f"{path} cannot be read ({reason}); delete it and run {evaluate} again.") from None
-    needed = ("count", "epoch", *(key for key, _ in METRICS))
+    embeddings_only = isinstance(result, dict) and "embeddings_only" in result  # scored by k-NN / retrieval alone
+    scored = () if embeddings_only else tuple(key for key, _ in METRICS)
+    needed = ("count", "epoch", *scored)
     if not isinstance(result, dict) or any(key not in result for key in needed) or not all(
-            _is_number(result[key]) for key in ("count", *(key for key, _ in METRICS))):
+            _is_number(result[key]) for key in ("count", *scored)):
         raise UserError(f"{path} is not an evaluation bcnn.eval wrote (it needs {', '.join(needed)} with numbers); "
                         f"delete it and run {evaluate} again.")
-    impossible = [f"{key} {result[key]}" for key, _ in METRICS if not 0 <= result[key] <= 100]
+    protocols = protocol_scores(result)
+    if not all(_is_number(value) for value in protocols.values()):
+        raise UserError(f"{path} holds k-NN or retrieval scores that are not numbers, so it is not an evaluation as "
+                        f"bcnn.eval writes it; delete it and run {evaluate} again.")
+    impossible = [f"{key} {value}" for key, value in [*((key, result[key]) for key in scored), *protocols.items()]
+                  if not 0 <= value <= 100]
     if not (isinstance(result["count"], int) and result["count"] > 0):
         impossible.insert(0, f"count {result['count']}")
     if impossible:  # NaN fails every comparison, so it lands here too
@@ -145,17 +176,20 @@ def unique_runs(runs: list[str]) -> list[Path]:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per view and metric: the mean and sample standard deviation over the runs that have it (std needs two)."""
+    """Per view and metric, and per k-NN or retrieval score any run has: the mean and sample standard deviation
+    over the runs that have it (std needs two)."""
     summary = {}
     for suffix, _ in VIEWS:
         for key, _ in METRICS:
-            values = [row["views"][suffix][key] for row in rows if row["views"][suffix]]
-            summary[f"{key}{suffix}"] = {
-                "n": len(values),
-                "mean": statistics.fmean(values) if values else None,
-                "std": statistics.stdev(values) if len(values) > 1 else None,
-            }
+            summary[f"{key}{suffix}"] = spread([row["views"][suffix][key] for row in rows if row["views"][suffix]])
+    for key in dict.fromkeys(key for row in rows for key in row["protocols"]):  # in the JSON's order
+        summary[key] = spread([row["protocols"][key] for row in rows if key in row["protocols"]])
     return summary
+
+
+def spread(values: list[float]) -> dict:
+    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
 def config_differences(rows: list[dict]) -> list[str]:
@@ -185,7 +219,9 @@ def data_differences(rows: list[dict]) -> list[str]:
 
 def format_table(rows: list[dict], summary: dict, split: str, checkpoint: str, differing: list[str],
                  data: list[str]) -> str:
-    header = ["run", "seed", "images"] + [f"{label} ({view})" for suffix, view in VIEWS for _, label in METRICS]
+    protocols = [(key, label) for key, label in TABLE_PROTOCOLS if key in summary]  # columns only where scored
+    header = (["run", "seed", "images"] + [f"{label} ({view})" for suffix, view in VIEWS for _, label in METRICS]
+              + [label for _, label in protocols])
 
     def cell(value):
         return "-" if value is None else f"{value:.2f}"
@@ -194,17 +230,18 @@ def format_table(rows: list[dict], summary: dict, split: str, checkpoint: str, d
     for row in rows:
         lines.append([row["run"], "-" if row["seed"] is None else str(row["seed"]), str(row["images"])]
                      + [cell(row["views"][suffix][key] if row["views"][suffix] else None)
-                        for suffix, _ in VIEWS for key, _ in METRICS])
-    spread = []
-    for suffix, _ in VIEWS:
-        for key, _ in METRICS:
-            stats = summary[f"{key}{suffix}"]
-            spread.append("-" if stats["mean"] is None else
-                          f"{stats['mean']:.2f} ± {stats['std']:.2f}" if stats["std"] is not None else
-                          f"{stats['mean']:.2f}")
-    lines.append([f"mean ± std over {len(rows)} run(s)", "", ""] + spread)
+                        for suffix, _ in VIEWS for key, _ in METRICS]
+                     + [cell(row["protocols"].get(key)) for key, _ in protocols])
+    spreads = []
+    for key in [f"{key}{suffix}" for suffix, _ in VIEWS for key, _ in METRICS] + [key for key, _ in protocols]:
+        stats = summary[key]
+        spreads.append("-" if stats["mean"] is None else
+                       f"{stats['mean']:.2f} ± {stats['std']:.2f}" if stats["std"] is not None else
+                       f"{stats['mean']:.2f}")
+    lines.append([f"mean ± std over {len(rows)} run(s)", "", ""] + spreads)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [f"{split} split, {checkpoint}.pt of each run; accuracies in %; std: sample standard deviation"]
+    text = [f"{split} split, {checkpoint}.pt of each run; accuracies in %; std: sample standard deviation"
+            + ("; k-NN@20: k-NN top-1 with k = 20, R@1: Recall@1 (--json has every k and K)" if protocols else "")]
     for index, line in enumerate(lines):
         if index == len(lines) - 1:
             text.append("  ".join("-" * width for width in widths))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bcnn import eval as eval_cli
+from bcnn import report as report_cli
 from bcnn import train as train_cli
 from bcnn.config import load_config
 from bcnn.data import build_dataset, write_synthetic_cars, write_synthetic_cub
@@ -103,9 +104,13 @@ def test_a_class_disjoint_run_is_scored_by_retrieval_on_the_classes_it_never_saw
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision", "map@r"):
         assert written["retrieval"][key] == pytest.approx(expected[key]), key
     assert "embeddings only" in result.stdout and "retrieval within the split" in result.stdout
-    # run again: the JSON it wrote is its own, replaced
-    assert run_in_process(eval_cli.main, "--checkpoint", class_disjoint_run, "--split", "test", "--retrieval",
-                          "--device=cpu", f"--output={output}").returncode == 0
+    # run again, into the run directory: the JSON it wrote is its own, replaced; bcnn.report carries its scores
+    for _ in range(2):
+        assert run_in_process(eval_cli.main, "--checkpoint", class_disjoint_run, "--split", "test", "--retrieval",
+                              "--device=cpu").returncode == 0
+    reported = report_cli.main([str(class_disjoint_run.parent), "--json"])
+    assert reported["summary"]["map@r"]["mean"] == pytest.approx(expected["map@r"])
+    assert reported["runs"][0]["views"][""] is None and reported["runs"][0]["images"] == 18  # no top-1 to report
     # val holds images of the trained classes: scored as any run's
     evaluated = eval_cli.main(["--checkpoint", str(class_disjoint_run), "--split", "val", "--device=cpu",
                                "--no-figures", f"--output={tmp_path / 'val.json'}"])

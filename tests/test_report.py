@@ -192,7 +192,8 @@ def copied_run(runs, into, name="run"):
 
 @pytest.mark.parametrize("changes, named", [
     ({"top1": -50.0}, "top1 -50.0"), ({"top5": 250.0}, "top5 250.0"), ({"mean_class_acc": float("nan")}, "nan"),
-    ({"count": 0}, "count 0"), ({"count": 2.5}, "count 2.5"), ({"top1": True}, "needs count, epoch")])
+    ({"count": 0}, "count 0"), ({"count": 2.5}, "count 2.5"), ({"top1": True}, "needs count, epoch"),
+    ({"retrieval": {"recall@1": 140.0}}, "recall@1 140.0"), ({"knn": {"top1": {"20": "high"}}}, "not numbers")])
 def test_impossible_values_in_an_evaluation_are_refused_not_averaged(runs, tmp_path, changes, named):
     run = copied_run(runs, tmp_path)
     evaluation = json.loads((run / "eval_best_test.json").read_text())
@@ -217,3 +218,25 @@ def test_runs_evaluated_on_different_data_are_named(runs, tmp_path):
     assert f"{moved} on /elsewhere/CUB_200_2011" in note and str(runs / "seed1") in note
     same = run_in_process(report.main, runs / "seed0", runs / "seed1")
     assert "different data" not in same.stdout  # one root, one count: nothing to say
+
+
+def test_knn_and_retrieval_scores_are_carried_over_seeds(runs, tmp_path):
+    # Two seeds' best.pt evaluated again with --knn --retrieval, in copies: the module's runs stay as they are.
+    for seed in (0, 1):
+        shutil.copytree(runs / f"seed{seed}", tmp_path / f"seed{seed}")
+        eval_cli.main(["--checkpoint", str(tmp_path / f"seed{seed}" / "best.pt"), "--split", "test", "--device", "cpu",
+                       "--no-figures", "--knn", "--retrieval"])
+    completed = run_in_process(report.main, tmp_path / "seed0", tmp_path / "seed1", "--json")
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    written = [json.loads((tmp_path / f"seed{seed}" / "eval_best_test.json").read_text()) for seed in (0, 1)]
+    for key, protocol, name in (("knn_top1@20", "knn", "20"), ("knn_top1@200", "knn", "200"),
+                                ("recall@1", "retrieval", "recall@1"), ("recall@8", "retrieval", "recall@8"),
+                                ("map@r", "retrieval", "map@r"), ("r_precision", "retrieval", "r_precision")):
+        values = np.array([(e[protocol]["top1"] if protocol == "knn" else e[protocol])[name] for e in written])
+        stats = result["summary"][key]
+        assert stats["n"] == 2 and stats["mean"] == pytest.approx(values.mean(), rel=1e-12), key
+        assert stats["std"] == pytest.approx(values.std(ddof=1), rel=1e-12, abs=1e-12), key
+    table = run_in_process(report.main, tmp_path / "seed0", tmp_path / "seed1").stdout
+    assert "k-NN@20" in table.splitlines()[1] and "MAP@R" in table.splitlines()[1]
+    assert "k-NN@20" not in run_in_process(report.main, runs / "seed0").stdout  # no column where nothing scored it
