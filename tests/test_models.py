@@ -399,3 +399,25 @@ def test_the_crop_is_a_required_part_of_building_a_model():
                         input_size=448)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 448, 448)).shape == (1, 3)
+
+
+# iNaturalist 2021's 10,000 classes (built on the meta device: shapes, no memory). The sizes in the sentence are
+# those of the formula (vector + bias) x classes, computed here apart from the message's code.
+@pytest.mark.parametrize("options, refused, advice", [
+    ({}, (512 * 512 + 1) * 10_000, "use model.pooling=compact (model.compact_dim=8,192: 82M) or model.pooling="
+                                   "isqrt_cov with model.isqrt_reduce_dim=256 (32,896-d: 329M)."),
+    ({"pooling": "compact", "compact_dim": 200_000}, (200_000 + 1) * 10_000, "use model.compact_dim=99,999 or less"),
+    ({"pooling": "compact"}, None, None),
+    ({"pooling": "isqrt_cov", "isqrt_reduce_dim": 256}, None, None),
+])
+def test_a_classifier_too_large_for_10_000_classes_names_its_size_and_what_fits(options, refused, advice):
+    cfg = ModelConfig(backbone_weights="none", **options)
+    with torch.device("meta"):
+        if refused is None:
+            model = build_model(cfg, 10_000, input_size=448)
+            assert sum(p.numel() for p in model.classifier.parameters()) < 1_000_000_000
+            return
+        with pytest.raises(UserError) as error:
+            build_model(cfg, 10_000, input_size=448)
+    message = str(error.value)
+    assert f"over 10,000 classes a {refused / 1e6:,.0f}M-parameter classifier" in message and advice in message

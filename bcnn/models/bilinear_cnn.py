@@ -16,7 +16,7 @@ from torch import nn
 
 from bcnn.errors import UserError
 from bcnn.models.backbones import build_backbone, input_size_problem, layer_decay_groups
-from bcnn.models.pooling import HEADS, MAX_POOLED_DIM, Pooling, build_pooling
+from bcnn.models.pooling import HEADS, MAX_CLASSIFIER_PARAMS, MAX_POOLED_DIM, Pooling, build_pooling
 
 
 class BilinearCNN(nn.Module):
@@ -101,10 +101,33 @@ def build_model(cfg, num_classes: int, *, input_size: int) -> BilinearCNN:
     pooling = build_pooling(cfg, backbone.channels, backbone_b.channels if backbone_b else None, nonnegative)
     if pooling.output_dim > MAX_POOLED_DIM:
         raise UserError(too_large(cfg, backbone.channels, pooling.output_dim, num_classes))
+    if (pooling.output_dim + 1) * num_classes > MAX_CLASSIFIER_PARAMS:
+        raise UserError(classifier_too_large(cfg, backbone.channels, pooling.output_dim, num_classes))
     model = BilinearCNN(backbone.module, pooling, num_classes, backbone_b.module if backbone_b else None)
     if cfg.freeze_backbone:
         model.freeze_backbone()
     return model
+
+
+def classifier_too_large(cfg, channels: int, output_dim: int, num_classes: int) -> str:
+    """Why a classifier over many classes (iNaturalist's 10,000) is refused, with the size of each head that fits."""
+    params = (output_dim + 1) * num_classes
+    fits = []
+    if cfg.pooling == "compact":
+        fits.append(f"model.compact_dim={MAX_CLASSIFIER_PARAMS // num_classes - 1:,} or less")
+    else:
+        fits.append(f"model.pooling=compact (model.compact_dim={cfg.compact_dim:,}: "
+                    f"{(cfg.compact_dim + 1) * num_classes / 1e6:,.0f}M)")
+    reduced = min(cfg.isqrt_reduce_dim or 256, channels)
+    if cfg.pooling != "isqrt_cov" or not cfg.isqrt_reduce_dim:
+        triangle = reduced * (reduced + 1) // 2
+        fits.append(f"model.pooling=isqrt_cov with model.isqrt_reduce_dim={reduced} ({triangle:,}-d: "
+                    f"{(triangle + 1) * num_classes / 1e6:,.0f}M)")
+    return (f"model.pooling={cfg.pooling} on model.backbone={cfg.backbone} ({channels} channels) gives a "
+            f"{output_dim:,}-d vector, and over {num_classes:,} classes a {params / 1e6:,.0f}M-parameter classifier "
+            f"({params * 4 / 1e9:.1f} GB of float32 weights, {params * 16 / 1e9:.0f} GB with its gradient and Adam's "
+            f"moments), over the {MAX_CLASSIFIER_PARAMS / 1e6:,.0f}M bcnn allows; use "
+            f"{' or '.join(fits)}.")
 
 
 def too_large(cfg, channels: int, output_dim: int, num_classes: int) -> str:

@@ -33,6 +33,10 @@ from bcnn.errors import UserError
 # The largest pooled vector a model may have: 1,024 channels' bilinear vector (DenseNet-121, ConvNeXt-Base), whose
 # classifier for CUB is already 210M parameters; 2,048 channels (a ResNet's layer4) would be 4.2M-d and 840M.
 MAX_POOLED_DIM = 1024 * 1024
+# The largest classifier (vector size x classes): 1,000M parameters are 4 GB of float32 weights, 16 GB with their
+# gradient and Adam's two moments, beside the backbone. CUB on VGG16's bilinear vector is 52M; iNaturalist 2021's
+# 10,000 classes on it would be 2,621M (42 GB before any activation), which the compact or reduced heads avoid.
+MAX_CLASSIFIER_PARAMS = 1_000_000_000
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
