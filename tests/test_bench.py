@@ -194,6 +194,10 @@ def test_photo_like_images_compress_like_photos(tmp_path):
     (["--augment", "--recipe-images", "8"], "--recipe-images does not apply with --augment; drop --augment"),
     (["--decoders", "--heads-batch-size", "8"], "--heads-batch-size does not apply with --decoders; drop --decoders "
                                                 "or leave --heads-batch-size out."),
+    (["--protocol-sizes", "5", "5", "5"], "--protocol-sizes takes three positive numbers (queries, gallery, "
+                                          "dimensions) and goes with --protocols"),
+    (["--protocols", "--protocol-sizes", "5", "0", "5"], "--protocol-sizes takes three positive numbers"),
+    (["--protocols", "--steps", "2"], "--steps does not apply with --protocols; drop --protocols"),
 ])
 def test_bench_options_out_of_range_or_combined_badly_are_one_sentence_before_any_work(argv, expected):
     with pytest.raises(UserError) as error:
@@ -229,3 +233,13 @@ def test_the_augmentation_bench_times_each_set_against_the_step():
         assert row["ms_per_image"] > 0 and row["loader_images_per_sec"] > 0
         assert math.isclose(row["loader_over_step"], row["loader_images_per_sec"] / result["step_images_per_sec"])
     assert result["mixup_cutmix_ms_per_batch"] > 0 and result["command"].endswith("--augment")
+
+
+def test_the_protocols_bench_times_knn_and_retrieval_at_the_sizes_given(capsys):
+    result = main(["--device", "cpu", "--protocols", "--protocol-sizes", "40", "50", "16", "--classes", "4", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))  # stdout is the JSON alone
+    assert (result["queries"], result["gallery"], result["dim"], result["classes"]) == (40, 50, 16, 4)
+    assert result["knn_seconds"] > 0 and result["retrieval_seconds"] > 0 and result["knn_target_seconds"] == 10
+    assert "--protocol-sizes 40 50 16 --classes 4" in result["command"]
+    main(["--device", "cpu", "--protocols", "--protocol-sizes", "40", "50", "16", "--classes", "4"])
+    assert "k-NN (k = 10, 20, 100, 200): 40 queries x 50 gallery x 16-d, 4 classes:" in capsys.readouterr().out

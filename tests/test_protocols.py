@@ -220,3 +220,17 @@ def test_bad_input_is_refused_in_one_sentence(call, message):
         call()
     assert message in str(refusal.value)
     assert str(refusal.value).count(". ") == 0 and str(refusal.value).endswith(".")
+
+
+def test_the_partial_ranking_equals_the_full_stable_sort_ties_included():
+    # Scores with many ties (5 values) and -inf (retrieval's own item): the first `depth` of a full stable sort, the
+    # reference, against _top, which sorts only the candidates at or above each row's depth-th largest score.
+    from bcnn.protocols import _ranked, _top
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (64, 400), generator=generator).float()
+    scores[torch.arange(64), torch.arange(64)] = -torch.inf
+    for depth in (1, 7, 60, 99):
+        assert torch.equal(_top(scores, depth), _ranked(scores)[:, :depth]), depth
+    distinct = torch.randn(32, 1000, generator=generator)
+    assert torch.equal(_top(distinct, 200), torch.argsort(-distinct, dim=1)[:, :200])

@@ -5,6 +5,7 @@
     python -m bcnn.bench --json                           # the same figures as JSON, nothing else on stdout
     python -m bcnn.bench --recipe --device cuda           # the whole recipe's wall time at CUB's scale
     python -m bcnn.bench --cost                           # every head's parameters and GFLOPs at 448 px
+    python -m bcnn.bench --protocols                      # k-NN and retrieval at CUB's size
     make bench ARGS="--batch-size 16"
 
 The command line alone: the step bench's cases are in steps.py, the recipe's in recipe.py, the report in report.py.
@@ -75,6 +76,12 @@ def parse_args(argv):
                       help="every pooling head on every torchvision backbone family, random weights: parameters "
                       "(backbone, head, classifier), the pooled vector's size and one image's forward GFLOPs at "
                       "--image-size (default: 448, the recipe's crop) for --classes classes")
+    protocols = parser.add_argument_group("k-NN and retrieval at CUB's size (bcnn/bench/protocols.py)")
+    protocols.add_argument("--protocols", action="store_true",
+                           help="time bcnn.eval's k-NN and retrieval on random unit vectors: 5,794 queries against "
+                           "5,994 gallery vectors at 8,192-d for --classes classes (CUB's test and train splits)")
+    protocols.add_argument("--protocol-sizes", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "DIM"),
+                           help="other sizes for --protocols (default: 5794 5994 8192)")
     return parser.parse_args(argv)
 
 
@@ -99,7 +106,10 @@ LEAST = (
 
 def check_combination(args) -> None:
     """Options that the chosen benchmark would ignore are refused rather than silently dropped."""
-    chosen = [name for name in ("decoders", "recipe", "augment", "cost") if getattr(args, name)]
+    if args.protocol_sizes is not None and (not args.protocols or min(args.protocol_sizes) < 1):
+        raise UserError("--protocol-sizes takes three positive numbers (queries, gallery, dimensions) and goes with "
+                        "--protocols; add --protocols, or leave it out.")
+    chosen = [name for name in ("decoders", "recipe", "augment", "cost", "protocols") if getattr(args, name)]
     if len(chosen) > 1:
         raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks; run them one at a time.")
     if args.augment:
@@ -110,6 +120,9 @@ def check_combination(args) -> None:
         others, where, fix = STEPS_ONLY, "with --recipe", "drop --recipe"
     elif args.cost:
         others, where, fix = (*TIMED_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --cost", "drop --cost"
+    elif args.protocols:
+        others, where, fix = ("image_size", *TIMED_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --protocols", \
+            "drop --protocols"
     else:
         others, where, fix = RECIPE_ONLY, "without --recipe", "add --recipe"
     ignored = [name for name in others if getattr(args, name) is not None]
@@ -158,6 +171,11 @@ def main(argv=None) -> dict:
         from bcnn.bench.decoders import run_decoders
         result = run_decoders(settings)
         print(json.dumps(result, indent=2) if args.json else format_decoders(result))
+        return result
+    if args.protocols:
+        from bcnn.bench.protocols import CUB_SIZES, format_protocols, run_protocols
+        result = run_protocols(settings, tuple(args.protocol_sizes or CUB_SIZES))
+        print(json.dumps(result, indent=2) if args.json else format_protocols(result))
         return result
     if args.cost:
         from bcnn.bench.cost import run_cost
