@@ -212,6 +212,7 @@ def run(args, ctx: distributed.Context) -> dict:
     except OSError as error:
         raise UserError(f"cannot write {error.filename or outputs['json']} ({(error.strerror or str(error)).lower()}); "
                         "the numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
+    write_scalars(args, trained, result)
     if args.projector:
         folder = write_projector(model, dataset, classes, cfg, ctx.device, args)
         print(f"projector: {folder} (tensorboard --logdir {folder})")
@@ -350,11 +351,41 @@ def run_protocols_only(args, ctx: distributed.Context, trained: TrainedModel, da
     except OSError as error:
         raise UserError(f"cannot write {error.filename or output} ({(error.strerror or str(error)).lower()}); the "
                         "numbers are printed above; pass --output PATH.json on a disk you can write to.") from None
+    write_scalars(args, trained, result)
     if args.projector:
         folder = write_projector(trained.model, dataset, list(dataset.classes), cfg, ctx.device, args)
         print(f"projector: {folder} (tensorboard --logdir {folder})")
     print(f"wrote {output}")
     return result
+
+
+def scalar_values(result: dict) -> dict:
+    """An evaluation's numbers as TensorBoard scalars: top-1, top-5, mean per-class, and k-NN and retrieval."""
+    values = {key: result[key] for key in ("top1", "top5", "mean_class_acc") if key in result}
+    if "knn" in result:
+        values.update({f"knn_top1@{k}": value for k, value in result["knn"]["top1"].items()})
+    if "retrieval" in result:
+        values.update({key: value for key, value in result["retrieval"].items()
+                       if key.startswith("recall@") or key in ("precision@1", "r_precision", "map@r")})
+    return values
+
+
+def write_scalars(args, trained: TrainedModel, result: dict) -> None:
+    """The evaluation's numbers into the run's TensorBoard log, as eval_<checkpoint>_<split>[_<tta>]/<name> at the
+    step the checkpoint was written: beside its val curves. Only into a run directory bcnn.train wrote (its
+    train.log), never a folder of the user's; nothing for --config (no run)."""
+    if trained.path is None or trained.global_step is None:
+        return
+    run = trained.path.parent
+    if not ((run / "train.log").is_file() and written_by_bcnn(run / "train.log")):
+        return
+    tta = "" if args.tta == "none" else f"_{args.tta}"
+    try:
+        board = TensorBoardLog(run)
+        board.scalars(f"eval_{trained.path.stem}_{args.split}{tta}", scalar_values(result), trained.global_step)
+        board.close()
+    except OSError as error:  # a read-only run directory: the numbers are printed and in the JSON already
+        print(f"note: no TensorBoard scalars in {run} ({(error.strerror or str(error)).lower()})")
 
 
 def check_embedding_protocols(args, ctx) -> None:

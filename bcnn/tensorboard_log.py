@@ -92,5 +92,12 @@ class TensorBoardLog:
         self.writer.add_embedding(vectors, metadata=labels, label_img=thumbnails, global_step=global_step, tag=tag)
         self.writer.flush()
 
+    def scalars(self, prefix: str, values: dict, global_step: int) -> None:
+        """One evaluation's numbers (bcnn.eval: top-1, k-NN, retrieval) as prefix/<name>, at the checkpoint's step:
+        beside the run's own val curves."""
+        for name, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{name}", value, global_step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()

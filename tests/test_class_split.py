@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bcnn import eval as eval_cli
 from bcnn import report as report_cli
@@ -108,6 +109,10 @@ def test_a_class_disjoint_run_is_scored_by_retrieval_on_the_classes_it_never_saw
     for _ in range(2):
         assert run_in_process(eval_cli.main, "--checkpoint", class_disjoint_run, "--split", "test", "--retrieval",
                               "--device=cpu").returncode == 0
+    events = EventAccumulator(str(class_disjoint_run.parent)).Reload()  # beside the run's val curves, at its step
+    for scalar in events.Scalars("eval_best_test/map@r"):  # one per evaluation above, all of the same checkpoint
+        assert scalar.value == pytest.approx(written["retrieval"]["map@r"])
+        assert scalar.step == state["metrics"]["global_step"]
     reported = report_cli.main([str(class_disjoint_run.parent), "--json"])
     assert reported["summary"]["map@r"]["mean"] == pytest.approx(expected["map@r"])
     assert reported["runs"][0]["views"][""] is None and reported["runs"][0]["images"] == 18  # no top-1 to report
@@ -115,6 +120,8 @@ def test_a_class_disjoint_run_is_scored_by_retrieval_on_the_classes_it_never_saw
     evaluated = eval_cli.main(["--checkpoint", str(class_disjoint_run), "--split", "val", "--device=cpu",
                                "--no-figures", f"--output={tmp_path / 'val.json'}"])
     assert evaluated["count"] == 4 and 0 <= evaluated["top1"] <= 100
+    top1 = EventAccumulator(str(class_disjoint_run.parent)).Reload().Scalars("eval_best_val/top1")
+    assert [scalar.value for scalar in top1] == [pytest.approx(evaluated["top1"])]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -38,6 +38,7 @@ class TrainedModel:
     normalisation: tuple  # (mean, std) the backbone expects
     transform: Callable  # the eval transform: resize, centre crop, to tensor, normalise
     path: Path | None  # the checkpoint; None for untrained()
+    global_step: int | None = None  # optimizer steps the run had taken (its TensorBoard curves' x axis)
 
 
 def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", option: str = "--checkpoint",
@@ -58,9 +59,11 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", option
     load_model_weights(model, state["model"])
     normalisation = input_normalisation(cfg.model.backbone)
     epoch = state.get("epoch")
+    step = state.get("global_step", (state.get("metrics") or {}).get("global_step"))  # last.pt's, or best.pt's row
     return TrainedModel(model=model.to(device).eval(), config=cfg, classes=classes,
                         epoch=epoch if isinstance(epoch, int) else None, normalisation=normalisation,
-                        transform=build_transforms(cfg.data, train=False, normalisation=normalisation), path=path)
+                        transform=build_transforms(cfg.data, train=False, normalisation=normalisation), path=path,
+                        global_step=step if isinstance(step, int) else None)
 
 
 def untrained(cfg: Config, classes: list[str], device: str | torch.device = "cpu") -> TrainedModel:
