@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from bcnn import train as train_cli
 from bcnn.bench.__main__ import main as bench_main
@@ -89,3 +90,37 @@ def test_train_log_states_the_models_cost(cub_3x13, tmp_path):
     assert f"cost: {total:,} parameters" in line
     assert float(re.search(r"([\d.]+) GFLOPs per 32-px image", line).group(1)) == pytest.approx(
         hand_count(32, classes=3)["flops"] / 1e9, abs=0.005)
+
+
+# The README's CUB table: each of our rows' vector size and parameters, against the model its recipe builds (on the
+# meta device: counts, no memory). Row -> (recipe file, overrides).
+README_ROWS = {
+    "**bcnn stage 1**": ("cub_vgg16_stage1.yaml", []),
+    "**bcnn stage 2**": ("cub_vgg16_stage2.yaml", []),
+    "**bcnn improved B-CNN**": ("cub_vgg16_matrix_sqrt_stage2.yaml", []),
+    "**bcnn compact** (": ("cub_vgg16_compact_stage2.yaml", []),
+    "**bcnn iSQRT-COV** (`cub_vgg16": ("cub_vgg16_isqrt_cov.yaml", []),
+    "**bcnn iSQRT-COV** (`cub_resnet50": ("cub_resnet50_isqrt_cov.yaml", []),
+    "**bcnn average pooling baseline**": ("cub_vgg16_stage2.yaml", ["--model.pooling=avg"]),
+    "**bcnn average of tokens, stage 2** (`RECIPE=cub_vit": ("cub_vit_b16_in21k_stage2.yaml", []),
+    "**bcnn average of tokens, stage 1 / stage 2** (`RECIPE=cub_dinov2": ("cub_dinov2_vitb14_avg_stage2.yaml", []),
+    "**bcnn matrix square root, stage 1 / stage 2**": ("cub_dinov2_vitb14_matrix_sqrt_stage2.yaml", []),
+    "**bcnn compact, stage 2** (`RECIPE=cub_swin": ("cub_swin_b_in22k_compact_stage2.yaml", []),
+}
+
+
+def test_the_readme_gives_each_recipe_s_vector_size_and_parameters():
+    from bcnn.config import load_config
+    from helpers.runs import REPO
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| **bcnn")]
+    cub_rows = [row for row in rows if row.count(" | ") == 7]  # the CUB table's eight columns
+    assert len(cub_rows) == len(README_ROWS)
+    for start, (recipe, overrides) in README_ROWS.items():
+        (row,) = [row for row in cub_rows if row[2:].startswith(start)]
+        cfg = load_config(REPO / "experiments" / recipe, ["--model.backbone_weights=none", *overrides])
+        with torch.device("meta"):
+            model = build_model(cfg.model, 200, input_size=cfg.data.crop)
+        vector, parameters = row.split(" | ")[2:4]
+        assert vector == f"{model.pooling.output_dim:,}", row
+        assert parameters == f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M", row
