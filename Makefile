@@ -3,7 +3,8 @@
 #   make test                      the test suite (what CI runs); OMP_NUM_THREADS=N sets its CPU threads
 #   make test-gpu                  the GPU tests alone (CUDA); PY=python3 runs them with a Python that has torch
 #   make data                      download + verify CUB-200-2011 into data/ (or verify your DATA=...)
-#   make data DATASET=aircraft     the same for aircraft, cars or nabirds (cars and nabirds: where to get them)
+#   make data DATASET=aircraft     the same for aircraft, cars, nabirds, flowers, dogs, inat2017, inat2018, inat2021
+#                                  or inat2021_mini (cars and nabirds: where to get them)
 #   make stage1 / make stage2      the recipe; DATA=/path/to/CUB_200_2011 DEVICE=cuda ARGS="--optim.lr=0.5"
 #   make stage1 DATASET=cars       its recipe (experiments/<DATASET>_vgg16_stage1.yaml) on data/stanford_cars
 #   make stage1 RECIPE=cub_vgg16_matrix_sqrt   another two-stage recipe: experiments/<RECIPE>_stage{1,2}.yaml
@@ -24,11 +25,12 @@ VENV_DEP = $(if $(filter $(VENV)/bin/python,$(PY)),venv,)
 DATA_DIR ?= data
 DATASET ?= cub
 # Each dataset's folder under DATA_DIR, as its archive extracts.
-FOLDERS = cub:CUB_200_2011 aircraft:fgvc-aircraft-2013b cars:stanford_cars nabirds:nabirds
+FOLDERS = cub:CUB_200_2011 aircraft:fgvc-aircraft-2013b cars:stanford_cars nabirds:nabirds flowers:flowers-102 \
+	dogs:stanford_dogs inat2017:inat2017 inat2018:inat2018 inat2021:inat2021 inat2021_mini:inat2021
 DATASET_FOLDER = $(patsubst $(DATASET):%,%,$(filter $(DATASET):%,$(FOLDERS)))
 DEFAULT_DATA = $(DATA_DIR)/$(DATASET_FOLDER)
 DATA    ?= $(if $(DATASET_FOLDER),$(DEFAULT_DATA),$(error DATASET=$(DATASET) has no default folder (cub, aircraft, \
-	cars, nabirds have); pass DATA=/path/to/your/dataset))
+	cars, nabirds, flowers, dogs and the inat ones have); pass DATA=/path/to/your/dataset))
 DEVICE  ?= auto
 ARGS    ?=
 GPUS    ?=

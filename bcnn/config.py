@@ -28,8 +28,10 @@ from bcnn.models.pooling import HEADS
 
 @dataclass
 class DataConfig:
-    # cub | aircraft (fgvc-aircraft-2013b) | cars (torchvision's stanford_cars) | nabirds | folder:
-    # root/train/<class>/*, root/test/<class>/*. The layouts: bcnn/data/<format>.py and data/README.md.
+    # cub | aircraft (fgvc-aircraft-2013b) | cars (torchvision's stanford_cars) | nabirds | flowers (flowers-102) |
+    # dogs (Stanford Dogs) | inat2017 | inat2018 | inat2021 | inat2021_mini (2021 with train_mini; for iNaturalist,
+    # test is the official val set) | folder: root/train/<class>/*, root/test/<class>/*. The layouts:
+    # bcnn/data/<format>.py (inat.py for the four iNaturalist ones) and data/README.md.
     format: str = "cub"
     root: str = "data/CUB_200_2011"
     # Stratified hold-out from the official train split; 0 = train on all of it. A format with its own val split
@@ -39,7 +41,7 @@ class DataConfig:
     # all: every class in every split | retrieval: metric learning's class-disjoint protocol, the first half of the
     # classes (CUB 1-100, Cars 1-98) trained on, the second half the test split (bcnn/data/class_split.py)
     class_split: str = "all"
-    crop_to_bbox: bool = False  # cub, cars, nabirds: crop every image to its bounding box before the transform
+    crop_to_bbox: bool = False  # cub, cars, nabirds, dogs: crop every image to its bounding box before the transform
     annotation_level: str = "variant"  # aircraft only: variant (100 classes) | family (70) | manufacturer (30)
     resize: int = 448  # shorter side, before the crop
     crop: int = 448  # square input size the model sees
@@ -156,7 +158,8 @@ VIEW_AUGMENTATIONS = ("random_resized_crop", "rotation", "color_jitter", "auto_a
 AUTO_AUGMENT_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a", "trivial")
 
 CHOICES = {
-    ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "folder"),
+    ("data", "format"): ("cub", "aircraft", "cars", "nabirds", "flowers", "dogs", "inat2017", "inat2018", "inat2021",
+                         "inat2021_mini", "folder"),
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
     ("data", "class_split"): ("all", "retrieval"),
     ("data", "decode"): ("cpu", "gpu", "auto"),

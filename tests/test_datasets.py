@@ -220,7 +220,7 @@ BROKEN = {  # format -> problem -> (change to the dataset folder, returning the 
 }
 
 
-BOXED = [name for name in READERS if READERS[name].HAS_BOXES]
+BOXED = [name for name in READERS if READERS[name].HAS_BOXES and name != "dogs"]  # dogs: its own test file
 FIX_BOX = {"cub": "fix the file or re-extract CUB_200_2011.tgz",
            "nabirds": "re-extract nabirds.tar.gz (delete the folder first) or fix the file",
            "cars": "correct it or fetch that file again from your copy of the original release"}
@@ -537,6 +537,8 @@ def test_make_data_and_the_recipes_follow_dataset():
     for name in DOWNLOADS:
         assert (EXPERIMENTS / f"{name}_vgg16_stage1.yaml").is_file() and load_config(
             EXPERIMENTS / f"{name}_vgg16_stage1.yaml").data.format == name
+        assert make("data", f"DATASET={name}") == (0, f"-m bcnn.data download --dataset {name} --root data")
+        assert f"--data-root data/{FOLDERS[name]} " in make("stage1", f"DATASET={name}")[1]  # the folder it extracts
 
 
 

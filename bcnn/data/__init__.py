@@ -1,10 +1,11 @@
-"""Data: a reader per on-disk format (cub.py, aircraft.py, cars.py, nabirds.py, folder.py), the dataset and
-splits they share (dataset.py), the recipe's transforms, loaders, download, and a synthetic writer per format;
-`python -m bcnn.data` is the CLI.
+"""Data: a reader per on-disk format (cub.py, aircraft.py, cars.py, nabirds.py, flowers.py, dogs.py, inat.py,
+folder.py), the dataset and splits they share (dataset.py), the recipe's transforms, loaders, download, and a
+synthetic writer per format; `python -m bcnn.data` is the CLI.
 
 Splits: `trainval` is the official train split, `val` a stratified seeded hold-out of it (data.val_fraction,
 data.split_seed), `train` the rest, `test` the official test split, which training never reads. A format with its
-own val split (FGVC-Aircraft) uses it instead: `train` and `val` are the official ones, `trainval` both.
+own val split (FGVC-Aircraft, Oxford Flowers-102) uses it instead: `train` and `val` are the official ones,
+`trainval` both. iNaturalist has no public test labels: its `test` is the official val set.
 
     python -m bcnn.data download --root data                  # -> data/CUB_200_2011, md5-checked, verified
     python -m bcnn.data download --dataset aircraft --root data  # -> data/fgvc-aircraft-2013b
@@ -19,6 +20,8 @@ own val split (FGVC-Aircraft) uses it instead: `train` and `val` are the officia
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from bcnn.config import CPU_ONLY_AUGMENTATIONS, DataConfig
@@ -28,8 +31,11 @@ from bcnn.data.class_split import class_disjoint_split
 from bcnn.data.cub import CUB200, download_cub, write_synthetic_cub
 from bcnn.data.dataset import (REPLACE_IMAGE, SPLITS, _ImageDataset, clean_class_name, describe_splits, load_rgb,
                                 refuse_a_file)
+from bcnn.data.dogs import DOGS_FOLDER, StanfordDogsDataset, download_dogs, write_synthetic_dogs
+from bcnn.data.flowers import FLOWERS_FOLDER, FlowersDataset, download_flowers, write_synthetic_flowers
 from bcnn.data.folder import FolderDataset
 from bcnn.data.gpu import DeviceDecodeLoader
+from bcnn.data.inat import INAT_FOLDERS, INATURALIST, download_inaturalist, write_synthetic_inaturalist
 from bcnn.data.nabirds import NABIRDS_FOLDER, NABirdsDataset, download_nabirds, write_synthetic_nabirds
 from bcnn.data.loader import build_loader, default_num_workers
 from bcnn.data.transforms import IMAGENET_MEAN, IMAGENET_NORMALISATION, IMAGENET_STD, build_transforms
@@ -37,19 +43,24 @@ from bcnn.errors import UserError
 
 # data.format -> the reader of that layout: Dataset(root, split, val_fraction, split_seed, *OPTIONS, transform=...)
 READERS = {"cub": CUB200, "aircraft": FGVCAircraftDataset, "cars": StanfordCarsDataset, "nabirds": NABirdsDataset,
-           "folder": FolderDataset}
+           "flowers": FlowersDataset, "dogs": StanfordDogsDataset, **INATURALIST, "folder": FolderDataset}
 # data.format -> a synthetic writer in that layout: (root, classes, per_class, seed, image_size) -> dataset folder
 WRITERS = {"cub": write_synthetic_cub, "aircraft": write_synthetic_aircraft, "cars": write_synthetic_cars,
-           "nabirds": write_synthetic_nabirds}
+           "nabirds": write_synthetic_nabirds, "flowers": write_synthetic_flowers, "dogs": write_synthetic_dogs,
+           **{name: partial(write_synthetic_inaturalist, name) for name in INATURALIST}}
 # data.format -> download(root) into root / FOLDERS[format], or, for a dataset without one, the check of a copy placed
 # there by hand
-DOWNLOADS = {"cub": download_cub, "aircraft": download_aircraft, "cars": download_cars, "nabirds": download_nabirds}
+DOWNLOADS = {"cub": download_cub, "aircraft": download_aircraft, "cars": download_cars, "nabirds": download_nabirds,
+             "flowers": download_flowers, "dogs": download_dogs,
+             **{name: partial(download_inaturalist, name) for name in INATURALIST}}
 # data.format -> the name of the dataset's own folder, as its archive extracts (the folder --data-root takes)
-FOLDERS = {"cub": "CUB_200_2011", "aircraft": AIRCRAFT_FOLDER, "cars": CARS_FOLDER, "nabirds": NABIRDS_FOLDER}
+FOLDERS = {"cub": "CUB_200_2011", "aircraft": AIRCRAFT_FOLDER, "cars": CARS_FOLDER, "nabirds": NABIRDS_FOLDER,
+           "flowers": FLOWERS_FOLDER, "dogs": DOGS_FOLDER, **INAT_FOLDERS}
 
-__all__ = ["CUB200", "DOWNLOADS", "FGVCAircraftDataset", "FOLDERS", "FolderDataset", "IMAGENET_MEAN",
-           "IMAGENET_NORMALISATION", "IMAGENET_STD", "NABirdsDataset", "READERS", "REPLACE_IMAGE", "SPLITS",
-           "StanfordCarsDataset", "WRITERS", "build_dataset", "build_image_loader", "build_loader", "build_transforms",
+__all__ = ["CUB200", "DOWNLOADS", "FGVCAircraftDataset", "FOLDERS", "FlowersDataset", "FolderDataset",
+           "IMAGENET_MEAN", "IMAGENET_NORMALISATION", "IMAGENET_STD", "INATURALIST", "NABirdsDataset", "READERS",
+           "REPLACE_IMAGE", "SPLITS", "StanfordCarsDataset", "StanfordDogsDataset", "WRITERS", "build_dataset",
+           "build_image_loader", "build_loader", "build_transforms",
            "clean_class_name", "default_num_workers", "describe", "download_cub", "load_rgb",
            "write_synthetic_cub"]
 
@@ -80,8 +91,10 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
 
 
 def describe(root, data_format: str = "cub", val_fraction: float = 0.0, split_seed: int = 0) -> str:
-    """One line: the dataset at root in data_format, its classes and per-split image counts (reading checks it)."""
-    return describe_splits(READERS[data_format], root, val_fraction, split_seed)
+    """One line: the dataset at root in data_format, its classes and per-split image counts (reading checks it),
+    and what its splits are where the names alone would mislead (iNaturalist's test is its official val set)."""
+    reader = READERS[data_format]
+    return describe_splits(reader, root, val_fraction, split_seed) + getattr(reader, "SPLITS_NOTE", "")
 
 
 def decode_on_device(cfg: DataConfig, device) -> bool:

@@ -16,13 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from bcnn.data.transforms import IMAGENET_NORMALISATION
 from bcnn.errors import UserError
-from bcnn.paths import file_kind
+from bcnn.paths import file_kind, not_a_file
 
 SPLITS = ("train", "val", "trainval", "test")
 REPLACE_IMAGE = "replace it with a readable image, or re-extract the dataset's archive"
@@ -254,14 +255,16 @@ def stratified_holdout(targets: list[int], fraction: float, seed: int) -> tuple[
     """
     rng = np.random.default_rng(seed)
     targets = np.asarray(targets)
-    holdout: list[int] = []
-    for label in np.unique(targets):
-        members = np.flatnonzero(targets == label)
+    # Each class's members in index order from one stable sort (a scan of every label per class would cost
+    # classes x images: 16 s for iNaturalist 2021's 2.7 M images of 10,000 classes, against 1 s).
+    by_class = np.argsort(targets, kind="stable")
+    _, sizes = np.unique(targets, return_counts=True)
+    held = np.zeros(len(targets), dtype=bool)
+    for members in np.split(by_class, np.cumsum(sizes)[:-1]):
         n = len(members)
         count = min(max(math.floor(fraction * n + 0.5), 1), n - 1) if fraction > 0 and n >= 2 else 0
-        holdout.extend(int(i) for i in rng.permutation(members)[:count])
-    held = set(holdout)
-    return [i for i in range(len(targets)) if i not in held], sorted(holdout)
+        held[rng.permutation(members)[:count]] = True
+    return np.flatnonzero(~held).tolist(), np.flatnonzero(held).tolist()
 
 
 def select_split(split: str, trainval: list, test: list, val_fraction: float, split_seed: int,
@@ -490,3 +493,45 @@ def synthetic_image(rng: np.random.Generator, hue: float, angle: float, size: in
     pixels = np.where(inside[..., None], np.where(stripes[..., None], light, dark), background)
     image = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
     return image, (x0, y0, box_w, box_h)
+
+
+def read_mat(path: Path, keys: tuple[str, ...], fix: str) -> list[np.ndarray]:
+    """The named tables of a MATLAB .mat file, each as a 1-d array (scipy's loadmat with squeeze_me, as torchvision
+    reads them, so that a cell of strings is an array of str; a table of one entry stays an array). A missing or
+    damaged file, or one without a table, is one sentence ending in fix."""
+    kind = not_a_file(path)
+    if kind:
+        raise UserError(f"{path} is {kind}; {fix}.")
+    try:
+        tables = scipy.io.loadmat(path, squeeze_me=True)
+    except Exception as error:  # scipy raises MatReadError, ValueError, TypeError, ... on a damaged file
+        raise UserError(f"cannot read {path} as a MATLAB file ({error}); {fix}.") from None
+    missing = next((key for key in keys if key not in tables), None)
+    if missing:
+        raise UserError(f"{path} has no {missing!r} table, so it is not the dataset's own file; {fix}.")
+    return [np.atleast_1d(tables[key]) for key in keys]
+
+
+def whole_numbers(values, low: int, high: int) -> tuple[np.ndarray, int | None, str]:
+    """A table's entries as integers, the index of the first that is not a whole number in [low, high] (None when
+    all are) and that entry as the file gives it, for a sentence; an entry that is no number at all counts as such.
+    For labels and ids read from .mat files, where int() would make 2.5 class 2 silently."""
+    values = np.ravel(values)
+    try:
+        numbers = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):  # a damaged table: strings or empty cells among the numbers
+        numbers = np.array([_number_or_nan(value) for value in values], dtype=np.float64)
+    good = (numbers >= low) & (numbers <= high) & (numbers == np.round(numbers))  # NaN fails every comparison
+    bad = np.flatnonzero(~good)
+    if not len(bad):
+        return numbers.astype(np.int64), None, ""
+    first = int(bad[0])
+    shown = f"{numbers[first]:g}" if not math.isnan(numbers[first]) else repr(str(values[first]))
+    return np.where(good, numbers, 0).astype(np.int64), first, shown
+
+
+def _number_or_nan(value) -> float:
+    try:
+        return float(np.asarray(value).item())
+    except (TypeError, ValueError):
+        return math.nan
