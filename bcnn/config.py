@@ -138,6 +138,10 @@ class TrainConfig:
     best_of: str = "raw"  # which weights best.pt keeps: raw (the trained ones) or ema (train.ema_decay > 0)
     heatmap_images: int = 8  # TensorBoard: the first N val images with their evidence at each best.pt; 0 = none
     projector: bool = True  # TensorBoard: the val set's embed vectors in the projector at the end of training
+    # A linear-probe sweep over the feature cache: {lr: [...], weight_decay: [...]}, a classifier per pair of the
+    # product trained side by side on the same batches, best.pt the one best on val (bcnn/probe_grid.py); a list left
+    # out is optim.lr's or optim.weight_decay's one value; {} = off
+    probe_grid: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -232,6 +236,8 @@ def ranges() -> dict[str, str]:
 def _coerce(value: Any, typ: type, where: str) -> Any:
     """Check a value against the field's declared type; strings are parsed (command line, and YAML
     numbers like 1e-5 that PyYAML reads as strings)."""
+    if typ is dict:
+        return _coerce_lists(value, where)
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
         try:
@@ -252,8 +258,26 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
     return value
 
 
+def _coerce_lists(value: Any, where: str) -> dict[str, list[float]]:
+    """A mapping of names to lists of numbers (train.probe_grid), from YAML or from the command line written as YAML
+    (--train.probe_grid="{lr: [0.1, 0.01]}"); a single number is a list of one, nothing is {}."""
+    refusal = UserError(f"{where} must be a mapping of names to lists of numbers, such as {{lr: [0.1, 0.01]}}, got "
+                        f"{value!r}; fix the value.")
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise refusal from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise refusal
+    return {key: [_coerce(number, float, f"{key} in {where}") for number in
+                  (numbers if isinstance(numbers, list) else [numbers])] for key, numbers in value.items()}
+
+
 def _field_types(obj: Any) -> dict[str, type]:
-    hints = {"str": str, "int": int, "float": float, "bool": bool}
+    hints = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}
     return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(obj)}
 
 
@@ -461,6 +485,50 @@ def validate(cfg: Config) -> None:
                         "features); turn one of them off.")
     if not cfg.model.freeze_backbone and cfg.optim.backbone_lr == 0:
         raise UserError("model.freeze_backbone is false but optim.backbone_lr is 0; set optim.backbone_lr > 0.")
+    _check_probe_grid(cfg)
+
+
+# train.probe_grid's lists: the key each stands in for, and its values' interval (an lr of 0 trains nothing).
+PROBE_GRID_LISTS = {"lr": ("optim.lr", "(0, inf)"), "weight_decay": ("optim.weight_decay", "[0, inf)")}
+MAX_PROBE_MEMBERS = 64  # each member holds a classifier, its gradient and its optimizer state (3 x 210 MB for CUB's)
+
+
+def _check_probe_grid(cfg: Config) -> None:
+    """The sweep's lists, and what it needs: the feature cache and a val split; each refusal one sentence."""
+    grid = cfg.train.probe_grid
+    if not grid:
+        return
+    unknown = [key for key in grid if key not in PROBE_GRID_LISTS]
+    if unknown:
+        raise UserError(f"train.probe_grid takes the lists lr and weight_decay, got {unknown[0]!r}; rename it or "
+                        "remove it.")
+    for key, values in grid.items():
+        if not values:
+            raise UserError(f"train.probe_grid's {key} list is empty; give it a value at least, or leave it out to "
+                            f"use {PROBE_GRID_LISTS[key][0]}.")
+        for value in values:
+            _check_range(f"train.probe_grid's {key}", value, PROBE_GRID_LISTS[key][1])
+        twice = next((value for value in values if values.count(value) > 1), None)
+        if twice is not None:
+            raise UserError(f"train.probe_grid's {key} list holds {twice} twice; list each value once.")
+    if "lr" not in grid and cfg.optim.lr == 0:
+        raise UserError("train.probe_grid has no lr list, so each member trains at optim.lr, which is 0; give it an "
+                        "lr list, or set optim.lr > 0.")
+    lrs, decays = len(grid.get("lr", [cfg.optim.lr])), len(grid.get("weight_decay", [cfg.optim.weight_decay]))
+    if lrs * decays > MAX_PROBE_MEMBERS:
+        raise UserError(f"train.probe_grid has {lrs * decays} members ({lrs} learning rates x {decays} weight "
+                        f"decays), more than the {MAX_PROBE_MEMBERS} one sweep trains side by side; shorten a list, "
+                        "or split the sweep into several runs.")
+    if not cfg.train.cache_features:
+        raise UserError("train.probe_grid trains linear classifiers side by side on the feature cache's vectors; set "
+                        "train.cache_features=true (a frozen backbone), or remove train.probe_grid.")
+    if cfg.data.val_fraction == 0:
+        raise UserError("train.probe_grid picks its member on val, and data.val_fraction is 0 (no val split, nothing "
+                        "to pick on); set data.val_fraction > 0, or remove train.probe_grid.")
+    if cfg.optim.clip_grad_norm:
+        raise UserError("optim.clip_grad_norm would clip the norm of all of train.probe_grid's members' gradients "
+                        "together, where each member's plain run clips its own; set optim.clip_grad_norm=0, or "
+                        "remove train.probe_grid.")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -4,6 +4,10 @@
 stage 2), accumulating gradients over `accum_steps` micro-batches per optimizer step, and can start part way
 through an epoch (a resumed run). `evaluate` reports top-1, top-5 and mean per-class accuracy over every image
 of a split exactly once, whether the split is read by one process or sharded over several.
+
+A model returns (B, classes) logits, or a tuple of G such tensors: G classifiers on the same batch (the linear-probe
+sweep, bcnn/probe_grid.py). Training then backpropagates the sum of their losses, whose gradient is each member's own
+(d sum / d loss_g = 1), and evaluate returns a tuple of G results.
 """
 
 from __future__ import annotations
@@ -37,18 +41,19 @@ class EpochMeter:
     correct: torch.Tensor
     seen: torch.Tensor
     first_bad_step: torch.Tensor  # global step of the first non-finite loss, NO_BAD_STEP while there is none
+    members: int = 1  # classifiers whose losses and hits loss_sum and correct add up (a probe grid's G)
 
     @classmethod
-    def zeros(cls, device) -> EpochMeter:
+    def zeros(cls, device, members: int = 1) -> EpochMeter:
         return cls(torch.zeros((), dtype=torch.float64, device=device),
                    torch.zeros((), dtype=torch.long, device=device),
                    torch.zeros((), dtype=torch.long, device=device),
-                   torch.full((), NO_BAD_STEP, dtype=torch.long, device=device))
+                   torch.full((), NO_BAD_STEP, dtype=torch.long, device=device), members)
 
     @classmethod
-    def resumed(cls, totals: dict | None, device, is_main: bool) -> EpochMeter:
+    def resumed(cls, totals: dict | None, device, is_main: bool, members: int = 1) -> EpochMeter:
         """Continue an epoch's sums from a mid-epoch checkpoint; they are global, so rank 0 alone holds them."""
-        meter = cls.zeros(device)
+        meter = cls.zeros(device, members)
         if totals and is_main:
             meter.loss_sum += totals["loss_sum"]
             meter.correct += totals["correct"]
@@ -77,6 +82,11 @@ def to_device(images: torch.Tensor, device, channels_last: bool) -> torch.Tensor
     return images.to(device, non_blocking=True)
 
 
+def as_members(output) -> tuple[torch.Tensor, ...]:
+    """A model's logits as a tuple: a grid's G (B, classes) tensors, or a model's one."""
+    return output if isinstance(output, tuple) else (output,)
+
+
 def micro_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
     """The sizes a loader over num_samples yields (the last batch partial), the same on every rank."""
     return [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
@@ -92,6 +102,8 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
     may have fewer). The loss of each micro-batch is weighted by its share of the step's images, so the
     update equals that of one big batch; DDP's gradient all-reduce runs only on a step's last micro-batch.
 
+    model: returns logits, or a tuple of G (a grid of classifiers): the loss backpropagated is the sum of their
+    losses, and the reported loss and top-1 are their mean over the members (meter.members must be G).
     precision: the backbone's autocast (bcnn.precision); the head and the loss stay float32.
     label_smoothing: of the training loss (torch's cross_entropy); clip_grad_norm > 0: the gradients' global L2
     norm clipped to it before each optimizer step (after unscaling, under fp16).
@@ -127,15 +139,22 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast(precision, device):
-                    logits = model(images)
+                    members = as_members(model(images))
+                if len(members) != meter.members:
+                    raise ValueError(f"the model gave {len(members)} classifiers' logits, the meter sums "
+                                     f"{meter.members}")
                 if soft is None:
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+                    losses = [F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+                              for logits in members]
                 else:  # timm's SoftTargetCrossEntropy: -sum(q log p)
-                    loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+                    losses = [torch.sum(-soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+                              for logits in members]
+                loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
                 weighted = loss * (size / step_images)
                 (scaler.scale(weighted) if scaler is not None else weighted).backward()
             meter.loss_sum += loss.detach().double() * size
-            meter.correct += (logits.detach().argmax(1) == targets).sum()
+            for logits in members:
+                meter.correct += (logits.detach().argmax(1) == targets).sum()
             meter.seen += size
             # Recorded on the device (no sync); steps only grow, so a clamp keeps the first bad one.
             bad = ~torch.isfinite(loss.detach())
@@ -156,8 +175,8 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             meter.raise_if_diverged(epoch, diverged_hint)
             now, totals = time.perf_counter(), meter.totals()
             seen = max(totals["seen"] - window["seen"], 1)
-            stats = {"loss": (totals["loss_sum"] - window["loss_sum"]) / seen,
-                     "top1": 100 * (totals["correct"] - window["correct"]) / seen,
+            stats = {"loss": (totals["loss_sum"] - window["loss_sum"]) / (seen * meter.members),
+                     "top1": 100 * (totals["correct"] - window["correct"]) / (seen * meter.members),
                      "images_per_sec": seen / max(now - window["time"], 1e-9),
                      "lr": {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}}
             window = {"time": now, **totals}
@@ -167,30 +186,84 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, *, accum_steps
             after_step(step, meter)
     meter.raise_if_diverged(epoch, diverged_hint)
     totals = meter.totals()
-    seen = max(totals["seen"], 1)
+    seen = max(totals["seen"], 1) * meter.members
     seconds = time.perf_counter() - start
     return {"loss": totals["loss_sum"] / seen, "top1": 100 * totals["correct"] / seen, "images": totals["seen"],
             "seconds": seconds, "images_per_sec": (totals["seen"] - at_start["seen"]) / seconds}
 
 
+@dataclass
+class Tally:
+    """One classifier's counts over a split, kept on the device: [true, predicted] counts, top-5 hits, the loss's
+    sum and the images whose logits hold NaN or inf."""
+
+    counts: torch.Tensor
+    top5_hits: torch.Tensor
+    loss_sum: torch.Tensor
+    nonfinite: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_classes: int, device) -> Tally:
+        return cls(torch.zeros(num_classes, num_classes, dtype=torch.long, device=device),
+                   torch.zeros((), dtype=torch.long, device=device),
+                   torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.long, device=device))
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        num_classes = self.counts.shape[0]
+        self.nonfinite += (~torch.isfinite(logits).all(dim=1)).sum()
+        self.loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+        top_k = logits.topk(min(5, num_classes), dim=1).indices  # (B, k)
+        self.top5_hits += (top_k == targets[:, None]).any(dim=1).sum()
+        self.counts += torch.bincount(targets * num_classes + top_k[:, 0],
+                                      minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+    def result(self, precision: str, confusion: bool) -> dict:
+        """The numbers over all ranks (a collective: every rank calls it at the same point)."""
+        all_reduce_(self.counts)
+        all_reduce_(self.top5_hits)
+        all_reduce_(self.loss_sum)
+        all_reduce_(self.nonfinite)
+        counts = self.counts.cpu()
+        images_per_class = counts.sum(1)
+        count = int(images_per_class.sum())
+        if count == 0:
+            raise ValueError("evaluate() was given an empty loader")
+        if self.nonfinite:  # argmax reads NaN as class 0: an accuracy from them would be made up
+            raise UserError(f"the model's class scores are NaN or inf on {int(self.nonfinite)} of the {count} images, "
+                            f"so no class can be read from them (precision {precision}); evaluate in fp32, or use a "
+                            "checkpoint from before the run diverged.")
+        correct_per_class = counts.diagonal()
+        present = images_per_class > 0  # classes absent from the split do not count in the mean
+        per_class = correct_per_class[present].double() / images_per_class[present].double()
+        result = {
+            "top1": 100 * int(correct_per_class.sum()) / count,
+            "top5": 100 * int(self.top5_hits) / count,  # top-k with k = min(5, classes)
+            "mean_class_acc": 100 * per_class.mean().item(),
+            "loss": self.loss_sum.item() / count,
+            "count": count,
+        }
+        if confusion:
+            result["confusion"] = counts
+        return result
+
+
 @worker_errors()
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusion: bool = False,
-             precision: str = "fp32", channels_last: bool = False) -> dict:
+             precision: str = "fp32", channels_last: bool = False) -> dict | tuple[dict, ...]:
     """Accuracy in percent. tta="flip" averages the logits of each image and its mirror; a multi-view tta
     (bcnn.tta: five_crop, ten_crop, multiscale) takes a loader of (B, V, 3, H, W) views, forwards them as one
     (B*V, 3, H, W) batch and averages each image's V logits. With confusion=True the result also holds
-    "confusion", a (classes, classes) LongTensor of counts [true class, predicted class].
+    "confusion", a (classes, classes) LongTensor of counts [true class, predicted class]. A model that returns a
+    tuple of logits (a probe grid's classifiers) gets a tuple of results, one per classifier.
 
     Under DDP each rank reads its own shard (no padding: every image once) and the counts are summed over
-    ranks, so every rank returns the numbers one process would.
+    ranks, so every rank returns the numbers one process would (a grid runs in one process: a rank whose shard is
+    empty could not tell how many classifiers to count for).
     """
     model.eval()
-    k = min(5, num_classes)
-    counts = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)  # [true, predicted]
-    top5_hits = torch.zeros((), dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    nonfinite = torch.zeros((), dtype=torch.long, device=device)  # images whose logits hold NaN or inf
+    tallies, grid = None, False
     for images, targets in loader:
         if is_multi_view(tta) != (images.dim() == 5):
             raise ValueError(f"tta={tta!r} and a loader of {images.dim()}-d batches: a multi-view tta needs the "
@@ -199,40 +272,16 @@ def evaluate(model, loader, device, num_classes: int, tta: str = "none", confusi
         images = to_device(images.flatten(0, 1) if views > 1 else images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast(precision, device):
-            logits = model(images).float()
+            output = model(images)
+            grid = isinstance(output, tuple)
+            members = [logits.float() for logits in as_members(output)]
             if tta == "flip":
-                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+                mirrored = as_members(model(torch.flip(images, dims=[3])))
+                members = [(logits + mirror.float()) / 2 for logits, mirror in zip(members, mirrored)]
         if views > 1:
-            logits = average_view_logits(logits, views)  # (B, classes)
-        nonfinite += (~torch.isfinite(logits).all(dim=1)).sum()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
-        top_k = logits.topk(k, dim=1).indices  # (B, k)
-        top5_hits += (top_k == targets[:, None]).any(dim=1).sum()
-        counts += torch.bincount(targets * num_classes + top_k[:, 0],
-                                 minlength=num_classes * num_classes).view(num_classes, num_classes)
-    all_reduce_(counts)
-    all_reduce_(top5_hits)
-    all_reduce_(loss_sum)
-    all_reduce_(nonfinite)
-    counts = counts.cpu()
-    images_per_class = counts.sum(1)
-    count = int(images_per_class.sum())
-    if count == 0:
-        raise ValueError("evaluate() was given an empty loader")
-    if nonfinite:  # argmax reads NaN as class 0: an accuracy from them would be made up
-        raise UserError(f"the model's class scores are NaN or inf on {int(nonfinite)} of the {count} images, so no "
-                        f"class can be read from them (precision {precision}); evaluate in fp32, or use a checkpoint "
-                        "from before the run diverged.")
-    correct_per_class = counts.diagonal()
-    present = images_per_class > 0  # classes absent from the split do not count in the mean
-    per_class = correct_per_class[present].double() / images_per_class[present].double()
-    result = {
-        "top1": 100 * int(correct_per_class.sum()) / count,
-        "top5": 100 * int(top5_hits) / count,  # top-k with k = min(5, classes)
-        "mean_class_acc": 100 * per_class.mean().item(),
-        "loss": loss_sum.item() / count,
-        "count": count,
-    }
-    if confusion:
-        result["confusion"] = counts
-    return result
+            members = [average_view_logits(logits, views) for logits in members]  # (B, classes) each
+        tallies = tallies or [Tally.zeros(num_classes, device) for _ in members]
+        for tally, logits in zip(tallies, members):
+            tally.add(logits, targets)
+    results = tuple(tally.result(precision, confusion) for tally in tallies or [Tally.zeros(num_classes, device)])
+    return results if grid else results[0]

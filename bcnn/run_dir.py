@@ -473,12 +473,15 @@ class RunRecorder:
     since they hold collectives (the NaN check, the sums of a partial epoch).
 
     model: whose weights go into checkpoints; training_state(): the optimizer, scheduler, scaler and generator
-    states a last.pt adds; fixed: entries every checkpoint carries (config, classes)."""
+    states a last.pt adds; fixed: entries every checkpoint carries (config, classes). probe: a linear-probe sweep
+    (bcnn.probe_grid.ProbeGrid), whose members' val numbers end_epoch receives as a tuple: the epoch's best member
+    stands for the run, and best.pt holds the best (member, epoch) as a plain model."""
 
     def __init__(self, run: RunDirectory, counters: RunCounters, model, training_state, fixed: dict, is_main: bool,
                  checkpoint_every: int, diverged_hint: str, board=None, ema=None, best_of: str = "raw",
-                 on_best=None):
+                 on_best=None, probe=None):
         self.run, self.counters, self.model, self.training_state = run, counters, model, training_state
+        self.probe = probe
         self.ema, self.best_of = ema, best_of  # the weights' average (AveragedModel), and which of the two best.pt keeps
         self.on_best = on_best  # on_best(weights, global_step): after each best.pt, on rank 0 (the val heatmaps)
         self.fixed, self.is_main, self.checkpoint_every = fixed, is_main, checkpoint_every
@@ -518,6 +521,10 @@ class RunRecorder:
         """metrics.jsonl, TensorBoard, best.pt when val improved, last.pt; returns the epoch's row. val_stats (and
         ema_val_stats, the average's) hold a "confusion" matrix, drawn when best.pt is written."""
         epoch, counters = self.epoch, self.counters
+        members = val_stats if isinstance(val_stats, tuple) else None
+        if members is not None:  # a probe grid's: the epoch's best member (the first of equals) stands for the run
+            winner = max(range(len(members)), key=lambda member: members[member]["top1"])
+            val_stats = members[winner]
         val_stats, ema_val_stats = (dict(stats) if stats else None for stats in (val_stats, ema_val_stats))
         confusions = {name: stats.pop("confusion", None) for name, stats in (("raw", val_stats),
                                                                              ("ema", ema_val_stats)) if stats}
@@ -525,7 +532,8 @@ class RunRecorder:
                **{f"lr_{name}": lr for name, lr in self.lrs.items()},
                **{f"train_{k}": v for k, v in train_stats.items()},
                **({f"val_{k}": v for k, v in val_stats.items()} if val_stats else {}),
-               **({f"val_ema_{k}": v for k, v in ema_val_stats.items()} if ema_val_stats else {})}
+               **({f"val_ema_{k}": v for k, v in ema_val_stats.items()} if ema_val_stats else {}),
+               **(self.probe.epoch_entries(members, winner) if members is not None else {})}
         # Selection on val only (the weights train.best_of names); with no val split the paper's fixed schedule
         # keeps the last epoch.
         selected = ema_val_stats if self.best_of == "ema" else val_stats
@@ -542,7 +550,11 @@ class RunRecorder:
                 self.board.evaluation_figures("val", val_confusion, self.fixed["classes"], counters.global_step)
             if improved:  # best.pt before last.pt: a crash in between must not lose the best epoch
                 weights = self.ema.module if self.best_of == "ema" else self.model
-                save_checkpoint({"model": weights.state_dict(), **self.fixed, "epoch": epoch, "metrics": row},
+                fixed = self.fixed
+                if members is not None:  # the winner's classifier in the model, its plain run's config
+                    self.probe.select(winner)
+                    fixed = {**fixed, **self.probe.best_entries(fixed["config"], winner)}
+                save_checkpoint({"model": weights.state_dict(), **fixed, "epoch": epoch, "metrics": row},
                                 self.run.path / "best.pt", then=self.run.how_to_continue())
                 if self.on_best is not None:
                     self.on_best(weights, counters.global_step)

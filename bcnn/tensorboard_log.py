@@ -3,8 +3,11 @@
     train/loss_step, train/top1_step       every train.log_every steps, over the steps since the last point
     train/loss, train/top1                 per epoch
     val/top1, val/top5, val/mean_class_acc, val/loss
-    lr/<group>                             backbone, classifier
+    lr/<group>                             backbone, classifier (a probe grid's: probe/<member>)
+    probe/<member>/val_top1, .../val_loss  each member of a linear-probe sweep (train.probe_grid), e.g.
+                                           probe/lr=0.1,wd=0.0001/val_top1
     perf/images_per_sec, perf/epoch_seconds, perf/gpu_memory_gb (CUDA only)
+    eval_<checkpoint>_<split>/top1, .../knn_top1@20, .../recall@1, ...   bcnn.eval's numbers, at the checkpoint's step
     train/augmented_images                 a grid of training images as the model sees them, at the start
     val/confusion_matrix, val/per_class_accuracy   figures, each time best.pt is written
     HPARAMS tab                            the run's config beside its final metrics (hparam/*)
@@ -50,6 +53,9 @@ class TensorBoardLog:
         for key in EPOCH_SCALARS:
             if key in row:
                 self.writer.add_scalar(key.replace("_", "/", 1), row[key], global_step)
+        for key, value in row.items():
+            if key.startswith("probe/"):  # a linear-probe sweep's members (bcnn.probe_grid), tagged as in the row
+                self.writer.add_scalar(key, value, global_step)
         for name, lr in lrs.items():
             self.writer.add_scalar(f"lr/{name}", lr, global_step)
         self.writer.add_scalar("perf/images_per_sec", row["train_images_per_sec"], global_step)

@@ -6,7 +6,9 @@
 
 Stage 1 trains the classifier on a frozen ImageNet VGG16; stage 2 (experiments/cub_vgg16_stage2.yaml) starts
 from stage 1's best.pt (`train.init_from`: weights only) and fine-tunes everything. Model selection and the
-plateau schedule use the val split held out from train; the test split is never read here.
+plateau schedule use the val split held out from train; the test split is never read here. With
+`train.probe_grid`, stage 1 over the feature cache trains a grid of classifiers (learning rates x weight decays) on
+the same batches in one pass and keeps the one best on val (bcnn/probe_grid.py).
 
 Running the same command again resumes from the run directory's last.pt (written every epoch, and every
 `train.checkpoint_every` steps), exactly where it stopped: the weights at the end equal those of a run that
@@ -21,6 +23,7 @@ starts only in a directory that holds nothing but an earlier bcnn run's files (b
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import random
@@ -48,13 +51,13 @@ from bcnn.mixing import build_mixer
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.backbones import resolve_cut
 from bcnn.models.cost import model_cost
-from bcnn.optim import (after_optimizer_step, build_ema, build_optimizer, build_scheduler, per_step, step_schedule,
-                        update_ema)
+from bcnn.optim import build_ema, build_optimizer, per_step, update_ema
 from bcnn.precision import configure_device, grad_scaler, resolve_precision
+from bcnn.probe_grid import ProbeGrid, after_optimizer_steps, build_schedules, check_world_size, step_schedules
 from bcnn.progress import ConsoleFilter
 from bcnn.projector import COMPONENTS, MAX_DIM, embed_split, projector_vectors
-from bcnn.run_dir import (PROJECTOR_FOLDER, RunCounters, RunDirectory, RunRecorder, write_projector_folder,
-                          written_by_bcnn)
+from bcnn.run_dir import (PROJECTOR_FOLDER, RunCounters, RunDirectory, RunRecorder, read_metric_rows,
+                          write_projector_folder, written_by_bcnn)
 from bcnn.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("bcnn")
@@ -194,9 +197,11 @@ def read_init_from(path: str, classes: list[str]) -> dict:
     return state
 
 
-def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler, ema) -> None:
+def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler, ema, grid=None) -> None:
     load_model_weights(model, state["model"])
     try:
+        if grid is not None:
+            grid.load_state_dict(state["probe_grid"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -256,6 +261,7 @@ def main(argv=None) -> dict:
 def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dict:
     micro_batch = distributed.per_rank_batch_size(cfg.train.batch_size, ctx.world_size, cfg.train.accum_steps)
     device, precision = ctx.device, resolve_precision(cfg.train.precision, ctx.device)
+    check_world_size(cfg, ctx.world_size)
     configure_device(device)
     setup_logging(quiet=not ctx.is_main)  # the console only, until the run directory is held and ready
 
@@ -295,17 +301,21 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         log.info("initialised model weights from %s (epoch %s)", cfg.train.init_from, initial.get("epoch"))
         del initial
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
-    optimizer, scaler = build_optimizer(cfg, model), grad_scaler(precision, device)
-    scheduler = build_scheduler(cfg, optimizer)  # a per-step schedule: once the epoch's length is known, below
+    grid = ProbeGrid(cfg, model) if cfg.train.probe_grid else None  # a linear-probe sweep's classifiers
+    optimizer = grid.optimizer if grid is not None else build_optimizer(cfg, model)  # each member's, or the model's
+    scaler = grad_scaler(precision, device)
+    scheduler = build_schedules(cfg, optimizer)  # a per-step schedule: once the epoch's length is known, below
     ema = build_ema(cfg, model)
     counters = RunCounters()
     if state is not None:
-        restore_training_state(state, resume_path, model, optimizer, scheduler, scaler, ema)
+        restore_training_state(state, resume_path, model, optimizer, scheduler, scaler, ema, grid)
         counters = RunCounters.from_checkpoint(state)
         restore_rng_states(state["rng"])
         log.info("resumed from %s: epoch %d, step %d of it (global step %d)", resume_path, counters.epoch + 1,
                  counters.step_in_epoch, counters.global_step)
     log_model(cfg, model, precision)
+    if grid is not None:
+        log.info("%s", grid.describe())
     if cfg.train.compile:
         for backbone in model.backbones():
             backbone.compile()  # in place: the state dict keys stay as they are (no _orig_mod. prefix)
@@ -314,7 +324,8 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     if cfg.train.cache_features:  # float32, on the 2-d vectors the loader reads
         train_loader, val_loader = cached_feature_loaders(cfg, model, val_set is not None, micro_batch, precision,
                                                           ctx)
-        step_model, step_precision, step_channels_last = model.classifier, "fp32", False
+        step_model = grid.classifiers if grid is not None else model.classifier
+        step_precision, step_channels_last = "fp32", False
     else:
         shard = dict(seed=cfg.train.seed, device=device, rank=ctx.rank, world_size=ctx.world_size)
         train_loader = build_image_loader(cfg.data, train_set, micro_batch, train=True, **shard)
@@ -324,7 +335,7 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     mixer = build_mixer(cfg, len(classes), ctx.rank)  # None unless data.mixup or data.cutmix
     if per_step(cfg):
         steps = math.ceil(math.ceil(train_loader.sampler.num_samples / micro_batch) / cfg.train.accum_steps)
-        scheduler = build_scheduler(cfg, optimizer, steps)
+        scheduler = build_schedules(cfg, optimizer, steps)
         if state is not None:
             restore_step_schedule(state, resume_path, scheduler)
     # DDP all-reduces the gradients of the trainable parameters; a frozen backbone takes no part.
@@ -337,16 +348,17 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         run.writers.append(board)
         if state is None and not cfg.train.cache_features:
             board.augmented_images(train_set, cfg.train.seed)
-    diverged_hint = (f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
+    diverged_hint = (grid.diverged_hint(run.path) if grid is not None else
+                     f"lower the learning rate (optim.lr={cfg.optim.lr}, optim.backbone_lr={cfg.optim.backbone_lr}) "
                      f"and start again with --overwrite; the last good checkpoint, if any, is untouched in {run.path}")
-    recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler, ema),
+    recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler, ema, grid),
                            {"config": config_dict, "classes": classes}, ctx.is_main, cfg.train.checkpoint_every,
                            diverged_hint, board, ema=ema, best_of=cfg.train.best_of,
-                           on_best=val_heatmaps(cfg, val_set, classes, board, device))
+                           on_best=val_heatmaps(cfg, val_set, classes, board, device), probe=grid)
 
     def after_step(step: int, meter: EpochMeter) -> None:
         """After each optimizer step, before a mid-epoch checkpoint: the next step's lr, the weights' average."""
-        after_optimizer_step(scheduler)
+        after_optimizer_steps(scheduler)
         update_ema(ema, model)
         recorder.after_step(step, meter)
 
@@ -356,7 +368,8 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         recorder.start_epoch(epoch, steps, {group["name"]: group["lr"] for group in optimizer.param_groups}, device)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, device, epoch,
                                       accum_steps=cfg.train.accum_steps, scaler=scaler,
-                                      meter=EpochMeter.resumed(counters.epoch_totals, device, ctx.is_main),
+                                      meter=EpochMeter.resumed(counters.epoch_totals, device, ctx.is_main,
+                                                               len(grid) if grid is not None else 1),
                                       first_step=counters.step_in_epoch, after_step=after_step,
                                       on_report=recorder.report, log_every=cfg.train.log_every,
                                       diverged_hint=diverged_hint, precision=step_precision,
@@ -366,13 +379,14 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
                                               precision=step_precision, channels_last=step_channels_last)
                                      if val_loader is not None and weights is not None else None)
                                     for weights in (step_model, ema and ema.module))
-        step_schedule(scheduler, val_stats)
-        recorder.end_epoch(train_stats, val_stats, device, ema_val_stats)
-        log.info("epoch %d done: train loss %.4f top1 %.2f%%%s%s (%.0f s)", epoch, train_stats["loss"],
+        step_schedules(scheduler, val_stats)  # plateau: each grid member on its own val numbers
+        row = recorder.end_epoch(train_stats, val_stats, device, ema_val_stats)
+        log.info("epoch %d done: train loss %.4f top1 %.2f%%%s%s%s (%.0f s)", epoch, train_stats["loss"],
                  train_stats["top1"],
-                 f", val top1 {val_stats['top1']:.2f}% top5 {val_stats['top5']:.2f}%" if val_stats else "",
+                 f", val top1 {row['val_top1']:.2f}% top5 {row['val_top5']:.2f}%" if val_stats else "",
                  f", val_ema_top1 {ema_val_stats['top1']:.2f}%" if ema_val_stats else "",  # what best_of=ema picks by
-                 train_stats["seconds"])
+                 f"; val: the epoch's best member ({row['probe_member']}) of {len(grid)}; train: the members' mean"
+                 if grid is not None else "", train_stats["seconds"])
 
     row = counters.metrics
     if board is not None:
@@ -383,6 +397,10 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
         if projector_wanted(cfg, val_set):
             write_projector(cfg, model, val_set, classes, run.path / PROJECTOR_FOLDER, device, counters.global_step)
         board.close()
+    if grid is not None and ctx.is_main:
+        rows = [json.loads(line) for line in read_metric_rows(recorder.metrics_path, counters.epoch)]
+        for line in grid.summary(rows):
+            log.info("%s", line)
     log.info("finished: checkpoints in %s (best.pt, last.pt); curves: %s", run.path,
              tensorboard_command(run.path.parent))
     return row
@@ -508,10 +526,12 @@ def log_model(cfg: Config, model, precision: str) -> None:
              f"{cost['classifier_params']:,}", cost["gflops"], cfg.data.crop)
 
 
-def training_state(optimizer, scheduler, scaler, ema) -> dict:
-    """What a last.pt holds beyond the weights and the counters, to continue exactly."""
+def training_state(optimizer, scheduler, scaler, ema, grid=None) -> dict:
+    """What a last.pt holds beyond the weights and the counters, to continue exactly; a probe grid's members under
+    "probe_grid" (its "model" holds the best member so far, as best.pt)."""
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "rng": rng_states(), **({"ema": ema.state_dict()} if ema else {})}
+            "scaler": scaler.state_dict(), "rng": rng_states(), **({"ema": ema.state_dict()} if ema else {}),
+            **({"probe_grid": grid.state_dict()} if grid is not None else {})}
 
 
 

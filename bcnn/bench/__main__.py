@@ -6,6 +6,7 @@
     python -m bcnn.bench --recipe --device cuda           # the whole recipe's wall time at CUB's scale
     python -m bcnn.bench --cost                           # every head's parameters and GFLOPs at 448 px
     python -m bcnn.bench --protocols                      # k-NN and retrieval at CUB's size
+    python -m bcnn.bench --probe-grid                     # 12 linear probes in one pass vs one (train.probe_grid)
     make bench ARGS="--batch-size 16"
 
 The command line alone: the step bench's cases are in steps.py, the recipe's in recipe.py, the report in report.py.
@@ -82,6 +83,13 @@ def parse_args(argv):
                            "5,994 gallery vectors at 8,192-d for --classes classes (CUB's test and train splits)")
     protocols.add_argument("--protocol-sizes", type=int, nargs=3, metavar=("QUERIES", "GALLERY", "DIM"),
                            help="other sizes for --protocols (default: 5794 5994 8192)")
+    probe = parser.add_argument_group("the linear-probe sweep's cost (bcnn/bench/probe.py)")
+    probe.add_argument("--probe-grid", action="store_true",
+                       help="time a stage-1 epoch over a synthetic feature cache for one classifier and for a grid "
+                       "of 12 (train.probe_grid), at 768-d and at 262,144-d, with --classes classes in batches of "
+                       "--cache-batch-size (default 64)")
+    probe.add_argument("--probe-images", type=int,
+                       help="train images of each --probe-grid case (default: CUB's 5,394; 64 at 262,144-d on a CPU)")
     return parser.parse_args(argv)
 
 
@@ -109,7 +117,10 @@ def check_combination(args) -> None:
     if args.protocol_sizes is not None and (not args.protocols or min(args.protocol_sizes) < 1):
         raise UserError("--protocol-sizes takes three positive numbers (queries, gallery, dimensions) and goes with "
                         "--protocols; add --protocols, or leave it out.")
-    chosen = [name for name in ("decoders", "recipe", "augment", "cost", "protocols") if getattr(args, name)]
+    if args.probe_images is not None and not args.probe_grid:
+        raise UserError("--probe-images goes with --probe-grid; add --probe-grid, or leave it out.")
+    chosen = [name.replace("_", "-") for name in ("decoders", "recipe", "augment", "cost", "protocols", "probe_grid")
+              if getattr(args, name)]
     if len(chosen) > 1:
         raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks; run them one at a time.")
     if args.augment:
@@ -123,6 +134,9 @@ def check_combination(args) -> None:
     elif args.protocols:
         others, where, fix = ("image_size", *TIMED_ONLY, *STEPS_ONLY, *RECIPE_ONLY), "with --protocols", \
             "drop --protocols"
+    elif args.probe_grid:  # its batch is --cache-batch-size, stage 1's over the cache
+        others, where, fix = ((*TIMED_ONLY, "image_size", "cache_image_size", "heads_image_size", "heads_batch_size",
+                               *RECIPE_ONLY), "with --probe-grid", "drop --probe-grid")
     else:
         others, where, fix = RECIPE_ONLY, "without --recipe", "add --recipe"
     ignored = [name for name in others if getattr(args, name) is not None]
@@ -181,6 +195,12 @@ def main(argv=None) -> dict:
         from bcnn.bench.cost import run_cost
         result = run_cost(settings)
         print(json.dumps(result, indent=2) if args.json else format_cost(result))
+        return result
+    if args.probe_grid:
+        from bcnn.bench.probe import format_probe_grid, run_probe_grid
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = run_probe_grid(settings, args.probe_images)
+        print(json.dumps(result, indent=2) if args.json else format_probe_grid(result))
         return result
     if args.augment:
         from bcnn.bench.augment import run_augment
