@@ -1,6 +1,7 @@
 """Shared fixtures: generated mini-CUBs in the exact CUB_200_2011 layout (bcnn.data.write_synthetic_cub); the
 suite's thread budget; the `gpu` marker (tests skipped without CUDA: `make test-gpu` runs them)."""
 
+import gc
 import os
 import shutil
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.runs import launch, small_run_args, suite_threads
+from helpers.runs import end_children_as_an_exit_would, launch, small_run_args, suite_threads
 
 # One thread budget for the suite, whatever the machine's core count: this process uses it, and every
 # subprocess inherits it through OMP_NUM_THREADS (torchrun's ranks split it, helpers.runs.launch). torch.compile's
@@ -20,6 +21,21 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 torch.set_num_threads(SUITE_THREADS)
 
 from bcnn.data import write_synthetic_cub  # noqa: E402  (after the thread budget is set)
+
+
+def pytest_collection_finish(session):
+    """Set aside for the garbage collector what the process holds once every test module is imported (torch, timm,
+    the tests themselves: half a million objects): a full collection (Python's own, helpers.runs's after a command
+    that left workers, the bench's around each case) then walks only what the tests made since (0.2 s before)."""
+    gc.freeze()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A loader a test left behind (held by a cycle, e.g. a refused command's traceback) is ended now, its workers
+    killed, rather than by pytest's last garbage collection, where its join of live workers was cut short by the
+    worker's own exit (an "Exception ignored in _MultiProcessingDataLoaderIter.__del__" after the last test)."""
+    end_children_as_an_exit_would(set())
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -91,7 +91,7 @@ def end_children_as_an_exit_would(children_before: set) -> None:
     end, forked as they were from a test process with threads of its own, and one interrupted the xdist worker's
     exit. torch's SIGCHLD handler is set aside meanwhile: it would take their deaths for a worker failure."""
     left = [child for child in multiprocessing.active_children() if child.daemon and child not in children_before]
-    if not left:  # the usual case: a whole collection of the test process's heap costs tenths of a second
+    if not left:  # the usual case: nothing to end, and no collection to pay for
         return
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
