@@ -86,6 +86,9 @@ class ModelConfig:
     backbone_b: str = ""  # asymmetric B-CNN: a second backbone whose map meets the first's; "" = symmetric
     backbone_b_weights: str = "imagenet"  # the second backbone's, as backbone_weights
     freeze_backbone: bool = True  # frozen: no gradients, kept in eval mode, weights bit-identical
+    # none | bitfit: with model.freeze_backbone=true, the backbone's biases train too (optim.backbone_lr), the rest
+    # stays frozen and in eval mode (bcnn/models/adapt.py)
+    adapt: str = "none"
     drop_path_rate: float = 0.0  # stochastic depth of a timm backbone while it trains (0.1 in ViT/Swin fine-tuning)
 
 
@@ -167,6 +170,7 @@ CHOICES = {
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
     ("data", "class_split"): ("all", "retrieval"),
     ("data", "decode"): ("cpu", "gpu", "auto"),
+    ("model", "adapt"): ("none", "bitfit"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
     ("schedule", "unit"): ("epoch", "step"),
@@ -485,6 +489,19 @@ def validate(cfg: Config) -> None:
                         "features); turn one of them off.")
     if not cfg.model.freeze_backbone and cfg.optim.backbone_lr == 0:
         raise UserError("model.freeze_backbone is false but optim.backbone_lr is 0; set optim.backbone_lr > 0.")
+    if cfg.model.adapt != "none":
+        adapted = f"model.adapt={cfg.model.adapt} trains a few of a frozen backbone's tensors"
+        if not cfg.model.freeze_backbone:
+            raise UserError(f"{adapted}, and model.freeze_backbone=false trains all of them; set "
+                            "model.freeze_backbone=true, or model.adapt=none.")
+        if cfg.optim.backbone_lr == 0:
+            raise UserError(f"{adapted} at optim.backbone_lr, which is 0; set optim.backbone_lr > 0.")
+        if cfg.train.cache_features:
+            raise UserError(f"{adapted}, so its features change as it trains and cannot be cached; set "
+                            "train.cache_features=false, or model.adapt=none.")
+        if cfg.model.backbone_b:
+            raise UserError(f"{adapted}; with model.backbone_b (two backbones) it is not supported yet: set "
+                            "model.adapt=none or model.backbone_b= (empty).")
     _check_probe_grid(cfg)
 
 

@@ -49,6 +49,7 @@ from bcnn.figures import figure_to_array, heatmap_grid_figure
 from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted, signal_name
 from bcnn.mixing import build_mixer
 from bcnn.models import build_model, input_normalisation, load_model_weights
+from bcnn.models.adapt import trained_share
 from bcnn.models.backbones import resolve_cut
 from bcnn.models.cost import model_cost
 from bcnn.optim import build_ema, build_optimizer, per_step, update_ema
@@ -513,12 +514,14 @@ def open_run_log(cfg: Config, ctx: distributed.Context, args, run: RunDirectory,
 
 
 def log_model(cfg: Config, model, precision: str) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = trained_share(model)
     second = f" + {cfg.model.backbone_b}" if cfg.model.backbone_b else ""
     cut = resolve_cut(cfg.model.backbone, cfg.model.cut)[0]
-    log.info("model: %s%s to %s, %s pooling (%d-d), %d trainable parameters, backbone %s; precision %s (pooling "
-             "and classifier float32), %s", cfg.model.backbone, second, cut, cfg.model.pooling,
-             model.pooling.output_dim, trainable, "frozen" if model.backbone_frozen else "trainable", precision,
+    backbone = ("trainable" if not model.backbone_frozen else "frozen" if cfg.model.adapt == "none" else
+                f"frozen but for model.adapt={cfg.model.adapt}")
+    log.info("model: %s%s to %s, %s pooling (%d-d), %d trainable parameters of %d (%.2f%%), backbone %s; precision "
+             "%s (pooling and classifier float32), %s", cfg.model.backbone, second, cut, cfg.model.pooling,
+             model.pooling.output_dim, trainable, total, 100 * trainable / max(total, 1), backbone, precision,
              "channels_last" if cfg.train.channels_last else "NCHW")
     cost = model_cost(model, cfg.data.crop, next(model.parameters()).device)
     log.info("cost: %s parameters (backbone %s, head %s, classifier %s), %.2f GFLOPs per %d-px image (2 per "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bcnn.errors import UserError
+from bcnn.models.adapt import adapt_backbone
 from bcnn.models.backbones import build_backbone, input_size_problem, layer_decay_groups
 from bcnn.models.pooling import HEADS, MAX_CLASSIFIER_PARAMS, MAX_POOLED_DIM, Pooling, build_pooling
 
@@ -106,6 +107,7 @@ def build_model(cfg, num_classes: int, *, input_size: int) -> BilinearCNN:
     model = BilinearCNN(backbone.module, pooling, num_classes, backbone_b.module if backbone_b else None)
     if cfg.freeze_backbone:
         model.freeze_backbone()
+        adapt_backbone(model.backbone, cfg.adapt, cfg.backbone)  # model.adapt: the few tensors that train again
     return model
 
 

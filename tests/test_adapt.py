@@ -1,0 +1,79 @@
+"""model.adapt (bcnn/models/adapt.py): BitFit trains a frozen backbone's biases and nothing else of it, through the
+command, with loader workers on, on VGG16 and on a ViT; train.log states what trains; what cannot work is refused in
+one sentence."""
+
+import re
+
+import pytest
+import torch
+
+from bcnn import train as train_cli
+from bcnn.config import load_config
+from bcnn.errors import UserError
+from bcnn.models import build_model
+from helpers.runs import STAGE1, load
+
+BACKBONES = {"vgg16": ["--model.backbone=vgg16", "--data.crop=32", "--data.resize=36"],
+             "vit": ["--model.backbone=timm:vit_tiny_patch16_224", "--data.crop=32", "--data.resize=36"]}
+
+
+def initial_model(overrides, classes):
+    """The model the run builds before its first step: the same seed, the same build (train.seed_everything)."""
+    cfg = load_config(STAGE1, overrides)
+    train_cli.seed_everything(cfg.train.seed)
+    return build_model(cfg.model, classes, input_size=cfg.data.crop)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_bitfit_trains_the_backbone_s_biases_and_nothing_else_of_it(backbone, cub_3x6, tmp_path):
+    overrides = [f"--data.root={cub_3x6}", *BACKBONES[backbone], "--model.backbone_weights=none",
+                 "--model.adapt=bitfit", "--optim.backbone_lr=0.01", "--optim.lr=0.01"]
+    run_dir = tmp_path / "run"
+    train_cli.main(["--config", STAGE1, *overrides, f"--run-dir={run_dir}", "--device=cpu", "--data.num_workers=2",
+                    "--data.val_fraction=0.34", "--train.epochs=1", "--train.batch_size=4", "--train.log_every=0",
+                    "--train.precision=fp32", "--train.heatmap_images=0", "--train.projector=false"])
+    before = initial_model(overrides, 3).state_dict()
+    after = load(run_dir / "last.pt")["model"]
+    backbone_keys = [key for key in before if key.startswith("backbone.")]
+    biases = [key for key in backbone_keys if key.endswith("bias")]
+    assert biases and len(biases) < len(backbone_keys)
+    for key in backbone_keys:
+        if key in biases:
+            continue
+        assert torch.equal(before[key], after[key]), f"{key} moved, and BitFit trains biases only"
+    moved = [key for key in biases if not torch.equal(before[key], after[key])]
+    assert len(moved) > len(biases) // 2, moved  # the biases did train (a few may get no gradient at 32 px)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    # what train.log states, against a count made here from the modules' bias attributes
+    model = initial_model(overrides, 3)
+    bias_count = sum(module.bias.numel() for module in model.backbone.modules()
+                     if isinstance(getattr(module, "bias", None), torch.nn.Parameter))
+    head = sum(p.numel() for p in (*model.pooling.parameters(), *model.classifier.parameters()))
+    total = sum(p.numel() for p in model.parameters())
+    line = next(line for line in (run_dir / "train.log").read_text().splitlines() if "trainable parameters" in line)
+    assert f"{bias_count + head} trainable parameters of {total} (" in line, line
+    assert "backbone frozen but for model.adapt=bitfit" in line
+    # the optimizer's backbone group is the biases, at optim.backbone_lr
+    groups = {group["name"]: group for group in load(run_dir / "last.pt")["optimizer"]["param_groups"]}
+    assert len(groups["backbone"]["params"]) == len(biases) and groups["backbone"]["lr"] == 0.01  # plateau: unmoved
+
+
+def test_the_backbone_stays_in_eval_mode_under_bitfit():
+    cfg = load_config(STAGE1, ["--model.backbone=timm:vit_tiny_patch16_224", "--model.backbone_weights=none",
+                               "--model.adapt=bitfit", "--optim.backbone_lr=0.01", "--model.drop_path_rate=0.1"])
+    model = build_model(cfg.model, 3, input_size=32).train()
+    assert not any(module.training for module in model.backbone.modules())  # no dropout, no drop path
+    assert model.classifier.training
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.freeze_backbone=false", "--optim.backbone_lr=0.01"],
+     "model.adapt=bitfit trains a few of a frozen backbone's tensors, and model.freeze_backbone=false trains all"),
+    ([], "model.adapt=bitfit trains a few of a frozen backbone's tensors at optim.backbone_lr, which is 0"),
+    (["--optim.backbone_lr=0.01", "--train.cache_features=true"], "so its features change as it trains and cannot be "
+                                                                  "cached"),
+    (["--model.adapt=lora"], "model.adapt (command line) must be one of none, bitfit, got 'lora'"),
+])
+def test_what_cannot_adapt_is_refused_in_one_sentence(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(STAGE1, ["--model.adapt=bitfit", *overrides])
