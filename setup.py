@@ -25,8 +25,9 @@ setup(
         "explain": ["captum>=0.7"],  # heatmaps: bcnn.predict --explain (bcnn/explain.py)
         # data.decode=gpu's JPEG decoder (bcnn/data/jpeg.py); without it, torchvision's deprecated one
         "decode": ["torchcodec>=0.16"],
+        "peft": ["peft>=0.13"],  # model.adapt=lora (bcnn/models/adapt.py)
         # the tests build a timm network too, and check bcnn.protocols against pytorch-metric-learning's AccuracyCalculator
         "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15", "captum>=0.7", "torchcodec>=0.16",
-                "pytorch-metric-learning>=2.0"],
+                "pytorch-metric-learning>=2.0", "peft>=0.13"],
     },
 )

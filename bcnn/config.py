@@ -86,9 +86,14 @@ class ModelConfig:
     backbone_b: str = ""  # asymmetric B-CNN: a second backbone whose map meets the first's; "" = symmetric
     backbone_b_weights: str = "imagenet"  # the second backbone's, as backbone_weights
     freeze_backbone: bool = True  # frozen: no gradients, kept in eval mode, weights bit-identical
-    # none | bitfit: with model.freeze_backbone=true, the backbone's biases train too (optim.backbone_lr), the rest
-    # stays frozen and in eval mode (bcnn/models/adapt.py)
+    # none | bitfit | lora: with model.freeze_backbone=true, a few of the backbone's tensors train (optim.backbone_lr):
+    # its biases, or LoRA's low-rank updates of its linear layers (peft); the rest stays frozen and in eval mode
+    # (bcnn/models/adapt.py)
     adapt: str = "none"
+    lora_rank: int = 8  # lora: r
+    lora_alpha: float = 8.0  # lora: the update is scaled by alpha / r
+    lora_dropout: float = 0.0  # lora: dropout on the adapted layers' inputs, in training
+    lora_targets: str = "qkv"  # lora: the linear layers adapted, by name, comma-separated (timm: qkv, proj, fc1, fc2)
     drop_path_rate: float = 0.0  # stochastic depth of a timm backbone while it trains (0.1 in ViT/Swin fine-tuning)
 
 
@@ -170,7 +175,7 @@ CHOICES = {
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
     ("data", "class_split"): ("all", "retrieval"),
     ("data", "decode"): ("cpu", "gpu", "auto"),
-    ("model", "adapt"): ("none", "bitfit"),
+    ("model", "adapt"): ("none", "bitfit", "lora"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
     ("schedule", "unit"): ("epoch", "step"),
@@ -184,6 +189,9 @@ CHOICES = {
 # NaN fails every comparison (nan < 0 is False); the open end at inf refuses inf.
 RANGES = {
     "data.val_fraction": "[0, 1)",
+    "model.lora_rank": "[1, inf)",
+    "model.lora_alpha": "(0, inf)",
+    "model.lora_dropout": "[0, 1)",
     "data.split_seed": "[0, inf)",
     "data.resize": "[1, inf)",
     "data.rrc_min_scale": "(0, 1]",
@@ -502,6 +510,11 @@ def validate(cfg: Config) -> None:
         if cfg.model.backbone_b:
             raise UserError(f"{adapted}; with model.backbone_b (two backbones) it is not supported yet: set "
                             "model.adapt=none or model.backbone_b= (empty).")
+    lora_keys = [key for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+                 if getattr(cfg.model, key) != getattr(ModelConfig(), key)]
+    if lora_keys and cfg.model.adapt != "lora":
+        raise UserError(f"model.{lora_keys[0]} applies to model.adapt=lora, and model.adapt is {cfg.model.adapt}; set "
+                        f"model.adapt=lora, or remove model.{lora_keys[0]}.")
     _check_probe_grid(cfg)
 
 

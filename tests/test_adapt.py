@@ -1,12 +1,13 @@
-"""model.adapt (bcnn/models/adapt.py): BitFit trains a frozen backbone's biases and nothing else of it, through the
-command, with loader workers on, on VGG16 and on a ViT; train.log states what trains; what cannot work is refused in
-one sentence."""
+"""model.adapt (bcnn/models/adapt.py): BitFit trains a frozen backbone's biases and nothing else of it, LoRA its
+low-rank tensors alone and starts as the frozen model exactly, through the command, with loader workers on; train.log
+states what trains (against the formula); what cannot work is refused in one sentence."""
 
 import re
 
 import pytest
 import torch
 
+from bcnn import eval as eval_cli
 from bcnn import train as train_cli
 from bcnn.config import load_config
 from bcnn.errors import UserError
@@ -72,8 +73,63 @@ def test_the_backbone_stays_in_eval_mode_under_bitfit():
     ([], "model.adapt=bitfit trains a few of a frozen backbone's tensors at optim.backbone_lr, which is 0"),
     (["--optim.backbone_lr=0.01", "--train.cache_features=true"], "so its features change as it trains and cannot be "
                                                                   "cached"),
-    (["--model.adapt=lora"], "model.adapt (command line) must be one of none, bitfit, got 'lora'"),
+    (["--model.adapt=vpt_deep"], "model.adapt (command line) must be one of none, bitfit, lora, got 'vpt_deep'"),
 ])
 def test_what_cannot_adapt_is_refused_in_one_sentence(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(STAGE1, ["--model.adapt=bitfit", *overrides])
+
+
+LORA = ["--model.backbone=timm:vit_tiny_patch16_224", "--model.backbone_weights=none", "--model.pooling=avg",
+        "--data.crop=32", "--data.resize=36", "--optim.backbone_lr=0.01", "--optim.lr=0.01"]
+TARGETS = {"qkv": (192, 576), "proj": (192, 192), "fc1": (192, 768), "fc2": (768, 192)}  # ViT-Ti: in, out
+
+
+def test_lora_starts_as_the_frozen_model_and_trains_its_low_rank_tensors_alone(cub_3x6, tmp_path):
+    pytest.importorskip("peft")
+    overrides = [f"--data.root={cub_3x6}", *LORA, "--model.adapt=lora", "--model.lora_rank=4",
+                 "--model.lora_targets=qkv,proj,fc1,fc2", "--model.lora_dropout=0.1"]
+    # At initialisation B = 0: the frozen model's logits exactly (the same seed builds the same base weights).
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        frozen = initial_model([f"--data.root={cub_3x6}", *LORA[:-2]], 3).eval()(images)
+        adapted = initial_model(overrides, 3).eval()(images)
+    assert torch.equal(frozen, adapted)
+    run_dir = tmp_path / "run"
+    train_cli.main(["--config", STAGE1, *overrides, f"--run-dir={run_dir}", "--device=cpu", "--data.num_workers=2",
+                    "--data.val_fraction=0.34", "--train.epochs=1", "--train.batch_size=4", "--train.log_every=0",
+                    "--train.precision=fp32", "--train.heatmap_images=0", "--train.projector=false"])
+    before, after = initial_model(overrides, 3).state_dict(), load(run_dir / "last.pt")["model"]
+    low_rank = [key for key in before if ".lora_" in key]
+    assert len(low_rank) == 2 * 12 * len(TARGETS)  # A and B of each target in each of the 12 blocks
+    for key in before:
+        if key.startswith("backbone.") and key not in low_rank:
+            assert torch.equal(before[key], after[key]), f"{key} moved, and LoRA trains A and B only"
+    assert all(not torch.equal(before[key], after[key]) for key in low_rank if ".lora_B." in key)
+    # r x (in + out) per target and block, against train.log's count
+    head = sum(after[key].numel() for key in after if key.startswith(("classifier.", "pooling.")))
+    expected = 12 * 4 * sum(i + o for i, o in TARGETS.values()) + head
+    line = next(line for line in (run_dir / "train.log").read_text().splitlines() if "trainable parameters" in line)
+    assert f" {expected} trainable parameters of " in line, line
+    # the checkpoint is read back by the commands users run
+    evaluated = eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "val", "--device", "cpu",
+                               "--no-figures", f"--output={tmp_path / 'val.json'}"])
+    assert evaluated["count"] == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.adapt=lora", "--model.lora_targets=q_proj"],
+     "model.lora_targets='q_proj' names q_proj, which matches no linear layer of model.backbone=timm:vit_tiny_patch16_224 "
+     "(its linear layers are named fc1, fc2, proj, qkv)"),
+])
+def test_a_lora_target_that_names_nothing_is_one_sentence(overrides, message):
+    pytest.importorskip("peft")
+    cfg = load_config(STAGE1, [*LORA, *overrides])
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_model(cfg.model, 3, input_size=32)
+
+
+def test_lora_keys_without_lora_are_refused():
+    with pytest.raises(UserError, match=re.escape("model.lora_rank applies to model.adapt=lora, and model.adapt is "
+                                                  "bitfit")):
+        load_config(STAGE1, ["--model.adapt=bitfit", "--optim.backbone_lr=0.01", "--model.lora_rank=4"])

@@ -4,11 +4,14 @@ head and the classifier, which always do.
     none     model.freeze_backbone decides: nothing of the backbone trains (stage 1, a linear probe), or all of it
     bitfit   the backbone's biases and nothing else (Ben Zaken, Ravfogel, Goldberg, "BitFit", ACL 2022): 0.1% of
              ViT-B/16's weights; the VPT benchmark's 88.0 mean top-1 over its five FGVC datasets at 224 px
+    lora     low-rank updates W + (alpha / r) B A of the linear layers model.lora_targets names (Hu et al., ICLR
+             2022), through Hugging Face peft (pip install peft): A (r x in) and B (out x r) train, B starts at 0, so
+             at initialisation the model is the frozen one exactly
 
 The backbone stays in eval mode (no dropout, no batch statistics), as a frozen one does: only the named tensors
-move. Applied by build_model after the backbone is frozen and before the optimizer is built, so the optimizer's
-"backbone" group (optim.backbone_lr) holds exactly the adapted tensors. LoRA (through peft) and deep visual prompts
-come next (issue 31); until then their names are not accepted.
+move (and LoRA's own dropout, model.lora_dropout, which is on while training). Applied by build_model after the
+backbone is frozen and before the optimizer is built, so the optimizer's "backbone" group (optim.backbone_lr) holds
+exactly the adapted tensors. Deep visual prompts come next (issue 31).
 """
 
 from __future__ import annotations
@@ -17,12 +20,19 @@ from torch import nn
 
 from bcnn.errors import UserError
 
-ADAPTATIONS = ("none", "bitfit")
+ADAPTATIONS = ("none", "bitfit", "lora")
+# A module that trains inside a frozen backbone (LoRA's dropout) carries this attribute: BilinearCNN.train() puts it in
+# training mode while the rest of the backbone stays in eval mode.
+TRAINS_IN_FROZEN_BACKBONE = "bcnn_trains_in_frozen_backbone"
 
 
-def adapt_backbone(backbone: nn.Module, method: str, name: str) -> None:
-    """Let the adapted tensors of a frozen backbone train (requires_grad true); name: model.backbone, for messages."""
+def adapt_backbone(backbone: nn.Module, cfg) -> None:
+    """Let the adapted tensors of a frozen backbone train (requires_grad true). cfg: bcnn.config.ModelConfig."""
+    method, name = cfg.adapt, cfg.backbone
     if method == "none":
+        return
+    if method == "lora":
+        add_lora(backbone, cfg)
         return
     if method == "bitfit":
         biases = [parameter for key, parameter in backbone.named_parameters() if key.endswith("bias")]
@@ -39,3 +49,33 @@ def trained_share(model: nn.Module) -> tuple[int, int]:
     """(parameters that train, all parameters) of a model: what train.log states."""
     parameters = list(model.parameters())
     return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def add_lora(backbone: nn.Module, cfg) -> None:
+    """peft's LoRA layers in place of the linear layers whose names end in one of model.lora_targets; only their A
+    and B train (peft's inject_adapter_in_model marks them so)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise UserError("model.adapt=lora uses Hugging Face peft, which is not installed; pip install peft (or pip "
+                        "install -e '.[peft]').") from None
+    targets = [target.strip() for target in cfg.lora_targets.split(",") if target.strip()]
+    linear = [key for key, module in backbone.named_modules() if isinstance(module, nn.Linear)]
+    chosen = {target: [key for key in linear if key == target or key.endswith("." + target)] for target in targets}
+    missing = [target for target, keys in chosen.items() if not keys]
+    if not targets or missing:
+        names = sorted({key.rsplit(".", 1)[-1] for key in linear})
+        has = f"its linear layers are named {', '.join(names)}" if names else "it has no linear layers"
+        raise UserError(f"model.lora_targets={cfg.lora_targets!r} names {', '.join(missing) or 'nothing'}, which "
+                        f"matches no linear layer of model.backbone={cfg.backbone} ({has}); name some of those (timm's "
+                        "ViTs and Swins: qkv, proj, fc1, fc2).")
+    # The linear layers by their full names: peft's own matching by suffix would also take a convolution named like
+    # one (a ViT's patch_embed.proj for "proj").
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=sorted({key for keys in chosen.values() for key in keys}), bias="none")
+    inject_adapter_in_model(config, backbone)
+    for module in backbone.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for dropout in dropouts.values():
+                setattr(dropout, TRAINS_IN_FROZEN_BACKBONE, True)

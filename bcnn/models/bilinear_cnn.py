@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bcnn.errors import UserError
-from bcnn.models.adapt import adapt_backbone
+from bcnn.models.adapt import TRAINS_IN_FROZEN_BACKBONE, adapt_backbone
 from bcnn.models.backbones import build_backbone, input_size_problem, layer_decay_groups
 from bcnn.models.pooling import HEADS, MAX_CLASSIFIER_PARAMS, MAX_POOLED_DIM, Pooling, build_pooling
 
@@ -61,6 +61,9 @@ class BilinearCNN(nn.Module):
         if self.backbone_frozen:
             for backbone in self.backbones():
                 backbone.eval()
+                for module in backbone.modules():  # what model.adapt trains in it (LoRA's dropout)
+                    if getattr(module, TRAINS_IN_FROZEN_BACKBONE, False):
+                        module.train(mode)
         return self
 
     def param_groups(self, backbone_lr: float, classifier_lr: float, layer_decay: float = 1.0,
@@ -107,7 +110,7 @@ def build_model(cfg, num_classes: int, *, input_size: int) -> BilinearCNN:
     model = BilinearCNN(backbone.module, pooling, num_classes, backbone_b.module if backbone_b else None)
     if cfg.freeze_backbone:
         model.freeze_backbone()
-        adapt_backbone(model.backbone, cfg.adapt, cfg.backbone)  # model.adapt: the few tensors that train again
+        adapt_backbone(model.backbone, cfg)  # model.adapt: the few tensors that train again
     return model
 
 
