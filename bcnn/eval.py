@@ -402,7 +402,7 @@ def embedding_protocols(args, model, loader, trained, batch_size: int, ctx) -> d
     """k-NN accuracy against the training images and retrieval within the split, on model.embed vectors (the
     normalised vector the classifier reads), each computed once."""
     vectors, labels, _ = embed_split(model, loader, trained.normalisation, ctx.device)
-    vectors, labels = vectors.to(ctx.device), labels.to(ctx.device)
+    vectors, labels = on_device_if_it_fits(vectors, ctx.device), labels.to(ctx.device)
     results = {}
     if args.knn:
         gallery_split = KNN_GALLERY[args.split]
@@ -412,10 +412,20 @@ def embedding_protocols(args, model, loader, trained, batch_size: int, ctx) -> d
                                             device=ctx.device, num_workers=args.num_workers)
         gallery, gallery_labels, _ = embed_split(model, gallery_loader, trained.normalisation, ctx.device)
         results["knn"] = {"gallery_split": gallery_split,
-                          **knn_accuracy(vectors, labels, gallery.to(ctx.device), gallery_labels.to(ctx.device))}
+                          **knn_accuracy(vectors, labels, on_device_if_it_fits(gallery, ctx.device),
+                                         gallery_labels.to(ctx.device))}
     if args.retrieval:
         results["retrieval"] = retrieval_metrics(vectors, labels)
     return results
+
+
+def on_device_if_it_fits(vectors: torch.Tensor, device) -> torch.Tensor:
+    """Embed vectors moved to the evaluation's device, or left in host memory when the device has no room for them
+    (iNaturalist's 2.7 M train images at 8,192-d are 88 GB): bcnn.protocols then moves them a chunk at a time."""
+    try:
+        return vectors.to(device)
+    except torch.OutOfMemoryError:
+        return vectors
 
 
 def print_embedding_protocols(metrics: dict) -> None:

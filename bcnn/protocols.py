@@ -4,9 +4,9 @@ datasets, heads or checkpoints; bcnn.eval extracts the vectors and calls these.
     knn_accuracy(queries, query_labels, gallery, gallery_labels)  # {"top1": {k: %}, "top5": {k: %}, "k_used", ...}
     retrieval_metrics(vectors, labels)                            # {"recall@1": %, ..., "map@r": %, ...}
 
-Both compare L2-normalised vectors by cosine similarity, in float32 on the vectors' device, a chunk of queries
-at a time: the peak memory is a few (chunk, gallery) tables (similarities, their order, the neighbours' labels),
-never (queries, gallery) or (queries, gallery, dim).
+Both compare L2-normalised vectors by cosine similarity, in float32 on the queries' device, a chunk of queries
+against a chunk of the gallery at a time (the gallery may stay in host memory: each of its chunks is moved as it is
+used): the peak memory is a few (chunk, gallery chunk) tables, never (queries, gallery) or (queries, gallery, dim).
 
 Ties: neighbours with equal similarity rank by gallery index, lower first (a stable sort, not torch.topk, whose
 order among equal values is unspecified); classes with equal k-NN votes rank by label, lower first.
@@ -23,10 +23,13 @@ DINOV2_KS = (10, 20, 100, 200)  # facebookresearch/dinov2, dinov2/eval/knn.py: -
 DINOV2_TEMPERATURE = 0.07  # the same file's --temperature
 RETRIEVAL_KS = (1, 2, 4, 8)  # Recall@K as reported on CUB-200-2011 since Song et al. (CVPR 2016)
 DEFAULT_CHUNK = 1024
+# Gallery rows compared at once: (chunk, gallery chunk) similarities, 1 GB of float32 with the defaults. CUB's and most
+# fine-grained galleries are one chunk; iNaturalist 2021's 2.7 M train images are 11.
+DEFAULT_GALLERY_CHUNK = 262_144
 
 
 def knn_accuracy(queries, query_labels, gallery, gallery_labels, ks=DINOV2_KS, temperature=DINOV2_TEMPERATURE,
-                 chunk=DEFAULT_CHUNK) -> dict:
+                 chunk=DEFAULT_CHUNK, gallery_chunk=DEFAULT_GALLERY_CHUNK) -> dict:
     """Weighted k-NN classification as DINOv2 evaluates it: each query's k most similar gallery items vote for
     their class with weight exp(similarity / temperature); the class with the most votes is the prediction.
     Returns top-1 and top-5 accuracy in percent for each k; a k larger than the gallery is cut to its size
@@ -48,12 +51,11 @@ def knn_accuracy(queries, query_labels, gallery, gallery_labels, ks=DINOV2_KS, t
     gallery_classes, query_classes = class_ids[:len(gallery)], class_ids[len(gallery):]
     top = min(5, len(classes))
     hits = {"top1": dict.fromkeys(ks, 0), "top5": dict.fromkeys(ks, 0)}
-    query_units, gallery_units = _unit_rows(queries), _unit_rows(gallery.to(queries.device))
+    _check_chunk(gallery_chunk, "gallery_chunk")
+    query_units = _unit_rows(queries)
     depth = max(k_used.values())
     for start in range(0, len(queries), chunk):
-        similarity = query_units[start:start + chunk] @ gallery_units.T  # (chunk, gallery)
-        order = _top(similarity, depth)
-        near_similarity = similarity.gather(1, order)
+        near_similarity, order = _nearest(query_units[start:start + chunk], gallery, depth, gallery_chunk)
         # exp((s - s_max) / T) is exp(s / T) over a constant per query: the same vote (DINOv2 takes a softmax)
         # without overflow at small temperatures.
         weights = torch.exp((near_similarity - near_similarity[:, :1]) / temperature)  # (chunk, depth)
@@ -71,7 +73,7 @@ def knn_accuracy(queries, query_labels, gallery, gallery_labels, ks=DINOV2_KS, t
             "k_used": k_used, "top5_classes": top, "queries": len(queries), "gallery": len(gallery)}
 
 
-def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK) -> dict:
+def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK, gallery_chunk=DEFAULT_GALLERY_CHUNK) -> dict:
     """Retrieval within one set, as Musgrave et al. (ECCV 2020) and pytorch-metric-learning's AccuracyCalculator
     define it: each item queries all the others (itself excluded). In percent:
 
@@ -96,6 +98,7 @@ def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK) -> 
                         "retrieve anything: give at least two items of some class.")
     k_used = {k: min(k, len(vectors) - 1) for k in ks}
     depth = max(max(k_used.values()), int(relevant_count.max()))
+    _check_chunk(gallery_chunk, "gallery_chunk")
     units = _unit_rows(vectors)
     hits = dict.fromkeys([f"recall@{k}" for k in ks] + ["precision@1"], 0)
     # Per-query fractions, summed once at the end: the same sum in the same order whatever the chunk size.
@@ -103,9 +106,7 @@ def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK) -> 
     ranks = torch.arange(1, depth + 1, device=vectors.device, dtype=torch.float64)
     for start in range(0, len(vectors), chunk):
         rows = torch.arange(start, min(start + chunk, len(vectors)), device=vectors.device)
-        similarity = units[rows] @ units.T  # (chunk, items)
-        similarity[torch.arange(len(rows), device=vectors.device), rows] = -torch.inf  # itself ranks last
-        near = _top(similarity, depth)  # depth <= items - 1: itself (-inf) is never among them
+        _, near = _nearest(units[rows], vectors, depth, gallery_chunk, exclude=rows)  # itself never among them
         keep = counted[rows]
         same_class = (class_ids[near] == class_ids[rows, None])[keep]  # (kept, depth)
         r = relevant_count[rows][keep].to(torch.float64)
@@ -120,6 +121,31 @@ def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK) -> 
     sums = {**hits, **{name: float(torch.cat(parts).sum()) for name, parts in fractions.items()}}
     return {**{name: 100 * total / queries for name, total in sums.items()},
             "k_used": k_used, "queries": queries, "skipped": len(vectors) - queries}
+
+
+def _nearest(query_units: torch.Tensor, gallery: torch.Tensor, depth: int, gallery_chunk: int,
+             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, gallery indices) of each query's `depth` most similar gallery rows, highest first, equal ones
+    by lower index: _ranked over the whole gallery, computed a gallery chunk at a time (each normalised and moved to
+    the queries' device as it is used, so the gallery itself may stay in host memory). exclude: each query's own
+    gallery index (retrieval within one set), which ranks last. Chunks come in index order and the running best
+    precede each new chunk's candidates, so a stable sort of the two keeps equal similarities by lower index."""
+    best_similarity = best_index = None
+    for start in range(0, len(gallery), gallery_chunk):
+        units = _unit_rows(gallery[start:start + gallery_chunk].to(query_units.device))
+        similarity = query_units @ units.T  # (queries, gallery chunk)
+        if exclude is not None:
+            own = (exclude >= start) & (exclude < start + len(units))
+            similarity[own.nonzero(as_tuple=True)[0], exclude[own] - start] = -torch.inf
+        index = _top(similarity, min(depth, len(units)))
+        chunk_similarity, index = similarity.gather(1, index), index + start
+        if best_similarity is not None:
+            chunk_similarity = torch.cat([best_similarity, chunk_similarity], dim=1)
+            index = torch.cat([best_index, index], dim=1)
+            order = _ranked(chunk_similarity)[:, :depth]
+            chunk_similarity, index = chunk_similarity.gather(1, order), index.gather(1, order)
+        best_similarity, best_index = chunk_similarity, index
+    return best_similarity, best_index
 
 
 def _ranked(scores: torch.Tensor) -> torch.Tensor:
@@ -185,6 +211,6 @@ def _check_positive(value, name: str) -> None:
         raise UserError(f"{name} must be a positive number, got {value!r}.")
 
 
-def _check_chunk(chunk) -> None:
+def _check_chunk(chunk, name: str = "chunk") -> None:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise UserError(f"chunk must be a positive whole number of queries, got {chunk!r}.")
+        raise UserError(f"{name} must be a positive whole number of vectors, got {chunk!r}.")

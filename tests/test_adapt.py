@@ -85,8 +85,14 @@ LORA = ["--model.backbone=timm:vit_tiny_patch16_224", "--model.backbone_weights=
 TARGETS = {"qkv": (192, 576), "proj": (192, 192), "fc1": (192, 768), "fc2": (768, 192)}  # ViT-Ti: in, out
 
 
-def test_lora_starts_as_the_frozen_model_and_trains_its_low_rank_tensors_alone(cub_3x6, tmp_path):
-    pytest.importorskip("peft")
+@pytest.fixture(scope="module")
+def peft():
+    """peft, imported once (its import takes seconds: transformers comes with it); a module fixture, so the tests
+    that need it run in one pytest-xdist worker (tests/conftest.py)."""
+    return pytest.importorskip("peft")
+
+
+def test_lora_starts_as_the_frozen_model_and_trains_its_low_rank_tensors_alone(peft, cub_3x6, tmp_path):
     overrides = [f"--data.root={cub_3x6}", *LORA, "--model.adapt=lora", "--model.lora_rank=4",
                  "--model.lora_targets=qkv,proj,fc1,fc2", "--model.lora_dropout=0.1"]
     # At initialisation B = 0: the frozen model's logits exactly (the same seed builds the same base weights).
@@ -122,8 +128,7 @@ def test_lora_starts_as_the_frozen_model_and_trains_its_low_rank_tensors_alone(c
      "model.lora_targets='q_proj' names q_proj, which matches no linear layer of model.backbone=timm:vit_tiny_patch16_224 "
      "(its linear layers are named fc1, fc2, proj, qkv)"),
 ])
-def test_a_lora_target_that_names_nothing_is_one_sentence(overrides, message):
-    pytest.importorskip("peft")
+def test_a_lora_target_that_names_nothing_is_one_sentence(peft, overrides, message):
     cfg = load_config(STAGE1, [*LORA, *overrides])
     with pytest.raises(UserError, match=re.escape(message)):
         build_model(cfg.model, 3, input_size=32)

@@ -81,6 +81,9 @@ def test_compiling_the_backbone_trains_the_same_model_with_plain_checkpoint_keys
         train_cli.main(["--config", stage1, f"--data-root={data}", "--device=cpu", f"--run-dir={run_dir}",
                         "--data.crop=32", "--data.resize=40", "--train.epochs=1", "--train.precision=fp32",
                         f"--train.compile={compiled}",
+                        # one batch shape for every step and the val pass (6 train, 3 val images): one compile of the
+                        # backbone, not one more for each other shape
+                        "--data.val_fraction=0.34", "--train.batch_size=3", "--train.eval_batch_size=3",
                         # each of these compiles the backbone twice more (captum's forward hooks, other strides):
                         # about half of this test's compile time with a cold cache, and not what it checks
                         "--train.heatmap_images=0", "--train.projector=false"])

@@ -234,3 +234,19 @@ def test_the_partial_ranking_equals_the_full_stable_sort_ties_included():
         assert torch.equal(_top(scores, depth), _ranked(scores)[:, :depth]), depth
     distinct = torch.randn(32, 1000, generator=generator)
     assert torch.equal(_top(distinct, 200), torch.argsort(-distinct, dim=1)[:, :200])
+
+
+@pytest.mark.parametrize("gallery_chunk", [1, 3, 7, 40])
+def test_a_gallery_compared_in_chunks_gives_the_same_numbers_ties_included(gallery_chunk):
+    # Vectors on a coarse grid, so that many similarities tie exactly: the merge of each chunk's nearest must keep
+    # the whole gallery's order (equal similarities by lower index), as one chunk does.
+    generator = torch.Generator().manual_seed(3)
+    vectors = torch.randint(-1, 2, (60, 4), generator=generator).float()
+    vectors[vectors.abs().sum(1) == 0, 0] = 1.0  # no zero vector
+    labels = torch.randint(0, 5, (60,), generator=generator)
+    queries, gallery = vectors[:25], vectors[25:]
+    whole = knn_accuracy(queries, labels[:25], gallery, labels[25:], ks=(1, 3, 10, 200))
+    chunked = knn_accuracy(queries, labels[:25], gallery, labels[25:], ks=(1, 3, 10, 200), chunk=4,
+                           gallery_chunk=gallery_chunk)
+    assert chunked == whole
+    assert retrieval_metrics(vectors, labels, chunk=9, gallery_chunk=gallery_chunk) == retrieval_metrics(vectors, labels)
