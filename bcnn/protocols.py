@@ -53,9 +53,11 @@ def knn_accuracy(queries, query_labels, gallery, gallery_labels, ks=DINOV2_KS, t
     hits = {"top1": dict.fromkeys(ks, 0), "top5": dict.fromkeys(ks, 0)}
     _check_chunk(gallery_chunk, "gallery_chunk")
     query_units = _unit_rows(queries)
+    gallery, units = _gallery_units(gallery, queries.device)
     depth = max(k_used.values())
     for start in range(0, len(queries), chunk):
-        near_similarity, order = _nearest(query_units[start:start + chunk], gallery, depth, gallery_chunk)
+        near_similarity, order = _nearest(query_units[start:start + chunk], gallery, depth, gallery_chunk,
+                                          units=units)
         # exp((s - s_max) / T) is exp(s / T) over a constant per query: the same vote (DINOv2 takes a softmax)
         # without overflow at small temperatures.
         weights = torch.exp((near_similarity - near_similarity[:, :1]) / temperature)  # (chunk, depth)
@@ -106,7 +108,7 @@ def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK, gal
     ranks = torch.arange(1, depth + 1, device=vectors.device, dtype=torch.float64)
     for start in range(0, len(vectors), chunk):
         rows = torch.arange(start, min(start + chunk, len(vectors)), device=vectors.device)
-        _, near = _nearest(units[rows], vectors, depth, gallery_chunk, exclude=rows)  # itself never among them
+        _, near = _nearest(units[rows], units, depth, gallery_chunk, exclude=rows, units=True)  # itself: never
         keep = counted[rows]
         same_class = (class_ids[near] == class_ids[rows, None])[keep]  # (kept, depth)
         r = relevant_count[rows][keep].to(torch.float64)
@@ -123,21 +125,29 @@ def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK, gal
             "k_used": k_used, "queries": queries, "skipped": len(vectors) - queries}
 
 
+def _gallery_units(gallery: torch.Tensor, device) -> tuple[torch.Tensor, bool]:
+    """The gallery normalised once when it is on the queries' device (as it is but for a gallery too large for it),
+    else as it is, each chunk then normalised as it is moved: (rows, whether they are unit rows)."""
+    return (_unit_rows(gallery), True) if gallery.device == torch.device(device) else (gallery, False)
+
+
 def _nearest(query_units: torch.Tensor, gallery: torch.Tensor, depth: int, gallery_chunk: int,
-             exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             exclude: torch.Tensor | None = None, units: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(similarities, gallery indices) of each query's `depth` most similar gallery rows, highest first, equal ones
     by lower index: _ranked over the whole gallery, computed a gallery chunk at a time (each normalised and moved to
     the queries' device as it is used, so the gallery itself may stay in host memory). exclude: each query's own
-    gallery index (retrieval within one set), which ranks last. Chunks come in index order and the running best
-    precede each new chunk's candidates, so a stable sort of the two keeps equal similarities by lower index."""
+    gallery index (retrieval within one set), which ranks last. units: the gallery's rows are unit rows already.
+    Chunks come in index order and the running best precede each new chunk's candidates, so a stable sort of the two
+    keeps equal similarities by lower index."""
     best_similarity = best_index = None
     for start in range(0, len(gallery), gallery_chunk):
-        units = _unit_rows(gallery[start:start + gallery_chunk].to(query_units.device))
-        similarity = query_units @ units.T  # (queries, gallery chunk)
+        rows = gallery[start:start + gallery_chunk]
+        rows = rows if units else _unit_rows(rows.to(query_units.device))
+        similarity = query_units @ rows.T  # (queries, gallery chunk)
         if exclude is not None:
-            own = (exclude >= start) & (exclude < start + len(units))
+            own = (exclude >= start) & (exclude < start + len(rows))
             similarity[own.nonzero(as_tuple=True)[0], exclude[own] - start] = -torch.inf
-        index = _top(similarity, min(depth, len(units)))
+        index = _top(similarity, min(depth, len(rows)))
         chunk_similarity, index = similarity.gather(1, index), index + start
         if best_similarity is not None:
             chunk_similarity = torch.cat([best_similarity, chunk_similarity], dim=1)
