@@ -52,6 +52,7 @@ from bcnn.eval import DEFAULT_CHECKPOINT
 from bcnn.explain import class_heatmaps, require_captum, upsample
 from bcnn.figures import denormalize, explanation_figure, is_bcnn_figure, save_figure
 from bcnn.models import input_normalisation
+from bcnn.models.adapt import merge_adapters
 from bcnn.models.trained import from_checkpoint
 from bcnn.paths import not_a_file
 from bcnn.precision import configure_device
@@ -123,6 +124,7 @@ def run(args, device: torch.device) -> list[dict]:
         args.explain_dir = str(folder)  # where explainer() writes
     trained = from_checkpoint(args.checkpoint, device)
     model, classes, cfg, transform = trained.model, trained.classes, trained.config, trained.transform
+    merge_adapters(model)  # model.adapt=lora: the updates folded into the weights, the plain model's cost
     configure_device(device, tf32=False)  # IEEE float32 on a GPU too, as bcnn.eval's default: the same numbers
     banner = training_cut(cfg.data)
     explain = explainer(args, model, classes, cfg) if args.explain else None

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from bcnn import eval as eval_cli
+from bcnn import predict as predict_cli
 from bcnn import train as train_cli
 from bcnn.config import load_config
 from bcnn.errors import UserError
+from bcnn.data import load_rgb
 from bcnn.models import build_model
+from bcnn.models.adapt import merge_adapters
+from bcnn.models.trained import from_checkpoint
 from helpers.runs import STAGE1, load
 
 BACKBONES = {"vgg16": ["--model.backbone=vgg16", "--data.crop=32", "--data.resize=36"],
@@ -117,10 +121,38 @@ def test_lora_starts_as_the_frozen_model_and_trains_its_low_rank_tensors_alone(p
     expected = 12 * 4 * sum(i + o for i, o in TARGETS.values()) + head
     line = next(line for line in (run_dir / "train.log").read_text().splitlines() if "trainable parameters" in line)
     assert f" {expected} trainable parameters of " in line, line
-    # the checkpoint is read back by the commands users run
+    # the checkpoint is read back by the commands users run; bcnn.predict merges the updates into the weights
     evaluated = eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "val", "--device", "cpu",
                                "--no-figures", f"--output={tmp_path / 'val.json'}"])
     assert evaluated["count"] == 3
+    image = sorted((cub_3x6 / "images").rglob("*.jpg"))[0]
+    (predicted,) = predict_cli.main([str(image), "--checkpoint", str(run_dir / "best.pt"), "--json", "--device",
+                                     "cpu"])
+    trained = from_checkpoint(run_dir / "best.pt")
+    with torch.no_grad():
+        unmerged = torch.softmax(trained.model(trained.transform(load_rgb(str(image)))[None]), dim=1)[0]
+    top = predicted["predictions"][0]
+    # merged for predict, unmerged here: the same probability up to float rounding (see the test below)
+    assert top["probability"] == pytest.approx(float(unmerged.max()), abs=1e-5)
+    assert top["class"] == trained.classes[int(unmerged.argmax())]
+
+
+def test_merged_lora_gives_the_unmerged_logits_up_to_float_rounding(peft):
+    cfg = load_config(STAGE1, [*LORA, "--model.adapt=lora", "--model.lora_targets=qkv,proj,fc1,fc2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3, input_size=32).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.05)  # a trained update: B is 0 only at initialisation
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        unmerged = model(images)
+        assert merge_adapters(model) == 12 * 4  # every adapted layer of the 12 blocks
+        merged = model(images)
+    # x (W + s B A)^T against x W^T + s (x A^T) B^T: the same sums in another order, float32 rounding of sums over
+    # 192-768 terms through 12 blocks (a relative 1e-4 bounds it with room; a wrong merge differs at 1e-1)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [

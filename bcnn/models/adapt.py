@@ -79,3 +79,15 @@ def add_lora(backbone: nn.Module, cfg) -> None:
         if isinstance(dropouts, nn.ModuleDict):
             for dropout in dropouts.values():
                 setattr(dropout, TRAINS_IN_FROZEN_BACKBONE, True)
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Fold each LoRA layer's update into its frozen weight (peft's merge: W + (alpha / r) B A), so inference costs
+    what the plain model costs; the function is the same up to float rounding. For inference only (bcnn.predict):
+    training on after a merge would add the update twice. Returns how many layers were merged (0 without LoRA)."""
+    merged = 0
+    for module in model.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A") and not getattr(module, "merged", False):
+            module.merge()
+            merged += 1
+    return merged
