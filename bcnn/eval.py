@@ -51,7 +51,7 @@ from bcnn.models.backbones import TIMM_PREFIX
 from bcnn.models.trained import TrainedModel, from_checkpoint, untrained
 from bcnn.precision import configure_device, resolve_precision
 from bcnn.projector import embed_split, projector_vectors
-from bcnn.protocols import knn_accuracy, retrieval_metrics
+from bcnn.protocols import flat_scores, knn_accuracy, retrieval_metrics
 from bcnn.run_dir import EVAL_SIBLINGS, write_projector_folder, written_by_bcnn, written_by_eval
 from bcnn.tensorboard_log import TensorBoardLog
 from bcnn.tta import TTA_CHOICES, images_per_batch, is_multi_view, view_transform
@@ -361,13 +361,8 @@ def run_protocols_only(args, ctx: distributed.Context, trained: TrainedModel, da
 
 def scalar_values(result: dict) -> dict:
     """An evaluation's numbers as TensorBoard scalars: top-1, top-5, mean per-class, and k-NN and retrieval."""
-    values = {key: result[key] for key in ("top1", "top5", "mean_class_acc") if key in result}
-    if "knn" in result:
-        values.update({f"knn_top1@{k}": value for k, value in result["knn"]["top1"].items()})
-    if "retrieval" in result:
-        values.update({key: value for key, value in result["retrieval"].items()
-                       if key.startswith("recall@") or key in ("precision@1", "r_precision", "map@r")})
-    return values
+    return {**{key: result[key] for key in ("top1", "top5", "mean_class_acc") if key in result},
+            **flat_scores(result)}
 
 
 def write_scalars(args, trained: TrainedModel, result: dict) -> None:

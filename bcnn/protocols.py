@@ -125,6 +125,23 @@ def retrieval_metrics(vectors, labels, ks=RETRIEVAL_KS, chunk=DEFAULT_CHUNK, gal
             "k_used": k_used, "queries": queries, "skipped": len(vectors) - queries}
 
 
+RETRIEVAL_SCORES = ("precision@1", "r_precision", "map@r")  # with recall@<K>: retrieval_metrics' percentages
+
+
+def flat_scores(evaluation: dict) -> dict:
+    """The k-NN and retrieval scores of an evaluation (bcnn.eval's result or its JSON) as flat keys, knn_top1@<k>,
+    recall@<K>, precision@1, r_precision, map@r ({} when it has neither): for TensorBoard and bcnn.report."""
+    scores = {}
+    knn = evaluation.get("knn")
+    if isinstance(knn, dict) and isinstance(knn.get("top1"), dict):
+        scores.update({f"knn_top1@{k}": value for k, value in knn["top1"].items()})
+    retrieval = evaluation.get("retrieval")
+    if isinstance(retrieval, dict):
+        scores.update({key: value for key, value in retrieval.items()
+                       if key.startswith("recall@") or key in RETRIEVAL_SCORES})
+    return scores
+
+
 def _gallery_units(gallery: torch.Tensor, device) -> tuple[torch.Tensor, bool]:
     """The gallery normalised once when it is on the queries' device (as it is but for a gallery too large for it),
     else as it is, each chunk then normalised as it is moved: (rows, whether they are unit rows)."""

@@ -27,12 +27,12 @@ import torch
 import yaml
 
 from bcnn.errors import UserError, exit_on_user_error
+from bcnn.protocols import flat_scores
 
 METRICS = (("top1", "top-1"), ("top5", "top-5"), ("mean_class_acc", "mean per-class"))
 # bcnn.eval --knn / --retrieval's scores (the single view's JSON: they read the embed vectors, not the TTA's logits),
 # flattened: knn_top1@<k>, recall@<K>, precision@1, r_precision, map@r; the table shows these three, the JSON all.
 TABLE_PROTOCOLS = (("knn_top1@20", "k-NN@20"), ("recall@1", "R@1"), ("map@r", "MAP@R"))
-RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r")
 VIEWS = (("", "single view"), ("_flip", "flip"))
 # Keys that differ between runs of one experiment by design; any other difference is pointed out.
 EXPECTED_TO_DIFFER = {("train", "seed"), ("train", "run_dir"), ("train", "init_from")}
@@ -58,7 +58,7 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
                                      evaluate + (" --tta flip" if suffix else ""))
              for suffix, _ in VIEWS}
     single = views[""]  # k-NN and retrieval are read from it alone
-    protocols = protocol_scores(single) if single is not None else {}
+    protocols = flat_scores(single) if single is not None else {}
     if single is not None and "embeddings_only" in single:  # no top-1 (the test split of a class-disjoint run)
         views[""] = None
     if views[""] is None and views["_flip"] is None and not protocols:
@@ -83,19 +83,6 @@ def read_run(run_dir: Path, split: str, checkpoint: str) -> dict:
             "data_roots": sorted({str(result.get("data_root")) for result in evaluations})}
 
 
-def protocol_scores(result: dict) -> dict:
-    """An eval JSON's k-NN and retrieval scores as flat keys ({} when it has neither)."""
-    scores = {}
-    knn = result.get("knn")
-    if isinstance(knn, dict) and isinstance(knn.get("top1"), dict):
-        scores.update({f"knn_top1@{k}": value for k, value in knn["top1"].items()})
-    retrieval = result.get("retrieval")
-    if isinstance(retrieval, dict):
-        scores.update({key: value for key, value in retrieval.items()
-                       if key.startswith("recall@") or key in RETRIEVAL_KEYS})
-    return scores
-
-
 def read_evaluation(path: Path, evaluate: str) -> dict | None:
     """An eval JSON bcnn.eval wrote, or None when there is none; a damaged one is one sentence."""
     if not path.exists():
@@ -112,7 +99,7 @@ def read_evaluation(path: Path, evaluate: str) -> dict | None:
             _is_number(result[key]) for key in ("count", *scored)):
         raise UserError(f"{path} is not an evaluation bcnn.eval wrote (it needs {', '.join(needed)} with numbers); "
                         f"delete it and run {evaluate} again.")
-    protocols = protocol_scores(result)
+    protocols = flat_scores(result)
     if not all(_is_number(value) for value in protocols.values()):
         raise UserError(f"{path} holds k-NN or retrieval scores that are not numbers, so it is not an evaluation as "
                         f"bcnn.eval writes it; delete it and run {evaluate} again.")
