@@ -86,14 +86,15 @@ class ModelConfig:
     backbone_b: str = ""  # asymmetric B-CNN: a second backbone whose map meets the first's; "" = symmetric
     backbone_b_weights: str = "imagenet"  # the second backbone's, as backbone_weights
     freeze_backbone: bool = True  # frozen: no gradients, kept in eval mode, weights bit-identical
-    # none | bitfit | lora: with model.freeze_backbone=true, a few of the backbone's tensors train (optim.backbone_lr):
-    # its biases, or LoRA's low-rank updates of its linear layers (peft); the rest stays frozen and in eval mode
-    # (bcnn/models/adapt.py)
+    # none | bitfit | lora | vpt_deep: with model.freeze_backbone=true, a few of the backbone's tensors train
+    # (optim.backbone_lr): its biases, LoRA's low-rank updates of its linear layers (peft), or prompt tokens in every
+    # block; the rest stays frozen and in eval mode (bcnn/models/adapt.py)
     adapt: str = "none"
     lora_rank: int = 8  # lora: r
     lora_alpha: float = 8.0  # lora: the update is scaled by alpha / r
     lora_dropout: float = 0.0  # lora: dropout on the adapted layers' inputs, in training
     lora_targets: str = "qkv"  # lora: the linear layers adapted, by name, comma-separated (timm: qkv, proj, fc1, fc2)
+    vpt_prompts: int = 10  # vpt_deep: prompt tokens per block (the VPT authors pick 1 to 200 per dataset on val)
     drop_path_rate: float = 0.0  # stochastic depth of a timm backbone while it trains (0.1 in ViT/Swin fine-tuning)
 
 
@@ -175,7 +176,7 @@ CHOICES = {
     ("data", "annotation_level"): ("variant", "family", "manufacturer"),
     ("data", "class_split"): ("all", "retrieval"),
     ("data", "decode"): ("cpu", "gpu", "auto"),
-    ("model", "adapt"): ("none", "bitfit", "lora"),
+    ("model", "adapt"): ("none", "bitfit", "lora", "vpt_deep"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("schedule", "name"): ("plateau", "step", "cosine", "none"),
     ("schedule", "unit"): ("epoch", "step"),
@@ -191,6 +192,7 @@ RANGES = {
     "data.val_fraction": "[0, 1)",
     "model.lora_rank": "[1, inf)",
     "model.lora_alpha": "(0, inf)",
+    "model.vpt_prompts": "[1, inf)",
     "model.lora_dropout": "[0, 1)",
     "data.split_seed": "[0, inf)",
     "data.resize": "[1, inf)",
@@ -515,6 +517,9 @@ def validate(cfg: Config) -> None:
     if lora_keys and cfg.model.adapt != "lora":
         raise UserError(f"model.{lora_keys[0]} applies to model.adapt=lora, and model.adapt is {cfg.model.adapt}; set "
                         f"model.adapt=lora, or remove model.{lora_keys[0]}.")
+    if cfg.model.vpt_prompts != ModelConfig().vpt_prompts and cfg.model.adapt != "vpt_deep":
+        raise UserError(f"model.vpt_prompts applies to model.adapt=vpt_deep, and model.adapt is {cfg.model.adapt}; set "
+                        "model.adapt=vpt_deep, or remove model.vpt_prompts.")
     _check_probe_grid(cfg)
 
 

@@ -78,7 +78,7 @@ def test_the_backbone_stays_in_eval_mode_under_bitfit():
     ([], "model.adapt=bitfit trains a few of a frozen backbone's tensors at optim.backbone_lr, which is 0"),
     (["--optim.backbone_lr=0.01", "--train.cache_features=true"], "so its features change as it trains and cannot be "
                                                                   "cached"),
-    (["--model.adapt=vpt_deep"], "model.adapt (command line) must be one of none, bitfit, lora, got 'vpt_deep'"),
+    (["--model.adapt=prefix"], "model.adapt (command line) must be one of none, bitfit, lora, vpt_deep, got 'prefix'"),
 ])
 def test_what_cannot_adapt_is_refused_in_one_sentence(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

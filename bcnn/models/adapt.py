@@ -7,11 +7,13 @@ head and the classifier, which always do.
     lora     low-rank updates W + (alpha / r) B A of the linear layers model.lora_targets names (Hu et al., ICLR
              2022), through Hugging Face peft (pip install peft): A (r x in) and B (out x r) train, B starts at 0, so
              at initialisation the model is the frozen one exactly
+    vpt_deep model.vpt_prompts learned tokens in every block of a ViT or Swin (Jia et al., "Visual Prompt Tuning",
+             ECCV 2022), taken out before the token grid becomes the head's map (bcnn/models/prompts.py)
 
 The backbone stays in eval mode (no dropout, no batch statistics), as a frozen one does: only the named tensors
 move (and LoRA's own dropout, model.lora_dropout, which is on while training). Applied by build_model after the
 backbone is frozen and before the optimizer is built, so the optimizer's "backbone" group (optim.backbone_lr) holds
-exactly the adapted tensors. Deep visual prompts come next (issue 31).
+exactly the adapted tensors.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 from torch import nn
 
 from bcnn.errors import UserError
+from bcnn.models.prompts import add_prompts
 
-ADAPTATIONS = ("none", "bitfit", "lora")
+ADAPTATIONS = ("none", "bitfit", "lora", "vpt_deep")
 # A module that trains inside a frozen backbone (LoRA's dropout) carries this attribute: BilinearCNN.train() puts it in
 # training mode while the rest of the backbone stays in eval mode.
 TRAINS_IN_FROZEN_BACKBONE = "bcnn_trains_in_frozen_backbone"
@@ -33,6 +36,9 @@ def adapt_backbone(backbone: nn.Module, cfg) -> None:
         return
     if method == "lora":
         add_lora(backbone, cfg)
+        return
+    if method == "vpt_deep":
+        add_prompts(backbone, cfg.vpt_prompts, name)  # new parameters: they train
         return
     if method == "bitfit":
         biases = [parameter for key, parameter in backbone.named_parameters() if key.endswith("bias")]
