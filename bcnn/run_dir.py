@@ -473,14 +473,16 @@ class RunRecorder:
     since they hold collectives (the NaN check, the sums of a partial epoch).
 
     model: whose weights go into checkpoints; training_state(): the optimizer, scheduler, scaler and generator
-    states a last.pt adds; fixed: entries every checkpoint carries (config, classes). probe: a linear-probe sweep
+    states a last.pt adds; fixed: entries every checkpoint carries (config, classes); frozen: what a model.adapt run's
+    checkpoints leave out (bcnn.models.frozen_weights.FrozenBackbone, or None). probe: a linear-probe sweep
     (bcnn.probe_grid.ProbeGrid), whose members' val numbers end_epoch receives as a tuple: the epoch's best member
     stands for the run, and best.pt holds the best (member, epoch) as a plain model."""
 
     def __init__(self, run: RunDirectory, counters: RunCounters, model, training_state, fixed: dict, is_main: bool,
                  checkpoint_every: int, diverged_hint: str, board=None, ema=None, best_of: str = "raw",
-                 on_best=None, probe=None):
+                 on_best=None, probe=None, frozen=None):
         self.run, self.counters, self.model, self.training_state = run, counters, model, training_state
+        self.frozen = frozen  # a model.adapt run's frozen backbone (FrozenBackbone), which checkpoints leave out
         self.probe = probe
         self.ema, self.best_of = ema, best_of  # the weights' average (AveragedModel), and which of the two best.pt keeps
         self.on_best = on_best  # on_best(weights, global_step): after each best.pt, on rank 0 (the val heatmaps)
@@ -554,7 +556,7 @@ class RunRecorder:
                 if members is not None:  # the winner's classifier in the model, its plain run's config
                     self.probe.select(winner)
                     fixed = {**fixed, **self.probe.best_entries(fixed["config"], winner)}
-                save_checkpoint({"model": weights.state_dict(), **fixed, "epoch": epoch, "metrics": row},
+                save_checkpoint({**self.weights(weights), **fixed, "epoch": epoch, "metrics": row},
                                 self.run.path / "best.pt", then=self.run.how_to_continue())
                 if self.on_best is not None:
                     self.on_best(weights, counters.global_step)
@@ -562,6 +564,13 @@ class RunRecorder:
         return row
 
     def save_last(self, counters: RunCounters) -> None:
-        state = {"model": self.model.state_dict(), **self.fixed, **self.training_state(), **counters.as_checkpoint()}
+        state = {**self.weights(self.model), **self.fixed, **self.training_state(), **counters.as_checkpoint()}
         save_checkpoint(state, self.run.path / "last.pt", then=self.run.how_to_continue())
         self.run.checkpoint_written()
+
+    def weights(self, model) -> dict:
+        """A checkpoint's model entry: every weight, or (model.adapt) those that trained and the fingerprint of the
+        frozen rest (bcnn/models/frozen_weights.py)."""
+        if self.frozen is None:
+            return {"model": model.state_dict()}
+        return {"model": self.frozen.without(model.state_dict()), **self.frozen.entry()}

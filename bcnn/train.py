@@ -50,6 +50,7 @@ from bcnn.errors import Interrupted, UserError, exit_on_user_error, interrupted,
 from bcnn.mixing import build_mixer
 from bcnn.models import build_model, input_normalisation, load_model_weights
 from bcnn.models.adapt import trained_share
+from bcnn.models.frozen_weights import FrozenBackbone, complete_weights
 from bcnn.models.backbones import resolve_cut
 from bcnn.models.cost import model_cost
 from bcnn.optim import build_ema, build_optimizer, per_step, update_ema
@@ -199,7 +200,7 @@ def read_init_from(path: str, classes: list[str]) -> dict:
 
 
 def restore_training_state(state: dict, path: Path, model, optimizer, scheduler, scaler, ema, grid=None) -> None:
-    load_model_weights(model, state["model"])
+    load_model_weights(model, complete_weights(model, state, f"checkpoint {path}"))
     try:
         if grid is not None:
             grid.load_state_dict(state["probe_grid"])
@@ -298,7 +299,7 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
 
     # The model, optimizer and schedule: initialised, or restored to where the run stopped.
     if initial is not None:
-        load_model_weights(model, initial["model"])
+        load_model_weights(model, complete_weights(model, initial, f"train.init_from {cfg.train.init_from}"))
         log.info("initialised model weights from %s (epoch %s)", cfg.train.init_from, initial.get("epoch"))
         del initial
     model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
@@ -355,7 +356,8 @@ def train(cfg: Config, ctx: distributed.Context, args, run: RunDirectory) -> dic
     recorder = RunRecorder(run, counters, model, lambda: training_state(optimizer, scheduler, scaler, ema, grid),
                            {"config": config_dict, "classes": classes}, ctx.is_main, cfg.train.checkpoint_every,
                            diverged_hint, board, ema=ema, best_of=cfg.train.best_of,
-                           on_best=val_heatmaps(cfg, val_set, classes, board, device), probe=grid)
+                           on_best=val_heatmaps(cfg, val_set, classes, board, device), probe=grid,
+                           frozen=FrozenBackbone.of(cfg, model) if ctx.is_main else None)
 
     def after_step(step: int, meter: EpochMeter) -> None:
         """After each optimizer step, before a mid-epoch checkpoint: the next step's lr, the weights' average."""
@@ -448,7 +450,7 @@ def finish_projector(cfg: Config, run: RunDirectory, state: dict, val_set, class
         log.info("%s", note)
     log.info("%s finished training but not its projector (stopped while writing it); writing it now", run.path)
     model = build_model(cfg.model, num_classes=len(classes), input_size=cfg.data.crop)
-    load_model_weights(model, state["model"])
+    load_model_weights(model, complete_weights(model, state, f"checkpoint {run.path / 'last.pt'}"))
     write_projector(cfg, model.to(device), val_set, classes, run.path / PROJECTOR_FOLDER, device, state["global_step"])
 
 

@@ -1,7 +1,7 @@
 """model.adapt (bcnn/models/adapt.py): BitFit trains a frozen backbone's biases and nothing else of it, LoRA its
 low-rank tensors alone and starts as the frozen model exactly, through the command, with loader workers on; train.log
-states what trains (against the formula); predict's merged LoRA gives the unmerged logits; a Ctrl-C LoRA run resumes
-bit for bit; what cannot work is refused in one sentence."""
+states what trains (against the formula); predict's merged LoRA gives the unmerged logits (the Ctrl-C
+resume of a LoRA run: tests/test_peft_checkpoints.py); what cannot work is refused in one sentence."""
 
 import re
 
@@ -12,12 +12,12 @@ from bcnn import eval as eval_cli
 from bcnn import predict as predict_cli
 from bcnn import train as train_cli
 from bcnn.config import load_config
-from bcnn.errors import Interrupted, UserError
+from bcnn.errors import UserError
 from bcnn.data import load_rgb
 from bcnn.models import build_model
 from bcnn.models.adapt import merge_adapters
 from bcnn.models.trained import from_checkpoint
-from helpers.runs import STAGE1, interrupt_after_first_last_pt, load, rows_without_timing
+from helpers.runs import STAGE1, load
 
 BACKBONES = {"vgg16": ["--model.backbone=vgg16", "--data.crop=32", "--data.resize=36"],
              "vit": ["--model.backbone=timm:vit_tiny_patch16_224", "--data.crop=32", "--data.resize=36"]}
@@ -171,24 +171,3 @@ def test_lora_keys_without_lora_are_refused():
     with pytest.raises(UserError, match=re.escape("model.lora_rank applies to model.adapt=lora, and model.adapt is "
                                                   "bitfit")):
         load_config(STAGE1, ["--model.adapt=bitfit", "--optim.backbone_lr=0.01", "--model.lora_rank=4"])
-
-
-def test_a_ctrl_c_lora_run_resumes_bit_for_bit(peft, cub_3x13, tmp_path, monkeypatch):
-    # LoRA's dropout on (its masks come from the generator a last.pt saves), a last.pt every 2 of the 3 steps an epoch.
-    def run(run_dir):
-        return ["--config", STAGE1, f"--data-root={cub_3x13}", f"--run-dir={run_dir}", "--device=cpu", *LORA,
-                "--model.adapt=lora", "--model.lora_rank=4", "--model.lora_dropout=0.1", "--data.val_fraction=0.34",
-                "--data.num_workers=1", "--train.epochs=2", "--train.batch_size=4", "--train.checkpoint_every=2",
-                "--train.log_every=0", "--train.precision=fp32", "--train.heatmap_images=0", "--train.projector=false"]
-
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    train_cli.main(run(whole))
-    interrupt_after_first_last_pt(monkeypatch)
-    with pytest.raises(Interrupted, match="stopped training"):
-        train_cli.main(run(stopped))
-    assert (load(stopped / "last.pt")["epoch"], load(stopped / "last.pt")["step_in_epoch"]) == (0, 2)
-    train_cli.main(run(stopped))
-    expected, resumed = load(whole / "last.pt")["model"], load(stopped / "last.pt")["model"]
-    assert expected.keys() == resumed.keys() and any(".lora_B." in key for key in expected)
-    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
-    assert rows_without_timing(stopped) == rows_without_timing(whole)

@@ -5,11 +5,13 @@
     trained.model(trained.transform(image)[None])   # logits over trained.classes; the model is in eval mode
     trained.config.data.crop                          # the run's config, as it trained
 
-The checkpoint alone rebuilds the model (no ImageNet weights are read: every weight comes from it), built for the
-crop the run trained at, and refused in one sentence when it lacks the config or class names, holds NaN or inf
-weights, or does not fit the model its config describes. untrained(cfg, classes) is the model a config describes
-before any training (a pretrained backbone's frozen features, scored by bcnn.eval --config). Not re-exported by bcnn.models: it reads bcnn.config,
-which itself reads the backbones' and heads' rules from bcnn.models.
+The model is built for the crop the run trained at, with every weight from the checkpoint (no ImageNet weights are
+read), except after a model.adapt run, whose checkpoint holds what trained: its frozen backbone is rebuilt from
+model.backbone_weights and must match the fingerprint the checkpoint carries (bcnn/models/frozen_weights.py). A
+checkpoint without the config or class names, with NaN or inf weights, or that does not fit the model its config
+describes is refused in one sentence. untrained(cfg, classes) is the model a config describes before any training (a
+pretrained backbone's frozen features, scored by bcnn.eval --config). Not re-exported by bcnn.models: it reads
+bcnn.config, which itself reads the backbones' and heads' rules from bcnn.models.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from bcnn.data.transforms import build_transforms
 from bcnn.errors import UserError
 from bcnn.models.backbones import input_normalisation
 from bcnn.models.bilinear_cnn import BilinearCNN, build_model
+from bcnn.models.frozen_weights import complete_weights, needs_backbone_weights
 from bcnn.models.weights import load_model_weights
 
 
 @dataclass
 class TrainedModel:
     model: BilinearCNN  # in eval mode, on the device asked for
-    config: Config  # the run's config (model.backbone_weights set to "none": the weights came from the checkpoint)
+    config: Config  # the run's config (model.backbone_weights "none" where every weight came from the checkpoint)
     classes: list[str]  # class names, in the classifier's order
     epoch: int | None  # epochs the run had completed when it wrote the checkpoint
     normalisation: tuple  # (mean, std) the backbone expects
@@ -53,10 +56,11 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", option
         raise UserError(f"checkpoint {path}'s config cannot be used: {error}") from None
     if data_root:
         cfg.data.root = data_root
-    cfg.model.backbone_weights = cfg.model.backbone_b_weights = "none"  # every weight comes from the checkpoint
+    if not needs_backbone_weights(state):  # every weight comes from the checkpoint
+        cfg.model.backbone_weights = cfg.model.backbone_b_weights = "none"
     classes = state["classes"]
     model = build_model(cfg.model, num_classes=len(classes), input_size=cfg.data.crop)
-    load_model_weights(model, state["model"])
+    load_model_weights(model, complete_weights(model, state, f"checkpoint {path}"))
     normalisation = input_normalisation(cfg.model.backbone)
     epoch = state.get("epoch")
     step = state.get("global_step", (state.get("metrics") or {}).get("global_step"))  # last.pt's, or best.pt's row
