@@ -9,6 +9,9 @@
 #   make stage1 DATASET=cars       its recipe (experiments/<DATASET>_vgg16_stage1.yaml) on data/stanford_cars
 #   make stage1 RECIPE=cub_vgg16_matrix_sqrt   another two-stage recipe: experiments/<RECIPE>_stage{1,2}.yaml
 #   make train CONFIG=experiments/cub_vgg16_isqrt_cov.yaml   any one config (a one-stage recipe)
+#   make sweep CONFIG=experiments/cub_vit_b16_in21k_lora.yaml LRS="1.5e-4 7.5e-4"   one run per learning rate
+#                                  (optim.lr and optim.backbone_lr), runs/<config>_lr<lr>, each evaluated on val, then
+#                                  one table of their val accuracy; the test split is not read (docs/peft.md)
 #   make stage1 GPUS=4             the same on 4 GPUs of this machine (torchrun + DDP); RESTARTS=3 survives crashes
 #                                  (re-running any of them resumes from the run directory's last.pt)
 #   make eval                      test-split accuracy of stage 2's best.pt (of RECIPE; or CHECKPOINT=...)
@@ -39,6 +42,9 @@ RECIPE  ?= $(DATASET)_vgg16
 CONFIG  ?=
 CHECKPOINT ?= runs/$(RECIPE)_stage2/best.pt
 SEEDS   ?=
+LRS     ?=
+# make sweep's run directories: $(RUNS)_lr<lr> (another RUNS=runs/... keeps a second sweep beside the first)
+RUNS    ?= runs/$(basename $(notdir $(CONFIG)))
 # SEEDS=N: train.seed 0 .. N-1, one run directory each; stage 2 of seed k starts from stage 1 of seed k. The val
 # split (data.split_seed) stays the same, so the seeds differ in initialisation and batch order only.
 # $(call whole,NAME,LEAST,WAY OUT): variable NAME's value when it is a whole number of at least LEAST, else one line
@@ -57,7 +63,7 @@ LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_n
 	the number of GPUs to use or leave it out for one process) --max-restarts=$(call whole,RESTARTS,0,pass how \
 	often torchrun may restart a failed run),$(PY))
 
-.PHONY: venv demo test test-gpu data stage1 stage2 train eval report bench tensorboard screenshots clean
+.PHONY: venv demo test test-gpu data stage1 stage2 train sweep eval report bench tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -108,6 +114,20 @@ train: $(VENV_DEP)
 	@test -n $(call quote,$(CONFIG)) || { echo "make train needs CONFIG=experiments/<recipe>.yaml"; exit 2; }
 	$(LAUNCH) -m bcnn.train --config $(call quote,$(CONFIG)) --data-root $(call quote,$(DATA)) \
 		--device $(DEVICE) $(ARGS)
+
+# The learning rate chosen on val: a run of CONFIG per value of LRS (the classifier's and the adapted or fine-tuned
+# backbone tensors' lr alike), each best.pt evaluated on val, and bcnn.report's table of them on val. Then evaluate
+# the run with the best val top-1, and that one only, on test: make eval CHECKPOINT=<its run>/best.pt.
+sweep: $(VENV_DEP)
+	@test -n $(call quote,$(CONFIG)) || { echo "make sweep needs CONFIG=experiments/<recipe>.yaml"; exit 2; }
+	@test -n $(call quote,$(strip $(LRS))) || { echo "make sweep needs LRS=\"1e-3 1e-4\", the learning rates to try"; \
+		exit 2; }
+	for lr in $(foreach lr,$(LRS),$(call quote,$(lr))); do run=$(call quote,$(RUNS))_lr$$lr; \
+		$(LAUNCH) -m bcnn.train --config $(call quote,$(CONFIG)) --data-root $(call quote,$(DATA)) --device $(DEVICE) \
+		--optim.lr=$$lr --optim.backbone_lr=$$lr --run-dir="$$run" $(ARGS) || exit $$?; \
+		$(LAUNCH) -m bcnn.eval --checkpoint "$$run/best.pt" --split val --data-root $(call quote,$(DATA)) \
+		--device $(DEVICE) || exit $$?; done
+	$(PY) -m bcnn.report --split val $(foreach lr,$(LRS),$(call quote,$(RUNS)_lr$(lr)))
 
 eval: $(VENV_DEP)
 ifeq ($(SEEDS),)

@@ -106,6 +106,10 @@ README_ROWS = {
     "**bcnn average of tokens, stage 1 / stage 2** (`RECIPE=cub_dinov2": ("cub_dinov2_vitb14_avg_stage2.yaml", []),
     "**bcnn matrix square root, stage 1 / stage 2**": ("cub_dinov2_vitb14_matrix_sqrt_stage2.yaml", []),
     "**bcnn compact, stage 2** (`RECIPE=cub_swin": ("cub_swin_b_in22k_compact_stage2.yaml", []),
+    "**bcnn BitFit, 224 px": ("cub_vit_b16_in21k_bitfit.yaml", []),
+    "**bcnn LoRA, 224 px": ("cub_vit_b16_in21k_lora.yaml", []),
+    "**bcnn VPT-deep, 224 px": ("cub_vit_b16_in21k_vpt_deep.yaml", []),
+    "**bcnn LoRA + matrix square root, 448 px": ("cub_vit_b16_in21k_lora_matrix_sqrt_448.yaml", []),
 }
 
 
@@ -124,3 +128,24 @@ def test_the_readme_gives_each_recipe_s_vector_size_and_parameters():
         vector, parameters = row.split(" | ")[2:4]
         assert vector == f"{model.pooling.output_dim:,}", row
         assert parameters == f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M", row
+
+
+def test_the_readme_says_how_many_weights_each_model_adapt_recipe_trains():
+    # The parameters column counts every weight; a model.adapt row's method says how many train: the adapted tensors,
+    # the head and the classifier, as train.log counts them (requires_grad), on the meta device.
+    from bcnn.config import load_config
+    from helpers.runs import REPO
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| **bcnn")]
+    adapted = 0
+    for start, (recipe, overrides) in README_ROWS.items():
+        cfg = load_config(REPO / "experiments" / recipe, ["--model.backbone_weights=none", *overrides])
+        if cfg.model.adapt == "none":
+            continue
+        (row,) = [row for row in rows if row[2:].startswith(start)]
+        with torch.device("meta"):
+            model = build_model(cfg.model, 200, input_size=cfg.data.crop)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert f", {trained / 1e6:.2f}M trained**" in row.split(" | ")[0], row
+        adapted += 1
+    assert adapted == 4  # BitFit, LoRA, VPT-deep at 224 px; LoRA with the matrix square root at 448

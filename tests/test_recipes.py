@@ -8,6 +8,8 @@ scores what training measured on the same split; bcnn.predict classifies an imag
 """
 
 import json
+import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,43 @@ def test_each_head_trains_caches_resumes_evaluates_and_predicts(head, cub_3x6, t
     [prediction] = predict_cli.main([str(image), "--checkpoint", str(best), "--device", "cpu", "--topk", "3"])
     assert len(prediction["predictions"]) == 3
     assert sum(p["probability"] for p in prediction["predictions"]) == pytest.approx(1.0, abs=1e-5)
+
+
+# The model.adapt recipes (docs/peft.md), each through the command at a tiny size: timm's ViT-Ti in place of
+# ViT-B/16, random weights, 32 px, one epoch, the recipe's learning rates. That only the adapted tensors move:
+# tests/test_adapt.py and tests/test_prompts.py.
+ADAPT_RECIPES = ["cub_vit_b16_in21k_bitfit.yaml", "cub_vit_b16_in21k_lora.yaml", "cub_vit_b16_in21k_vpt_deep.yaml",
+                 "cub_vit_b16_in21k_lora_matrix_sqrt_448.yaml"]
+
+
+@pytest.mark.parametrize("recipe", ADAPT_RECIPES)
+def test_each_model_adapt_recipe_trains_through_the_command(recipe, cub_3x6, tmp_path):
+    cfg = load_config(EXPERIMENTS / recipe)
+    assert cfg.model.adapt != "none" and cfg.model.freeze_backbone and cfg.optim.lr == cfg.optim.backbone_lr
+    run_dir = tmp_path / "run"
+    result = run(recipe, cub_3x6, run_dir, "--model.backbone=timm:vit_tiny_patch16_224", "--train.epochs=1",
+                 "--train.accum_steps=1", "--train.heatmap_images=0", "--train.projector=false",
+                 f"--optim.lr={cfg.optim.lr}", f"--optim.backbone_lr={cfg.optim.backbone_lr}")
+    assert math.isfinite(result["train_loss"])
+    assert f"backbone frozen but for model.adapt={cfg.model.adapt}" in (run_dir / "train.log").read_text()
+    stored = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert stored["config"]["model"]["pooling"] == cfg.model.pooling
+    assert {group["name"] for group in stored["optimizer"]["param_groups"]} == {"backbone", "classifier"}
+
+
+def test_make_sweep_trains_and_evaluates_on_val_one_run_per_learning_rate():
+    # PY=echo: make prints the commands it would run, each as the shell expanded it.
+    result = subprocess.run(["make", "-s", "sweep", "CONFIG=experiments/cub_vit_b16_in21k_lora.yaml",
+                             "LRS=1.5e-4 7.5e-3", "PY=echo"], cwd=EXPERIMENTS.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    runs = ["runs/cub_vit_b16_in21k_lora_lr1.5e-4", "runs/cub_vit_b16_in21k_lora_lr7.5e-3"]
+    common = "--data-root data/CUB_200_2011 --device auto"
+    assert result.stdout.splitlines() == [
+        line for lr, run_dir in zip(("1.5e-4", "7.5e-3"), runs) for line in (
+            f"-m bcnn.train --config experiments/cub_vit_b16_in21k_lora.yaml {common} --optim.lr={lr} "
+            f"--optim.backbone_lr={lr} --run-dir={run_dir}",
+            f"-m bcnn.eval --checkpoint {run_dir}/best.pt --split val {common}")
+    ] + ["-m bcnn.report --split val " + " ".join(runs)]  # the test split is never read
+    refused = subprocess.run(["make", "-s", "sweep", "CONFIG=experiments/cub_vit_b16_in21k_lora.yaml", "PY=echo"],
+                             cwd=EXPERIMENTS.parent, capture_output=True, text=True)
+    assert refused.returncode != 0 and "make sweep needs LRS=" in refused.stdout
