@@ -171,3 +171,27 @@ def test_lora_keys_without_lora_are_refused():
     with pytest.raises(UserError, match=re.escape("model.lora_rank applies to model.adapt=lora, and model.adapt is "
                                                   "bitfit")):
         load_config(STAGE1, ["--model.adapt=bitfit", "--optim.backbone_lr=0.01", "--model.lora_rank=4"])
+
+
+def test_lora_on_swin_v2_s_qkv_takes_part_in_its_attention(peft):
+    # timm's Swin-V2 attention multiplies by its qkv layer's weight itself when it has q and v biases, which would
+    # bypass LoRA's layer: the map must move with B, and equal the plain model's at B = 0.
+    def model(adapt):
+        torch.manual_seed(0)
+        cfg = load_config(STAGE1, ["--model.backbone=timm:swinv2_tiny_window8_256", "--model.backbone_weights=none",
+                                   "--model.pooling=avg", "--optim.backbone_lr=0.01", f"--model.adapt={adapt}"])
+        built = build_model(cfg.model, 3, input_size=256).eval()
+        with torch.no_grad():
+            for name, parameter in built.named_parameters():
+                if name.endswith(("norm1.weight", "norm2.weight")):  # timm starts Swin-V2's post-norms at 0: at 1,
+                    parameter.fill_(1.0)                              # each block's attention reaches the map
+        return built
+
+    plain, adapted = model("none"), model("lora")
+    images = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(adapted.backbone(images), plain.backbone(images))  # B = 0
+        for name, parameter in adapted.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.05)
+        assert (adapted.backbone(images) - plain.backbone(images)).abs().max() > 1e-3

@@ -81,6 +81,13 @@ def add_lora(backbone: nn.Module, cfg) -> None:
                         target_modules=sorted({key for keys in chosen.values() for key in keys}), bias="none")
     inject_adapter_in_model(config, backbone)
     for module in backbone.modules():
+        # timm's Swin-V2 (and EVA) attention with separate q and v biases multiplies by its qkv layer's weight
+        # itself (F.linear(x, self.qkv.weight, bias)), which would bypass LoRA's layer: it calls the layer and adds
+        # the biases after it instead when told they are separate; the same sum.
+        if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate") and \
+                hasattr(getattr(module, "qkv", None), "lora_A"):
+            module.qkv_bias_separate = True
+    for module in backbone.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, nn.ModuleDict):
             for dropout in dropouts.values():

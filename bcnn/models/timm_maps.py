@@ -19,6 +19,7 @@ timm's out_indices count them.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Layout:
     final_norm: bool = True  # its forward_intermediates applies the final norm to a map (Hiera's refuses to)
 
 
+@functools.lru_cache(maxsize=None)  # the same answer for the same name: asked at every build (a meta copy each)
 def read_layout(timm, name: str) -> Layout:
     with torch.device("meta"):
         network = timm.create_model(name.split(".")[0], pretrained=False)
