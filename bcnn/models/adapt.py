@@ -74,7 +74,7 @@ def add_lora(backbone: nn.Module, cfg) -> None:
         has = f"its linear layers are named {', '.join(names)}" if names else "it has no linear layers"
         raise UserError(f"model.lora_targets={cfg.lora_targets!r} names {', '.join(missing) or 'nothing'}, which "
                         f"matches no linear layer of model.backbone={cfg.backbone} ({has}); name some of those (timm's "
-                        "ViTs and Swins: qkv, proj, fc1, fc2).")
+                        "ViTs and Swins: qkv, proj, fc1, fc2; EVA-02: q_proj, k_proj, v_proj, proj, fc1_g, fc1_x, fc2).")
     # The linear layers by their full names: peft's own matching by suffix would also take a convolution named like
     # one (a ViT's patch_embed.proj for "proj").
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
