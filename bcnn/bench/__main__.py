@@ -7,6 +7,7 @@
     python -m bcnn.bench --cost                           # every head's parameters and GFLOPs at 448 px
     python -m bcnn.bench --protocols                      # k-NN and retrieval at CUB's size
     python -m bcnn.bench --probe-grid                     # 12 linear probes in one pass vs one (train.probe_grid)
+    python -m bcnn.bench --peft                           # LoRA, BitFit, VPT-deep vs full fine-tuning, ViT-B/16
     make bench ARGS="--batch-size 16"
 
 The command line alone: the step bench's cases are in steps.py, the recipe's in recipe.py, the report in report.py.
@@ -91,6 +92,15 @@ def parse_args(argv):
                        "--cache-batch-size (default 64)")
     probe.add_argument("--probe-images", type=int,
                        help="train images of each --probe-grid case (default: CUB's 5,394; 64 at 262,144-d on a CPU)")
+    peft = parser.add_argument_group("parameter-efficient fine-tuning against full (bcnn/bench/peft.py)")
+    peft.add_argument("--peft", action="store_true",
+                      help="full fine-tuning, LoRA, BitFit and VPT-deep (model.adapt) of ViT-B/16 side by side, one "
+                      "step of each in turn: step time, peak memory, trained parameters, optimizer state and best.pt "
+                      "size, at --image-size (default 224) and --batch-size (default 4 on a CPU, 64 on CUDA), "
+                      "--steps rounds (default 10 on a CPU, 20 on CUDA)")
+    peft.add_argument("--peft-backbone",
+                      help="the transformer adapted, as model.backbone (default: vit_b16_in21k, timm's "
+                      "vit_base_patch16_224.orig_in21k, random weights)")
     return parser.parse_args(argv)
 
 
@@ -120,8 +130,10 @@ def check_combination(args) -> None:
                         "--protocols; add --protocols, or leave it out.")
     if args.probe_images is not None and not args.probe_grid:
         raise UserError("--probe-images goes with --probe-grid; add --probe-grid, or leave it out.")
-    chosen = [name.replace("_", "-") for name in ("decoders", "recipe", "augment", "cost", "protocols", "probe_grid")
-              if getattr(args, name)]
+    if args.peft_backbone is not None and not args.peft:
+        raise UserError("--peft-backbone goes with --peft; add --peft, or leave it out.")
+    chosen = [name.replace("_", "-") for name in ("decoders", "recipe", "augment", "cost", "protocols", "probe_grid",
+                                                  "peft") if getattr(args, name)]
     if len(chosen) > 1:
         raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks; run them one at a time.")
     if args.augment:
@@ -138,6 +150,8 @@ def check_combination(args) -> None:
     elif args.probe_grid:  # its batch is --cache-batch-size, stage 1's over the cache
         others, where, fix = ((*TIMED_ONLY, "image_size", "cache_image_size", "heads_image_size", "heads_batch_size",
                                *RECIPE_ONLY), "with --probe-grid", "drop --probe-grid")
+    elif args.peft:  # random device-resident batches: no loader
+        others, where, fix = (*STEPS_ONLY, *RECIPE_ONLY, "num_workers"), "with --peft", "drop --peft"
     else:
         others, where, fix = RECIPE_ONLY, "without --recipe", "add --recipe"
     ignored = [name for name in others if getattr(args, name) is not None]
@@ -153,10 +167,13 @@ def resolve_settings(args) -> Settings:
     cuda = device.type == "cuda"
     settings = Settings(
         device=device,
-        image_size=args.image_size if args.image_size is not None else (448 if cuda or args.cost else 224),
-        batch_size=args.batch_size if args.batch_size is not None else (64 if cuda or args.decoders else 8),
+        image_size=args.image_size if args.image_size is not None else (
+            448 if (cuda or args.cost) and not args.peft else 224),  # --peft: ViT-B/16's own 224 px
+        batch_size=args.batch_size if args.batch_size is not None else (
+            64 if cuda or args.decoders else 4 if args.peft else 8),
         precision=resolve_precision(args.precision or "auto", device),
-        steps=args.steps if args.steps is not None else (21 if args.decoders else 20 if cuda else 3),
+        steps=args.steps if args.steps is not None else (
+            21 if args.decoders else 20 if cuda else 10 if args.peft else 3),
         warmup=args.warmup if args.warmup is not None else (2 if args.decoders else 5 if cuda else 1),
         classes=args.classes if args.classes is not None else 200,
         num_workers=args.num_workers if args.num_workers is not None else default_workers(),
@@ -213,6 +230,12 @@ def run_bench(argv) -> dict:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = run_probe_grid(settings, args.probe_images)
         print(json.dumps(result, indent=2) if args.json else format_probe_grid(result))
+        return result
+    if args.peft:
+        from bcnn.bench.peft import BACKBONE, format_peft, run_peft
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = run_peft(settings, args.peft_backbone or BACKBONE)
+        print(json.dumps(result, indent=2) if args.json else format_peft(result))
         return result
     if args.augment:
         from bcnn.bench.augment import run_augment
