@@ -1,13 +1,15 @@
 """A model.adapt run's checkpoints (bcnn/models/frozen_weights.py) hold the tensors that trained and the head's, not
 the frozen backbone, which its weights file rebuilds: a fresh process evaluates best.pt to the val numbers the run
 logged for that epoch, with k-NN and the projector; predict explains from it; other frozen weights are refused in
-one sentence; a Ctrl-C run resumes from such a last.pt bit for bit."""
+one sentence; a Ctrl-C run resumes from such a last.pt bit for bit; BitFit's and VPT-deep's checkpoints evaluate,
+predict and explain too."""
 
 import sys
 
 import pytest
 import torch
 
+from bcnn import eval as eval_cli
 from bcnn import predict as predict_cli
 from bcnn import train as train_cli
 from bcnn.errors import Interrupted, UserError
@@ -99,3 +101,25 @@ def test_a_ctrl_c_lora_run_resumes_bit_for_bit_from_its_trained_tensors(peft, cu
     assert not any(".base_layer." in key for key in expected)  # the frozen weights came from the file
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
     assert rows_without_timing(stopped) == rows_without_timing(whole)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "vpt_deep"])
+def test_bitfit_and_vpt_checkpoints_evaluate_predict_and_explain(method, cub_3x6, tmp_path):
+    weights = vit_weights_file(tmp_path)
+    run_dir = tmp_path / "run"
+    args = lora_run(cub_3x6, run_dir, weights, "--data.num_workers=2", "--train.epochs=1")
+    train_cli.main([arg.replace("--model.adapt=lora", f"--model.adapt={method}") for arg in args
+                    if arg != "--model.lora_rank=4"])
+    best = load(run_dir / "best.pt")
+    trained = {"bitfit": lambda key: key.endswith("bias"), "vpt_deep": lambda key: key.endswith(".prompts")}[method]
+    backbone = [key for key in best["model"] if key.startswith("backbone.")]
+    assert backbone and all(trained(key) for key in backbone) and ENTRY in best  # no frozen tensor kept
+    row = next(row for row in rows_without_timing(run_dir) if row["epoch"] == best["epoch"])
+    evaluated = eval_cli.main(["--checkpoint", str(run_dir / "best.pt"), "--split", "val", "--device", "cpu",
+                               "--no-figures", f"--output={tmp_path / 'val.json'}"])
+    assert evaluated["top1"] == row["val_top1"]
+    pytest.importorskip("captum")
+    image = sorted((cub_3x6 / "images").rglob("*.jpg"))[0]
+    (predicted,) = predict_cli.main([str(image), "--checkpoint", str(run_dir / "best.pt"), "--json", "--device", "cpu",
+                                     "--explain", f"--explain-dir={tmp_path / 'explain'}"])
+    assert predicted["predictions"] and list((tmp_path / "explain").glob("*.png"))
