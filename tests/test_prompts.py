@@ -21,10 +21,10 @@ from helpers.runs import STAGE1, load
 pytest.importorskip("timm")
 
 # one of each kind of token network: class token; class + distillation; class + 4 registers (DINOv2); EVA-02's
-# rotary embedding; CLIP's norm before the blocks (the named family at 32 px: 2 x 2 tokens)
+# rotary embedding; CLIP's norm before the blocks (timm's smallest CLIP ViT, the named family's class)
 TOKEN_NETWORKS = {"timm:vit_tiny_patch16_224": (1, 32), "timm:deit_tiny_distilled_patch16_224": (2, 32),
                   "timm:vit_small_patch14_reg4_dinov2": (5, 28), "timm:eva02_tiny_patch14_224": (1, 28),
-                  "clip_vitb16": (1, 32)}
+                  "timm:vit_xsmall_patch16_clip_224": (1, 32)}
 
 
 def prompted(backbone: str, count: int = 3, size: int = 32, pooling: str = "avg"):
