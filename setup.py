@@ -26,8 +26,10 @@ setup(
         # data.decode=gpu's JPEG decoder (bcnn/data/jpeg.py); without it, torchvision's deprecated one
         "decode": ["torchcodec>=0.16"],
         "peft": ["peft>=0.13"],  # model.adapt=lora (bcnn/models/adapt.py)
+        # bcnn.export --format onnx (torch's dynamo exporter writes through onnxscript) and bcnn.onnx_predict
+        "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         # the tests build a timm network too, and check bcnn.protocols against pytorch-metric-learning's AccuracyCalculator
         "dev": ["pytest>=7.0", "pytest-xdist>=3.0", "timm>=1.0.15", "captum>=0.7", "torchcodec>=0.16",
-                "pytorch-metric-learning>=2.0", "peft>=0.13"],
+                "pytorch-metric-learning>=2.0", "peft>=0.13", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
     },
 )

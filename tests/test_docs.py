@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from bcnn import eval as eval_cli
+from bcnn import export as export_cli
+from bcnn import onnx_predict
 from bcnn import predict as predict_cli
 from bcnn import report as report_cli
 from bcnn import train as train_cli
@@ -117,7 +119,8 @@ def check_bcnn_command(module: str, argv: list[str]) -> None:
     parsers = {"bcnn.eval": eval_cli.parse_args, "bcnn.predict": predict_cli.parse_args,
                "bcnn.report": report_cli.parse_args, "bcnn.bench": bench_cli.parse_args,
                "bcnn.data": data_cli.parse_args, "bcnn.bench.sqrt_sweep": sqrt_sweep.parse_args,
-               "bcnn.bench.sqrt_backward": sqrt_backward.parse_args}
+               "bcnn.bench.sqrt_backward": sqrt_backward.parse_args, "bcnn.export": export_cli.parse_args,
+               "bcnn.onnx_predict": onnx_predict.parse_args}
     assert module in parsers, f"no parser known for {module}"
     parsers[module](argv)
 

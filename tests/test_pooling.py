@@ -311,7 +311,7 @@ def test_sketch_equals_the_fft_formulation_it_replaced(channels, dim, side):
 
 def test_each_channel_pair_lands_once_in_its_bucket():
     head = CompactBilinearPooling(channels=40, dim=64, seed=2)
-    table = head.bucket_table(torch.device("cpu")).table.numpy()  # (D, load)
+    table = head.bucket_pairs.view(head.output_dim, -1).numpy()  # (D, load)
     h1, h2 = head.hashes.numpy()
     pairs = 40 * 40
     for bucket, row in enumerate(table):
@@ -498,3 +498,14 @@ def test_the_eigendecomposition_backward_is_the_gradient_of_the_same_steps():
     q, _ = np.linalg.qr(np.random.default_rng(8).standard_normal((6, 6)))
     a = torch.from_numpy((q * np.array([1.0, 0.5, 0.5, 0.1, 0.02, 0.0])) @ q.T)[None].requires_grad_()
     assert torch.autograd.gradcheck(lambda m: eigen_backward_root(0.5 * (m + m.transpose(1, 2)), 5), (a,))
+
+
+def test_a_compact_head_given_other_hashes_by_a_state_dict_sketches_with_them():
+    # The bucket table is built from the hashes: loading another head's state (a checkpoint of another seed) must
+    # rebuild it, or the sketch would sum the new hashes' pairs into the old buckets.
+    other, head = CompactBilinearPooling(channels=40, dim=64, seed=5), CompactBilinearPooling(channels=40, dim=64)
+    x = torch.rand(2, 40, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(head.sketch(x), other.sketch(x))
+    head.load_state_dict(other.state_dict())
+    assert torch.equal(head.sketch(x), other.sketch(x))
+    assert "bucket_pairs" not in head.state_dict()  # the hashes are saved; the table follows from them

@@ -307,10 +307,16 @@ class CompactBilinearPooling(Pooling):
         super().__init__()
         self.channels, self.sqrt_eps, self.seed = channels, sqrt_eps, seed
         self.output_dim = dim
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("hashes", torch.randint(dim, (2, channels), generator=generator))  # (2, C) int64
-        self.register_buffer("signs", torch.randint(2, (2, channels), generator=generator).float() * 2 - 1)  # (2, C)
-        self._buckets = None  # (key, BucketTable) for the hashes in use: see bucket_table
+        generator = torch.Generator().manual_seed(seed)  # on the CPU, whatever the default device (meta builds too)
+        hashes = torch.randint(dim, (2, channels), generator=generator, device="cpu")  # (2, C) int64
+        self.register_buffer("hashes", hashes)
+        self.register_buffer("signs", torch.randint(2, (2, channels), generator=generator, device="cpu").float() * 2
+                             - 1)  # (2, C)
+        # The pairs of each bucket, from the hashes: buffers (moved with the model, read by torch.export as
+        # constants), not saved (the hashes are), rebuilt when a state dict brings other hashes.
+        self._set_bucket_table(BucketTable.build(hashes, dim))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._set_bucket_table(
+            BucketTable.build(module.hashes.cpu(), module.output_dim)))
 
     option_ranges = {"model.compact_dim": "[1, inf)", "model.sqrt_eps": "(0, inf)"}
 
@@ -331,24 +337,23 @@ class CompactBilinearPooling(Pooling):
         h_1(c) + h_2(c') = d (mod D), G = Σ_p x_p x_pᵀ the un-normalised Gram matrix (Pham & Pagh's identity, summed
         over positions). So the head costs the bilinear head's Gram product plus a gather of its C² entries, rather
         than two dense (H W, C) x (C, D) products and FFTs of length D at every position. Each bucket sums its
-        pairs in one fixed order, forward and backward (bucket_table), so the result is the same run after run, on
+        pairs in one fixed order, forward and backward (BucketTable), so the result is the same run after run, on
         a GPU too, where a scatter-add with colliding indices is not."""
         batch, channels, height, width = x.shape
         features = x.reshape(batch, channels, height * width)  # (B, C, HW)
         gram = torch.bmm(features, features.transpose(1, 2))  # (B, C, C), summed over positions
         signed = gram * (self.signs[0][:, None] * self.signs[1][None, :]).to(x.dtype)
-        buckets = self.bucket_table(x.device)
-        padded = F.pad(signed.flatten(1), (0, buckets.table.numel() - channels * channels))  # (B, D * load)
-        by_bucket = _Permute.apply(padded, buckets.table.flatten(), buckets.inverse)  # (B, D * load)
+        padded = F.pad(signed.flatten(1), (0, self.bucket_pairs.numel() - channels * channels))  # (B, D * load)
+        if padded.requires_grad:
+            by_bucket = _Permute.apply(padded, self.bucket_pairs, self.bucket_inverse)  # (B, D * load)
+        else:  # the same gather, as a plain operation an exported graph holds
+            by_bucket = padded.index_select(1, self.bucket_pairs)
         return by_bucket.view(batch, self.output_dim, -1).sum(dim=2)
 
-    def bucket_table(self, device: torch.device) -> "BucketTable":
-        """The pairs of each bucket, built from the hashes in use and kept until they change (a loaded state dict
-        writes them in place, which bumps their version)."""
-        key = (device, self.hashes.data_ptr(), self.hashes._version)
-        if self._buckets is None or self._buckets[0] != key:
-            self._buckets = (key, BucketTable.build(self.hashes.cpu(), self.output_dim).to(device))
-        return self._buckets[1]
+    def _set_bucket_table(self, table: "BucketTable") -> None:
+        device = self.hashes.device if self.hashes.device.type != "meta" else torch.device("cpu")
+        self.register_buffer("bucket_pairs", table.table.flatten().to(device), persistent=False)  # (D * load,)
+        self.register_buffer("bucket_inverse", table.inverse.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(signed_sqrt(self.sketch(x), self.sqrt_eps), dim=1)
@@ -375,17 +380,15 @@ class BucketTable:
         counts = torch.bincount(bucket, minlength=dim)  # (D,)
         load = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(channels * channels) - starts[bucket[order]]  # each pair's place in its bucket
-        table = torch.full((dim, load), -1, dtype=torch.int64)
+        on = {"device": hashes.device}  # the hashes' (the CPU), whatever the default device (a meta build's)
+        slot = torch.arange(channels * channels, **on) - starts[bucket[order]]  # each pair's place in its bucket
+        table = torch.full((dim, load), -1, dtype=torch.int64, **on)
         table[bucket[order], slot] = order
         empty = table < 0
-        table[empty] = channels * channels + torch.arange(int(empty.sum()))
-        inverse = torch.empty(dim * load, dtype=torch.int64)
-        inverse[table.flatten()] = torch.arange(dim * load)
+        table[empty] = channels * channels + torch.arange(int(empty.sum()), **on)
+        inverse = torch.empty(dim * load, dtype=torch.int64, **on)
+        inverse[table.flatten()] = torch.arange(dim * load, **on)
         return cls(table, inverse)
-
-    def to(self, device: torch.device) -> "BucketTable":
-        return BucketTable(self.table.to(device), self.inverse.to(device))
 
 
 class _Permute(torch.autograd.Function):

@@ -1,0 +1,103 @@
+"""bcnn.export: a checkpoint becomes an ONNX file or a torch.export program that gives the checkpoint's logits on
+its test images at two batch sizes (the check the command runs, and here again on other images), with a sidecar
+that says how to feed it; bcnn.onnx_predict, in a process where torch cannot be imported, gives bcnn.predict's
+top-k on the same files; a file bcnn.export did not write is never replaced."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bcnn import export as export_cli
+from bcnn import predict as predict_cli
+from bcnn import train as train_cli
+from bcnn.errors import UserError
+from bcnn.models.trained import from_checkpoint
+from helpers.runs import REPO, STAGE1
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+def trained_checkpoint(data, folder, *overrides):
+    run_dir = folder / "run"
+    train_cli.main(["--config", STAGE1, f"--data.root={data}", f"--run-dir={run_dir}", "--device=cpu",
+                    "--model.backbone=vgg16", "--model.backbone_weights=none", "--data.crop=32", "--data.resize=36",
+                    "--data.val_fraction=0.34", "--data.num_workers=0", "--train.epochs=1", "--train.batch_size=4",
+                    "--train.log_every=0", "--train.precision=fp32", "--train.heatmap_images=0",
+                    "--train.projector=false", *overrides])
+    return run_dir / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cub_3x6, tmp_path_factory):
+    return trained_checkpoint(cub_3x6, tmp_path_factory.mktemp("export"))
+
+
+def test_onnx_export_gives_the_checkpoint_s_answers_and_predicts_without_torch(checkpoint, cub_3x6, tmp_path):
+    output = tmp_path / "model.onnx"
+    sidecar = export_cli.main([str(checkpoint), "--output", str(output)])
+    written = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert written == sidecar and written["sha256"] == export_cli.file_sha256(output)
+    trained = from_checkpoint(checkpoint)
+    assert written["classes"] == trained.classes and written["input"]["height"] == 32
+    assert written["parity"]["top1_agreement"] == 1.0
+    assert written["parity"]["max_logit_difference"] <= written["parity"]["allowed"]
+
+    # bcnn.onnx_predict where torch cannot be imported, against bcnn.predict through the checkpoint
+    images = sorted(str(path) for path in (cub_3x6 / "images").rglob("*.jpg"))[:5]
+    blocked = ("import sys; sys.modules.update(torch=None, torchvision=None); from bcnn.onnx_predict import main; "
+               f"main({['--model', str(output), '--json', '--topk', '3', *images]!r})")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    without_torch = json.loads(result.stdout)
+    with_torch = predict_cli.main([*images, "--checkpoint", str(checkpoint), "--json", "--topk", "3", "--device",
+                                   "cpu"])
+    assert len(without_torch) == len(with_torch) == 5
+    for ours, theirs in zip(without_torch, with_torch):
+        assert [p["class"] for p in ours["predictions"]] == [p["class"] for p in theirs["predictions"]]
+        for a, b in zip(ours["predictions"], theirs["predictions"]):
+            # the same pixels (Pillow's resize both ways) and logits within the export's tolerance: softmax moves a
+            # probability by at most half the largest logit difference
+            assert a["probability"] == pytest.approx(b["probability"], abs=written["parity"]["allowed"] / 2)
+
+
+def test_a_torch_export_program_gives_the_checkpoint_s_logits_at_any_batch(checkpoint, tmp_path):
+    output = tmp_path / "model.pt2"
+    sidecar = export_cli.main([str(checkpoint), "--format", "torch", "--output", str(output)])
+    assert sidecar["format"] == "torch" and sidecar["parity"]["top1_agreement"] == 1.0
+    program = torch.export.load(str(output)).module()
+    trained = from_checkpoint(checkpoint)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)  # a batch size the check did not use
+    mean, std = (torch.tensor(value).view(1, 3, 1, 1) for value in trained.normalisation)
+    with torch.no_grad():
+        logits, vectors = program(images)
+        eager = trained.model((images.float() / 255 - mean) / std)
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-5)
+    assert vectors.shape == (5, trained.model.pooling.output_dim)
+
+
+def test_a_file_bcnn_export_did_not_write_is_never_replaced(checkpoint, tmp_path):
+    output = tmp_path / "model.onnx"
+    output.write_text("a user's file")
+    with pytest.raises(UserError, match="model.onnx exists and bcnn.export did not write it"):
+        export_cli.main([str(checkpoint), "--output", str(output), "--no-check"])
+    assert output.read_text() == "a user's file" and not list(tmp_path.glob(".model.onnx.*"))
+    output.unlink()
+    export_cli.main([str(checkpoint), "--output", str(output), "--no-check"])
+    export_cli.main([str(checkpoint), "--output", str(output), "--no-check"])  # its own file: replaced
+    assert json.loads((tmp_path / "model.onnx.json").read_text())["parity"] == "not checked (--no-check)"
+
+
+@pytest.mark.parametrize("head", [["--model.pooling=matrix_sqrt"], ["--model.pooling=isqrt_cov"],
+                                  ["--model.pooling=compact", "--model.compact_dim=512"], ["--model.pooling=avg"],
+                                  ["--model.backbone_b=vgg19", "--model.backbone_b_weights=none"]],
+                         ids=["matrix_sqrt", "isqrt_cov", "compact", "avg", "two_networks"])
+def test_every_head_exports_to_onnx_within_the_tolerance(head, cub_3x6, tmp_path):
+    # the compact head's bucket table is a buffer (not a cache keyed on a data pointer): the exporter traces it
+    checkpoint = trained_checkpoint(cub_3x6, tmp_path, *head)
+    sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
+    assert sidecar["parity"]["top1_agreement"] == 1.0
+    assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]
