@@ -101,3 +101,14 @@ def test_every_head_exports_to_onnx_within_the_tolerance(head, cub_3x6, tmp_path
     sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
     assert sidecar["parity"]["top1_agreement"] == 1.0
     assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]
+
+
+def test_a_lora_vit_exports_merged(cub_3x6, tmp_path):
+    pytest.importorskip("peft")
+    checkpoint = trained_checkpoint(cub_3x6, tmp_path, "--model.backbone=timm:vit_tiny_patch16_224",
+                                    "--model.pooling=avg", "--model.adapt=lora", "--optim.backbone_lr=0.01")
+    sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
+    assert sidecar["model"]["lora_layers_merged"] == 12  # each block's qkv: the graph holds plain weights
+    assert sidecar["parity"]["top1_agreement"] == 1.0
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert not any("lora" in initializer.name.lower() for initializer in graph.graph.initializer)
