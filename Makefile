@@ -63,7 +63,7 @@ LAUNCH  = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_n
 	the number of GPUs to use or leave it out for one process) --max-restarts=$(call whole,RESTARTS,0,pass how \
 	often torchrun may restart a failed run),$(PY))
 
-.PHONY: venv demo test test-gpu data stage1 stage2 train sweep eval report bench tensorboard screenshots clean
+.PHONY: venv demo test test-gpu test-export data stage1 stage2 train sweep eval report bench tensorboard screenshots clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -76,7 +76,11 @@ demo: $(VENV_DEP)
 	$(PY) -m bcnn.demo --root demo
 
 test: $(VENV_DEP)
-	$(PY) -m pytest -q -n auto --dist loadgroup --durations=10 tests
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=10 -m "not export_families" tests
+
+# every backbone family through bcnn.export's ONNX path and its parity check (docs/deployment.md)
+test-export: $(VENV_DEP)
+	$(PY) -m pytest -q -n auto -m export_families tests
 
 test-gpu: $(VENV_DEP)
 	$(PY) -m pytest -q -m gpu tests

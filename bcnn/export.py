@@ -54,10 +54,10 @@ class DeployedModel(nn.Module):
     """The eval model as an exported graph sees it: uint8 RGB (B, 3, crop, crop) in, (logits, embed) out, the
     normalisation inside. BilinearCNN.embed's steps without its autocast context (an export is float32 throughout)."""
 
-    def __init__(self, trained: TrainedModel):
+    def __init__(self, model: nn.Module, normalisation: tuple):
         super().__init__()
-        self.model = trained.model
-        mean, std = trained.normalisation
+        self.model = model
+        mean, std = normalisation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     if args.image_size is not None and args.image_size != trained.config.data.crop:
         at_another_size(trained, args.image_size, checkpoint)
     merged = merge_adapters(trained.model)
-    deployed = DeployedModel(trained).eval()
+    deployed = DeployedModel(trained.model, trained.normalisation).eval()
     crop = trained.config.data.crop
     example = torch.zeros(2, 3, crop, crop, dtype=torch.uint8)
     with _temporary_beside(output) as temporary:

@@ -13,7 +13,11 @@ import torch
 from bcnn import export as export_cli
 from bcnn import predict as predict_cli
 from bcnn import train as train_cli
+from bcnn.checkpoint import save_checkpoint
+from bcnn.config import config_to_dict, load_config
+from bcnn.data import build_dataset
 from bcnn.errors import UserError
+from bcnn.models import build_model
 from bcnn.models.trained import from_checkpoint
 from helpers.runs import REPO, STAGE1
 
@@ -29,6 +33,21 @@ def trained_checkpoint(data, folder, *overrides):
                     "--train.log_every=0", "--train.precision=fp32", "--train.heatmap_images=0",
                     "--train.projector=false", *overrides])
     return run_dir / "best.pt"
+
+
+def untrained_checkpoint(data, folder, *overrides):
+    """A checkpoint as bcnn.train writes one, of the model the overrides describe before any step (an export does not
+    care how its weights were found, and training each would cost the suite seconds): its config and its dataset's
+    classes, so that the parity check reads that dataset's test images."""
+    cfg = load_config(STAGE1, [f"--data.root={data}", "--model.backbone=vgg16", "--model.backbone_weights=none",
+                               "--data.crop=32", "--data.resize=36", *overrides])
+    classes = build_dataset(cfg.data, "test", train_transform=False).classes
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(classes), input_size=cfg.data.crop)
+    path = folder / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "classes": classes, "epoch": 0},
+                    path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +116,7 @@ def test_a_file_bcnn_export_did_not_write_is_never_replaced(checkpoint, tmp_path
                          ids=["matrix_sqrt", "isqrt_cov", "compact", "avg", "two_networks"])
 def test_every_head_exports_to_onnx_within_the_tolerance(head, cub_3x6, tmp_path):
     # the compact head's bucket table is a buffer (not a cache keyed on a data pointer): the exporter traces it
-    checkpoint = trained_checkpoint(cub_3x6, tmp_path, *head)
+    checkpoint = untrained_checkpoint(cub_3x6, tmp_path, *head)
     sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
     assert sidecar["parity"]["top1_agreement"] == 1.0
     assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]
@@ -105,10 +124,35 @@ def test_every_head_exports_to_onnx_within_the_tolerance(head, cub_3x6, tmp_path
 
 def test_a_lora_vit_exports_merged(cub_3x6, tmp_path):
     pytest.importorskip("peft")
-    checkpoint = trained_checkpoint(cub_3x6, tmp_path, "--model.backbone=timm:vit_tiny_patch16_224",
+    checkpoint = untrained_checkpoint(cub_3x6, tmp_path, "--model.backbone=timm:vit_tiny_patch16_224",
                                     "--model.pooling=avg", "--model.adapt=lora", "--optim.backbone_lr=0.01")
+    state = torch.load(checkpoint, weights_only=True)
+    for key, value in state["model"].items():
+        if ".lora_B." in key:
+            value.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))  # a trained update: B = 0 at first
+    save_checkpoint(state, checkpoint)
     sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
     assert sidecar["model"]["lora_layers_merged"] == 12  # each block's qkv: the graph holds plain weights
     assert sidecar["parity"]["top1_agreement"] == 1.0
     graph = onnx.load(str(tmp_path / "model.onnx"))
     assert not any("lora" in initializer.name.lower() for initializer in graph.graph.initializer)
+
+
+# Each backbone family to ONNX (the average head: the heads are tested above on VGG16; torch.export is the first step
+# of the ONNX exporter, and VGG16's program is tested above): a network of each torchvision family, and a timm
+# transformer of each kind (a ViT with registers, a windowed Swin).
+FAMILIES = {"resnet50": ["--data.crop=32", "--data.resize=36"],
+            "densenet121": ["--data.crop=32", "--data.resize=36"],
+            "convnext_tiny": ["--data.crop=32", "--data.resize=36"],
+            "timm:vit_small_patch14_reg4_dinov2": ["--data.crop=28", "--data.resize=32"],
+            "timm:swin_tiny_patch4_window7_224": ["--data.crop=64", "--data.resize=72"]}
+
+
+@pytest.mark.export_families  # about 75 s of CPU: make test-export (make test leaves it out)
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_every_backbone_family_exports_within_the_tolerance(backbone, cub_3x6, tmp_path):
+    checkpoint = untrained_checkpoint(cub_3x6, tmp_path, f"--model.backbone={backbone}", "--model.pooling=avg",
+                                      *FAMILIES[backbone])
+    sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
+    assert sidecar["parity"]["top1_agreement"] == 1.0
+    assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]

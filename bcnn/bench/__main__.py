@@ -8,6 +8,7 @@
     python -m bcnn.bench --protocols                      # k-NN and retrieval at CUB's size
     python -m bcnn.bench --probe-grid                     # 12 linear probes in one pass vs one (train.probe_grid)
     python -m bcnn.bench --peft                           # LoRA, BitFit, VPT-deep vs full fine-tuning, ViT-B/16
+    python -m bcnn.bench --runtime                        # the exported model in ONNX Runtime vs eager PyTorch
     make bench ARGS="--batch-size 16"
 
 The command line alone: the step bench's cases are in steps.py, the recipe's in recipe.py, the report in report.py.
@@ -101,6 +102,10 @@ def parse_args(argv):
     peft.add_argument("--peft-backbone",
                       help="the transformer adapted, as model.backbone (default: vit_b16_in21k, timm's "
                       "vit_base_patch16_224.orig_in21k, random weights)")
+    runtime = parser.add_argument_group("an exported model's runtime (bcnn/bench/runtime.py)")
+    runtime.add_argument("--runtime", action="store_true",
+                         help="the recipe's model exported to ONNX and run by ONNX Runtime against eager PyTorch "
+                         "fp32 and bf16, at batch 1 and 8, --image-size (default 448), --steps rounds (default 3)")
     return parser.parse_args(argv)
 
 
@@ -133,7 +138,7 @@ def check_combination(args) -> None:
     if args.peft_backbone is not None and not args.peft:
         raise UserError("--peft-backbone goes with --peft; add --peft, or leave it out.")
     chosen = [name.replace("_", "-") for name in ("decoders", "recipe", "augment", "cost", "protocols", "probe_grid",
-                                                  "peft") if getattr(args, name)]
+                                                  "peft", "runtime") if getattr(args, name)]
     if len(chosen) > 1:
         raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks; run them one at a time.")
     if args.augment:
@@ -152,6 +157,9 @@ def check_combination(args) -> None:
                                *RECIPE_ONLY), "with --probe-grid", "drop --probe-grid")
     elif args.peft:  # random device-resident batches: no loader
         others, where, fix = (*STEPS_ONLY, *RECIPE_ONLY, "num_workers"), "with --peft", "drop --peft"
+    elif args.runtime:  # batches of 1 and 8, fp32 and bf16 side by side
+        others, where, fix = ((*STEPS_ONLY, *RECIPE_ONLY, "num_workers", "batch_size", "precision"), "with --runtime",
+                              "drop --runtime")
     else:
         others, where, fix = RECIPE_ONLY, "without --recipe", "add --recipe"
     ignored = [name for name in others if getattr(args, name) is not None]
@@ -168,12 +176,12 @@ def resolve_settings(args) -> Settings:
     settings = Settings(
         device=device,
         image_size=args.image_size if args.image_size is not None else (
-            448 if (cuda or args.cost) and not args.peft else 224),  # --peft: ViT-B/16's own 224 px
+            448 if (cuda or args.cost or args.runtime) and not args.peft else 224),  # --peft: ViT-B/16's 224 px
         batch_size=args.batch_size if args.batch_size is not None else (
             64 if cuda or args.decoders else 4 if args.peft else 8),
         precision=resolve_precision(args.precision or "auto", device),
         steps=args.steps if args.steps is not None else (
-            21 if args.decoders else 20 if cuda else 10 if args.peft else 3),
+            21 if args.decoders else 20 if cuda else 10 if args.peft else 3),  # --runtime: 3 rounds on a CPU
         warmup=args.warmup if args.warmup is not None else (2 if args.decoders else 5 if cuda else 1),
         classes=args.classes if args.classes is not None else 200,
         num_workers=args.num_workers if args.num_workers is not None else default_workers(),
@@ -230,6 +238,12 @@ def run_bench(argv) -> dict:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = run_probe_grid(settings, args.probe_images)
         print(json.dumps(result, indent=2) if args.json else format_probe_grid(result))
+        return result
+    if args.runtime:
+        from bcnn.bench.runtime import format_runtime, run_runtime
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = run_runtime(settings)
+        print(json.dumps(result, indent=2) if args.json else format_runtime(result))
         return result
     if args.peft:
         from bcnn.bench.peft import BACKBONE, format_peft, run_peft
