@@ -6,9 +6,10 @@
                   feature cache's epochs), run(settings), the ratios between the cases and their targets
     recipe.py     --recipe: the whole recipe's wall time at CUB's scale, on generated photo-like JPEGs
     decoders.py   --decoders: the batched path's JPEG decoders (TorchCodec, torchvision) beside PIL
-    augment.py, cost.py, protocols.py, probe.py, peft.py   --augment, --cost, --protocols, --probe-grid, --peft:
-                  the augmentations' cost, every model's size, k-NN at CUB's size, the probe sweep, parameter-efficient
-                  fine-tuning against full (each with its own text report)
+    augment.py, cost.py, protocols.py, probe.py, peft.py, runtime.py   --augment, --cost, --protocols,
+                  --probe-grid, --peft, --runtime: the augmentations' cost, every model's size, k-NN at CUB's size, the
+                  probe sweep, parameter-efficient fine-tuning against full, an exported model under ONNX Runtime
+                  (each with its own text report)
     sqrt_sweep.py, sqrt_backward.py   python -m bcnn.bench.sqrt_sweep / .sqrt_backward: the matrix square root's
                   truncation and backwards, measured on VGG16 maps (docs/pooling.md)
     report.py     the text report of either (with --json, main prints their result as it is)
