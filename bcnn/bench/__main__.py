@@ -235,28 +235,16 @@ def run_bench(argv) -> dict:
         return result
     if args.probe_grid:
         from bcnn.bench.probe import format_probe_grid, run_probe_grid
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = run_probe_grid(settings, args.probe_images)
-        print(json.dumps(result, indent=2) if args.json else format_probe_grid(result))
-        return result
+        return reported(args, format_probe_grid, run_probe_grid, settings, args.probe_images)
     if args.runtime:
         from bcnn.bench.runtime import format_runtime, run_runtime
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = run_runtime(settings)
-        print(json.dumps(result, indent=2) if args.json else format_runtime(result))
-        return result
+        return reported(args, format_runtime, run_runtime, settings)
     if args.peft:
         from bcnn.bench.peft import BACKBONE, format_peft, run_peft
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = run_peft(settings, args.peft_backbone or BACKBONE)
-        print(json.dumps(result, indent=2) if args.json else format_peft(result))
-        return result
+        return reported(args, format_peft, run_peft, settings, args.peft_backbone or BACKBONE)
     if args.augment:
         from bcnn.bench.augment import run_augment
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = run_augment(settings)
-        print(json.dumps(result, indent=2) if args.json else format_augment(result))
-        return result
+        return reported(args, format_augment, run_augment, settings)
     if args.recipe:
         # Imported for --recipe alone: it needs bcnn.feature_cache, which the step bench does without.
         from bcnn.bench import recipe
@@ -264,13 +252,16 @@ def run_bench(argv) -> dict:
             recipe.CUB_IMAGES["train"] if settings.device.type == "cuda" else 48)
         photo_side = args.photo_side if args.photo_side is not None else 0
         recipe.check_recipe_arguments(images, photo_side)
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = recipe.run_recipe(settings, images, args.decode or "auto", photo_side)
-        print(json.dumps(result, indent=2) if args.json else format_recipe(result))
-        return result
+        return reported(args, format_recipe, recipe.run_recipe, settings, images, args.decode or "auto", photo_side)
+    return reported(args, format_report, run, settings)
+
+
+def reported(args, format_text, bench, *arguments) -> dict:
+    """bench(*arguments)'s result printed as JSON (--json: stdout holds the JSON alone, what the bench prints as it
+    goes is sent to stderr) or as format_text's report; returned."""
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = run(settings)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+        result = bench(*arguments)
+    print(json.dumps(result, indent=2) if args.json else format_text(result))
     return result
 
 

@@ -29,25 +29,22 @@ under 40 MB. Printed as met or missed, never asserted.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import statistics
-import time
 
 import torch
 
-from bcnn.bench.probes import CpuShare, MemoryProbe, _sync, device_name
+from bcnn.bench.probes import CpuShare, MemoryProbe, device_name
 from bcnn.bench.settings import Settings
-from bcnn.bench.steps import _SameBatch, random_batch
+from bcnn.bench.steps import random_batch, timed_step
 from bcnn.config import Config, config_to_dict, validate
-from bcnn.engine import TrainingDiverged, train_one_epoch
 from bcnn.errors import UserError
 from bcnn.models.adapt import trained_share
 from bcnn.models.bilinear_cnn import BilinearCNN, build_model
 from bcnn.models.frozen_weights import FrozenBackbone, fingerprint, frozen_keys
 from bcnn.models.pooling import build_pooling
 from bcnn.optim import build_optimizer
-from bcnn.precision import configure_device, grad_scaler
+from bcnn.precision import configure_device
 
 BACKBONE = "vit_b16_in21k"
 CASES = ("full", "lora", "bitfit", "vpt_deep")  # full: model.freeze_backbone=false, model.adapt=none
@@ -72,21 +69,6 @@ def case_config(case: str, backbone: str, pooling: str, image_size: int, classes
     cfg.optim.lr, cfg.optim.backbone_lr = 1e-3, 1e-4
     validate(cfg)
     return cfg
-
-
-def timed_step(model, optimizer, images: torch.Tensor, targets: torch.Tensor, settings: Settings) -> float:
-    """Seconds of one train_one_epoch step, from the batch handed out to after the optimizer step."""
-    device, stamps = settings.device, []
-
-    def stamp(*_):
-        _sync(device)
-        stamps.append(time.perf_counter())
-
-    with contextlib.suppress(TrainingDiverged):  # random weights may diverge; the time stands all the same
-        train_one_epoch(model, _SameBatch(images, targets, 1, stamp), optimizer, device, epoch=1,
-                        scaler=grad_scaler(settings.precision, device), after_step=stamp, log_every=0,
-                        precision=settings.precision, channels_last=True)
-    return stamps[1] - stamps[0]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -214,6 +196,9 @@ def run_peft(settings: Settings, backbone: str = BACKBONE) -> dict:
     for index in range(settings.warmup + settings.steps):
         for record, model, optimizer in timed if index % 2 == 0 else timed[::-1]:
             seconds = timed_step(model, optimizer, images, targets, settings)
+            if seconds is None:
+                raise UserError(f"a step of {record['case']} ended in a non-finite loss on random weights; run the "
+                                "bench again with --precision fp32.")
             if index >= settings.warmup:
                 record["step_seconds"].append(seconds)
     for record, _, _ in timed:

@@ -217,10 +217,25 @@ class _NoMemoryProbe:
         return None
 
 
+def timed_step(model, optimizer, images: torch.Tensor, targets: torch.Tensor, settings: Settings) -> float | None:
+    """Seconds of one train_one_epoch step, from the batch handed out to after the optimizer step (None if the step
+    stopped before it: a loss that random weights made infinite)."""
+    device, stamps = settings.device, []
+
+    def stamp(*_):
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    with contextlib.suppress(TrainingDiverged):  # random weights may diverge; the time stands all the same
+        train_one_epoch(model, _SameBatch(images, targets, 1, stamp), optimizer, device, epoch=1,
+                        scaler=grad_scaler(settings.precision, device), after_step=stamp, log_every=0,
+                        precision=settings.precision, channels_last=True)
+    return stamps[1] - stamps[0] if len(stamps) == 2 else None
+
+
 def measure_heads_side_by_side(settings: Settings, backbone: nn.Sequential) -> dict:
     """Every head's stage2_step at the heads' size and batch, one step of each head in turn, warmup + steps rounds:
     the ratios between heads then hold even while the machine's speed drifts (clock boost, a neighbour's load)."""
-    device = settings.device
     sized = dataclasses.replace(settings, image_size=settings.heads_image_size, batch_size=settings.heads_batch_size)
     images, targets = random_batch(sized, channels_last=True)
     runs = []
@@ -229,18 +244,9 @@ def measure_heads_side_by_side(settings: Settings, backbone: nn.Sequential) -> d
         runs.append((head, model, build_optimizer(stage_config(False), model), []))
     for index in range(settings.warmup + settings.steps):
         for head, model, optimizer, times in runs:
-            stamps = []
-
-            def stamp(*_):
-                _sync(device)
-                stamps.append(time.perf_counter())
-
-            with contextlib.suppress(TrainingDiverged):  # random weights may diverge; the time stands all the same
-                train_one_epoch(model, _SameBatch(images, targets, 1, stamp), optimizer, device, epoch=1,
-                                scaler=grad_scaler(settings.precision, device), after_step=stamp, log_every=0,
-                                precision=settings.precision, channels_last=True)
-            if index >= settings.warmup and len(stamps) == 2:
-                times.append(stamps[1] - stamps[0])
+            seconds = timed_step(model, optimizer, images, targets, settings)
+            if index >= settings.warmup and seconds is not None:
+                times.append(seconds)
     records = {}
     for head, _, _, times in runs:
         records[f"heads_{head}"] = _record(f"heads_{head}", settings.precision, "channels_last", times,
