@@ -110,6 +110,7 @@ def test_a_file_bcnn_export_did_not_write_is_never_replaced(checkpoint, tmp_path
     assert json.loads((tmp_path / "model.onnx.json").read_text())["parity"] == "not checked (--no-check)"
 
 
+@pytest.mark.export_families  # about 35 s of CPU: make test-export (make test leaves it out)
 @pytest.mark.parametrize("head", [["--model.pooling=matrix_sqrt"], ["--model.pooling=isqrt_cov"],
                                   ["--model.pooling=compact", "--model.compact_dim=512"], ["--model.pooling=avg"],
                                   ["--model.backbone_b=vgg19", "--model.backbone_b_weights=none"]],
@@ -122,6 +123,7 @@ def test_every_head_exports_to_onnx_within_the_tolerance(head, cub_3x6, tmp_path
     assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]
 
 
+@pytest.mark.export_families  # about 14 s of CPU (peft's import, a ViT's export): make test-export
 def test_a_lora_vit_exports_merged(cub_3x6, tmp_path):
     pytest.importorskip("peft")
     checkpoint = untrained_checkpoint(cub_3x6, tmp_path, "--model.backbone=timm:vit_tiny_patch16_224",
@@ -156,3 +158,18 @@ def test_every_backbone_family_exports_within_the_tolerance(backbone, cub_3x6, t
     sidecar = export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
     assert sidecar["parity"]["top1_agreement"] == 1.0
     assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]
+
+
+def test_another_image_size_for_a_convolutional_backbone_and_its_refusals(checkpoint, cub_3x6, tmp_path):
+    sidecar = export_cli.main([str(checkpoint), "--format", "torch", "--output", str(tmp_path / "m.pt2"),
+                               "--image-size", "48", "--check-images", "5"])
+    assert (sidecar["input"]["height"], sidecar["preprocess"]["resize_shorter_side"]) == (48, 54)  # 36 x 48 / 32
+    assert sidecar["parity"]["images"] == 5 and sidecar["parity"]["batch_sizes"] == [1, 3]  # 1, then 3 and 1
+    with pytest.raises(UserError, match="--check-images must be at least 2"):
+        export_cli.main([str(checkpoint), "--format", "torch", "--output", str(tmp_path / "n.pt2"),
+                         "--check-images", "1"])
+    assert not (tmp_path / "n.pt2").exists()
+    vit = untrained_checkpoint(cub_3x6, tmp_path, "--model.backbone=timm:vit_tiny_patch16_224", "--model.pooling=avg")
+    with pytest.raises(UserError, match=r"--image-size 64: the model .* cannot take 64 x 64 images .*leave "
+                                        r"--image-size out to export at its crop, 32"):
+        export_cli.main([str(vit), "--output", str(tmp_path / "vit.onnx"), "--image-size", "64"])
