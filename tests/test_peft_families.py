@@ -42,13 +42,19 @@ TRAINS = {"bitfit": lambda key: key.rsplit(".", 1)[-1] in ("bias", "q_bias", "v_
           "vpt_deep": lambda key: key.endswith(".prompts")}
 
 
-@functools.cache
-def built_on_meta(name: str):
-    """A named family built on the meta device for 448 px, once per worker for its three methods (timm's initialisers
-    still take a second op by op on meta): each test adapts its own copy. A cache rather than a module fixture, which
-    would put every case in one pytest-xdist worker (tests/conftest.py)."""
+@pytest.fixture(scope="module")
+def peft():
+    """peft, imported once (seconds: transformers comes with it); a module fixture, so the tests that need it run in
+    one pytest-xdist worker (tests/conftest.py)."""
+    return pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def family(request):
+    """A named family (request.param) built on the meta device for 448 px, once for its three methods (timm's
+    initialisers still take a second op by op on meta): each test adapts its own copy."""
     with torch.device("meta"):
-        return build_backbone(name, "none", "auto", SIZE)
+        return request.param, build_backbone(request.param, "none", "auto", SIZE)
 
 
 @functools.cache
@@ -72,11 +78,9 @@ LARGE = ("vit_l16_in21k", "dinov2_vitl14", "swin_l_in22k")
 
 
 @pytest.mark.parametrize("method", TRAINS)
-@pytest.mark.parametrize("name", [name for name in TIMM_FAMILIES if name not in LARGE])
-def test_every_head_on_every_named_family_steps_with_each_method_at_448_px(name, method, monkeypatch):
-    if method == "lora":
-        pytest.importorskip("peft")
-    backbone = built_on_meta(name)
+@pytest.mark.parametrize("family", [name for name in TIMM_FAMILIES if name not in LARGE], indirect=True)
+def test_every_head_on_every_named_family_steps_with_each_method_at_448_px(family, method, peft, monkeypatch):
+    name, backbone = family
     cfg = ModelConfig(backbone=name, backbone_weights="none", pooling="avg", adapt=method,
                       lora_targets=LORA_TARGETS.get(name, "qkv"))
     # build_model as the commands call it (sizes checked, frozen, adapted), on a copy of the backbone built once
@@ -149,7 +153,7 @@ LORA_RUN = ["--model.backbone=timm:vit_tiny_patch16_224", "--model.pooling=avg",
             "--train.projector=false"]
 
 
-# peft found without importing it (seconds, with transformers): the run imports it when it builds LoRA.
+# Not the peft fixture: its module scope would put this test in the xdist worker of the 33 above (tests/conftest.py).
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="model.adapt=lora needs peft (pip install peft)")
 def test_lora_on_two_processes_trains_the_model_of_one(cub_3x13, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
