@@ -38,6 +38,7 @@ from bcnn import __version__
 from bcnn.errors import UserError, exit_on_user_error
 from bcnn.models.adapt import merge_adapters
 from bcnn.models.trained import TrainedModel, from_checkpoint
+from bcnn.models.weights import first_line
 
 FORMATS = {"onnx": ".onnx", "torch": ".pt2"}
 PARITY_BATCHES = (1, 3)  # the first image alone, then batches of 3: the dynamic axis at two sizes
@@ -132,7 +133,7 @@ def at_another_size(trained: TrainedModel, size: int, checkpoint: Path) -> None:
             trained.model(torch.zeros(1, 3, size, size))
     except Exception as error:
         raise UserError(f"--image-size {size}: the model {checkpoint} holds cannot take {size} x {size} images "
-                        f"({_first_line(error)}); leave --image-size out to export at its crop, {data.crop}.") from None
+                        f"({first_line(error)}); leave --image-size out to export at its crop, {data.crop}.") from None
     data.resize, data.crop = round(data.resize * size / data.crop), size
 
 
@@ -206,7 +207,7 @@ def export_program(deployed: nn.Module, example: torch.Tensor, path: Path) -> No
         try:
             program = torch.export.export(deployed, (example,), dynamic_shapes=_batch_axis())
         except Exception as error:  # torch.export's own errors name the operation it cannot trace
-            raise UserError(f"torch.export cannot trace this model ({_first_line(error)}); open an issue with the "
+            raise UserError(f"torch.export cannot trace this model ({first_line(error)}); open an issue with the "
                             "checkpoint's model.backbone and model.pooling.") from None
     torch.export.save(program, str(path))
 
@@ -223,14 +224,9 @@ def export_onnx(deployed: nn.Module, example: torch.Tensor, path: Path, opset: i
                               input_names=["images"], output_names=["logits", "embed"],
                               dynamic_shapes=_batch_axis(), external_data=False, verbose=False)
         except Exception as error:
-            raise UserError(f"torch's ONNX exporter cannot export this model ({_first_line(error)}); try --format "
+            raise UserError(f"torch's ONNX exporter cannot export this model ({first_line(error)}); try --format "
                             "torch, or open an issue with the checkpoint's model.backbone and model.pooling.") from None
     onnx.checker.check_model(str(path))
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def parity_images(trained: TrainedModel, count: int) -> tuple[torch.Tensor, list[str]]:
