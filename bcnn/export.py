@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +50,16 @@ PARITY_BATCHES = (1, 3)  # the first image alone, then batches of 3: the dynamic
 # a wrong operation moves logits by a good share of their scale.
 TOLERANCE = 1e-3
 WRITER = "bcnn.export"
+# Operations bcnn's heads avoid (Newton-Schulz is products only, the count sketch a gather) and a new head may not:
+# how a word of the failing operation's name begins (aten._linalg_eigh: "eig"), what blocks it, the issue to follow.
+# FFTs export through the current exporter as ONNX's DFT, and ONNX Runtime runs an rfft/irfft pair (measured here);
+# the old exporter had none (pytorch/pytorch#44822, #112382), and ONNX Runtime fails on some FFT graphs (#188496).
+BLOCKED_OPERATIONS = (
+    (("svd", "eig", "cholesky", "solve", "inv", "lstsq", "qr", "lu"),
+     "ONNX has no operator for matrix decompositions or solvers: follow onnx/onnx#5570 and pytorch/pytorch#81084"),
+    (("fft", "dft", "stft"), "FFTs in ONNX: follow pytorch/pytorch#188496 (ONNX Runtime on exported FFT graphs), "
+                             "#112382 and #44822"),
+)
 
 
 class DeployedModel(nn.Module):
@@ -206,9 +217,9 @@ def export_program(deployed: nn.Module, example: torch.Tensor, path: Path) -> No
     with torch.no_grad():
         try:
             program = torch.export.export(deployed, (example,), dynamic_shapes=_batch_axis())
-        except Exception as error:  # torch.export's own errors name the operation it cannot trace
-            raise UserError(f"torch.export cannot trace this model ({first_line(error)}); open an issue with the "
-                            "checkpoint's model.backbone and model.pooling.") from None
+        except Exception as error:  # torch.export's own errors name the operation or the line it cannot trace
+            raise UserError(f"torch.export cannot trace this model ({first_line(error)}); "
+                            f"{where_to_follow(failing_operation(error))}.") from None
     torch.export.save(program, str(path))
 
 
@@ -224,9 +235,32 @@ def export_onnx(deployed: nn.Module, example: torch.Tensor, path: Path, opset: i
                               input_names=["images"], output_names=["logits", "embed"],
                               dynamic_shapes=_batch_axis(), external_data=False, verbose=False)
         except Exception as error:
-            raise UserError(f"torch's ONNX exporter cannot export this model ({first_line(error)}); try --format "
-                            "torch, or open an issue with the checkpoint's model.backbone and model.pooling.") from None
+            operation = failing_operation(error)
+            what = f"has no ONNX function for {operation}" if operation else f"failed ({first_line(error)})"
+            raise UserError(f"torch's ONNX exporter {what}, which this model computes; {where_to_follow(operation)}; "
+                            "--format torch exports it as a torch.export program meanwhile.") from None
     onnx.checker.check_model(str(path))
+
+
+def failing_operation(error: Exception) -> str | None:
+    """The operation an exporter's or ONNX Runtime's error names (aten._linalg_eigh, DFT), if it names one."""
+    text = str(error)
+    for pattern in (r"OpOverload\(op='([\w.]+)'", r"torch\.ops\.(aten\.\w+)", r"aten::(\w+)",
+                    r"implementation for (\w+)\(", r"node \S+ \((\w+)\)"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def where_to_follow(operation: str | None) -> str:
+    """The issue that tracks an operation's export (BLOCKED_OPERATIONS), or where to report one nobody tracks."""
+    words = [word for word in re.split(r"[_.]", (operation or "").lower()) if word]
+    for beginnings, issue in BLOCKED_OPERATIONS:
+        if any(word.startswith(beginnings) for word in words):
+            return issue
+    return ("open an issue at github.com/pytorch/pytorch (component onnx or export) with the operation, and tell "
+            "bcnn which model.backbone and model.pooling")
 
 
 def parity_images(trained: TrainedModel, count: int) -> tuple[torch.Tensor, list[str]]:
@@ -258,12 +292,25 @@ def run_exported(path: Path, fmt: str):
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise _runtime_refusal(error) from None
 
     def run(images: torch.Tensor):
-        logits, vectors = session.run(["logits", "embed"], {"images": images.numpy()})
+        try:
+            logits, vectors = session.run(["logits", "embed"], {"images": images.numpy()})
+        except Exception as error:
+            raise _runtime_refusal(error) from None
         return torch.from_numpy(logits), torch.from_numpy(vectors)
     return run
+
+
+def _runtime_refusal(error: Exception) -> UserError:
+    """ONNX Runtime could not load or run a graph the exporter wrote and onnx.checker passed."""
+    operation = failing_operation(error)
+    return UserError(f"ONNX Runtime cannot run the exported graph ({first_line(error)}); nothing was written: "
+                     f"{where_to_follow(operation)}; --format torch exports it as a torch.export program meanwhile.")
 
 
 def check_parity(deployed: nn.Module, trained: TrainedModel, path: Path, fmt: str, count: int) -> dict:

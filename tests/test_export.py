@@ -18,6 +18,7 @@ from bcnn.config import config_to_dict, load_config
 from bcnn.data import build_dataset
 from bcnn.errors import UserError
 from bcnn.models import build_model
+from bcnn.models.pooling import HEADS, Pooling, gram_matrix
 from bcnn.models.trained import from_checkpoint
 from helpers.runs import REPO, STAGE1
 
@@ -173,3 +174,53 @@ def test_another_image_size_for_a_convolutional_backbone_and_its_refusals(checkp
     with pytest.raises(UserError, match=r"--image-size 64: the model .* cannot take 64 x 64 images .*leave "
                                         r"--image-size out to export at its crop, 32"):
         export_cli.main([str(vit), "--output", str(tmp_path / "vit.onnx"), "--image-size", "64"])
+
+
+class EighSqrtPooling(Pooling):
+    """A head a researcher might add: the matrix square root of the Gram matrix by an eigendecomposition, which no
+    ONNX operator computes (bcnn's matrix_sqrt uses Newton-Schulz, products only)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.output_dim = channels * channels
+
+    def forward(self, x, x_b=None):
+        values, vectors = torch.linalg.eigh(gram_matrix(x, x))
+        root = (vectors * values.clamp_min(0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
+        return torch.nn.functional.normalize(root.flatten(1), dim=1)
+
+
+def test_a_head_onnx_cannot_express_is_refused_with_its_operation_and_the_issue_to_follow(cub_3x6, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setitem(HEADS, "eigh_sqrt", EighSqrtPooling)
+    checkpoint = untrained_checkpoint(cub_3x6, tmp_path, "--model.pooling=eigh_sqrt")
+    with pytest.raises(UserError, match=r"has no ONNX function for aten\._linalg_eigh\b.*onnx/onnx#5570 and "
+                                        r"pytorch/pytorch#81084; --format torch exports it"):
+        export_cli.main([str(checkpoint), "--output", str(tmp_path / "model.onnx")])
+    assert not list(tmp_path.glob("*model.onnx*"))  # nothing written, no temporary file left
+    # the way out the refusal names: torch.export traces the eigendecomposition, and the program agrees
+    sidecar = export_cli.main([str(checkpoint), "--format", "torch", "--output", str(tmp_path / "model.pt2")])
+    assert sidecar["parity"]["top1_agreement"] == 1.0
+
+
+def test_a_graph_onnx_runtime_cannot_run_is_refused_in_one_sentence(tmp_path):
+    # a real ONNX file whose operator ONNX Runtime has no kernel for (a domain of its own), as an exporter could write
+    node = onnx.helper.make_node("Sketch", ["images"], ["logits"], domain="bcnn.example")
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.UINT8,
+                                                                                    [None, 3, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [None, 2])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                         onnx.helper.make_opsetid("bcnn.example", 1)])
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(UserError, match=r"^ONNX Runtime cannot run the exported graph \(.*Sketch.*\); nothing was "
+                                        r"written: open an issue at github.com/pytorch/pytorch"):
+        export_cli.run_exported(tmp_path / "model.onnx", "onnx")
+
+
+@pytest.mark.parametrize("operation, issue", [("aten._linalg_eigh", "onnx/onnx#5570"),
+                                              ("aten._linalg_svd", "onnx/onnx#5570"),
+                                              ("aten.linalg_cholesky_ex", "onnx/onnx#5570"),
+                                              ("aten._fft_r2c", "pytorch/pytorch#188496"), ("DFT", "#188496"),
+                                              ("aten.relu", "open an issue"), (None, "open an issue")])
+def test_each_blocked_operation_names_the_issue_that_tracks_it(operation, issue):
+    assert issue in export_cli.where_to_follow(operation)
