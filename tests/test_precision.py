@@ -78,6 +78,7 @@ def test_compiling_the_backbone_trains_the_same_model_with_plain_checkpoint_keys
     weights = {}
     for compiled in ("false", "true"):
         run_dir = tmp_path / f"compile_{compiled}"
+        torch._dynamo.utils.counters.clear()
         train_cli.main(["--config", stage1, f"--data-root={data}", "--device=cpu", f"--run-dir={run_dir}",
                         "--data.crop=32", "--data.resize=40", "--train.epochs=1", "--train.precision=fp32",
                         f"--train.compile={compiled}",
@@ -88,6 +89,9 @@ def test_compiling_the_backbone_trains_the_same_model_with_plain_checkpoint_keys
                         # about half of this test's compile time with a cold cache, and not what it checks
                         "--train.heatmap_images=0", "--train.projector=false"])
         weights[compiled] = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    # the frozen backbone runs without autograd's record in the train steps as in the val pass: one graph for both
+    # (grad mode is among torch.compile's guards: a second graph doubled this test's time)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert set(weights["true"]) == set(weights["false"]), "no _orig_mod. in the keys"
     torch.manual_seed(0)  # what bcnn.train does (train.seed 0) before it builds the model
     initial = build_model(ModelConfig(backbone_weights="none", freeze_backbone=True), num_classes=3,

@@ -11,6 +11,8 @@ run in bf16/fp16.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -34,8 +36,9 @@ class BilinearCNN(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, output_dim) float32: the pooled, normalised vector the classifier reads."""
-        feature_map = self.backbone(images)  # (B, C, h, w)
-        feature_map_b = self.backbone_b(images) if self.backbone_b is not None else None
+        with torch.no_grad() if self.backbone_fixed_in_training() else contextlib.nullcontext():
+            feature_map = self.backbone(images)  # (B, C, h, w)
+            feature_map_b = self.backbone_b(images) if self.backbone_b is not None else None
         with torch.autocast(device_type=images.device.type, enabled=False):
             return self.pooling(feature_map.float(), None if feature_map_b is None else feature_map_b.float())
 
@@ -43,6 +46,14 @@ class BilinearCNN(nn.Module):
         vectors = self.embed(images)
         with torch.autocast(device_type=images.device.type, enabled=False):
             return self.classifier(vectors)  # (B, num_classes)
+
+    def backbone_fixed_in_training(self) -> bool:
+        """Training with a frozen backbone none of which trains (no model.adapt): nothing flows back into it, so it
+        runs without autograd's record. That also keeps grad mode what the val pass has, so torch.compile (which
+        guards on it) compiles the backbone once for both, not twice. In eval mode gradients may still be asked of it
+        (the heatmaps' attributions reach the input through it)."""
+        return self.training and self.backbone_frozen and not any(
+            parameter.requires_grad for backbone in self.backbones() for parameter in backbone.parameters())
 
     def backbones(self) -> list[nn.Module]:
         return [self.backbone] + ([self.backbone_b] if self.backbone_b is not None else [])
