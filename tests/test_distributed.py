@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,7 +24,7 @@ from bcnn.errors import UserError
 from bcnn.models import BilinearCNN, build_model
 from bcnn.models.pooling import BilinearPooling
 from helpers.numerics import FORWARD_RTOL, assert_same_training, training_difference
-from helpers.runs import launch, small_run_args, suite_threads
+from helpers.runs import WITH_DRAWINGS, launch, small_run_args, suite_threads
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")  # torchrun, from whichever Python runs the suite
@@ -52,9 +53,11 @@ def metric_rows(run_dir):
 
 @pytest.fixture(scope="module")
 def ddp_run(cub_3x13, tmp_path_factory):
-    """small_run_args on two ranks, uninterrupted. Read it, never change it."""
+    """small_run_args on two ranks, uninterrupted, with the val heatmaps and the projector, which rank 0 draws alone
+    while the other waits (the reference and the restarted run draw neither: drawing changes no weight). Read it,
+    never change it."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    result = torchrun("-m", "bcnn.train", *small_run_args(cub_3x13, run_dir))
+    result = torchrun("-m", "bcnn.train", *small_run_args(cub_3x13, run_dir, *WITH_DRAWINGS))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return run_dir
 
@@ -67,6 +70,10 @@ def test_two_processes_train_the_model_of_one(reference_run, ddp_run):
         in log
     # Rank 0 alone writes: one event file, each epoch logged once.
     assert len(list(ddp_run.glob("events.out.tfevents.*"))) == 1 and log.count("epoch 2 done") == 1
+    events = EventAccumulator(str(ddp_run), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Images("val/heatmaps"), "rank 0 drew the val heatmaps at best.pt"
+    assert (ddp_run / "projector" / "projector_config.pbtxt").is_file()
 
     reference, ddp, initial = weights(reference_run), weights(ddp_run), initial_weights()
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in ddp)

@@ -107,9 +107,9 @@ def test_a_directory_with_best_pt_but_no_last_pt_is_not_taken_for_empty(cub_3x13
 
 
 def test_overwrite_removes_every_file_of_the_earlier_run_and_its_evaluations(cub_3x13, finished_run):
-    eval_cli.main(["--checkpoint", str(finished_run / "best.pt"), "--device=cpu", "--split=val"])
-    assert {"eval_best_val.json", "eval_best_val_per_class.csv", "eval_best_val_confusion.png"} <= set(
-        fingerprints(finished_run))
+    eval_cli.main(["--checkpoint", str(finished_run / "best.pt"), "--device=cpu", "--split=val", "--projector"])
+    assert {"eval_best_val.json", "eval_best_val_per_class.csv", "eval_best_val_confusion.png",
+            "projector_best_val/projector_config.pbtxt"} <= set(fingerprints(finished_run))
     (finished_run / "eval_plan.md").write_text("test split after the last seed only\n")
     before = fingerprints(finished_run)
     with pytest.raises(UserError, match=rf"^run directory {finished_run} holds eval_plan.md, which bcnn did not "
@@ -119,7 +119,7 @@ def test_overwrite_removes_every_file_of_the_earlier_run_and_its_evaluations(cub
     (finished_run / "eval_plan.md").unlink()
 
     train_cli.main(small_run_args(cub_3x13, finished_run, "--train.epochs=1", "--overwrite"))
-    assert not list(finished_run.glob("eval_*"))
+    assert not list(finished_run.glob("eval_*")) and not list(finished_run.glob("projector*"))  # folder and all
     assert [json.loads(line)["epoch"] for line in (finished_run / "metrics.jsonl").read_text().splitlines()] == [1]
     # the earlier run waited in previous_run/ until the new run's first last.pt (step 2 of 3), then went
     assert not (finished_run / "previous_run").exists()

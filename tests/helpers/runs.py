@@ -45,12 +45,18 @@ def small_run_args(data, run_dir, *extra):
     """Stage 2 style (everything trains), 12 train images (a multiple of 2 ranks and of the batch) in steps of
     4: 3 steps per epoch, 2 epochs, a last.pt every 2 steps. float32, so runs differ only by summation order.
     The demo's stage-2 learning rates: at the recipe's 10x larger ones a random VGG16 amplifies rounding
-    differences between runs (helpers.numerics.TRAINING_RTOL)."""
+    differences between runs (helpers.numerics.TRAINING_RTOL). Without the val heatmaps and the projector (WITH_DRAWINGS
+    puts them back): a fifth of a run's CPU, and captum's and matplotlib's imports in a new process, for what
+    test_explain and the DDP run check."""
     return ["--config", STAGE1, f"--data-root={data}", "--device=cpu", f"--run-dir={run_dir}", "--data.crop=32",
             "--data.resize=40", "--data.val_fraction=0.34", "--train.epochs=2", "--train.batch_size=4",
             "--train.log_every=0", "--train.checkpoint_every=2", "--model.freeze_backbone=false",
             "--optim.lr=0.01", "--optim.backbone_lr=0.001", "--train.precision=fp32", "--data.num_workers=1",
-            *extra]
+            "--train.heatmap_images=0", "--train.projector=false", *extra]
+
+
+# small_run_args' extra options that draw the val heatmaps (at each best.pt) and write the projector (at the end)
+WITH_DRAWINGS = ("--train.heatmap_images=4", "--train.projector=true")
 
 
 def launch(*command, env=None, processes=1):
