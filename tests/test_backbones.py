@@ -242,9 +242,11 @@ def test_unknown_backbones_and_cuts_are_one_sentence():
         load_config(None, ["--model.backbone=resnet50", "--model.cut=relu5_3"])
 
 
+# Without the val heatmaps and the projector: each family's heatmaps are test_explain's
 TINY = ["--device=cpu", "--data.resize=40", "--data.crop=32", "--data.val_fraction=0.34", "--data.num_workers=0",
         "--model.backbone_weights=none", "--train.batch_size=4", "--train.epochs=1", "--train.log_every=0",
-        "--train.precision=fp32", "--model.freeze_backbone=false", "--optim.lr=0.01", "--optim.backbone_lr=0.001"]
+        "--train.precision=fp32", "--model.freeze_backbone=false", "--optim.lr=0.01", "--optim.backbone_lr=0.001",
+        "--train.heatmap_images=0", "--train.projector=false"]
 
 
 # One network per family (vgg16: tests/test_recipes.py); the deeper members build from the same code, and their

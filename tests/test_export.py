@@ -111,7 +111,6 @@ def test_a_file_bcnn_export_did_not_write_is_never_replaced(checkpoint, tmp_path
     assert json.loads((tmp_path / "model.onnx.json").read_text())["parity"] == "not checked (--no-check)"
 
 
-@pytest.mark.export_families  # about 35 s of CPU: make test-export (make test leaves it out)
 @pytest.mark.parametrize("head", [["--model.pooling=matrix_sqrt"], ["--model.pooling=isqrt_cov"],
                                   ["--model.pooling=compact", "--model.compact_dim=512"], ["--model.pooling=avg"],
                                   ["--model.backbone_b=vgg19", "--model.backbone_b_weights=none"]],
@@ -124,7 +123,6 @@ def test_every_head_exports_to_onnx_within_the_tolerance(head, cub_3x6, tmp_path
     assert sidecar["parity"]["max_logit_difference"] <= sidecar["parity"]["allowed"]
 
 
-@pytest.mark.export_families  # about 14 s of CPU (peft's import, a ViT's export): make test-export
 def test_a_lora_vit_exports_merged(cub_3x6, tmp_path):
     pytest.importorskip("peft")
     checkpoint = untrained_checkpoint(cub_3x6, tmp_path, "--model.backbone=timm:vit_tiny_patch16_224",
@@ -151,7 +149,7 @@ FAMILIES = {"resnet50": ["--data.crop=32", "--data.resize=36"],
             "timm:swin_tiny_patch4_window7_224": ["--data.crop=64", "--data.resize=72"]}
 
 
-@pytest.mark.export_families  # about 75 s of CPU: make test-export (make test leaves it out)
+@pytest.mark.export_families  # about 70 s of CPU: make test-export (make test leaves it out)
 @pytest.mark.parametrize("backbone", FAMILIES)
 def test_every_backbone_family_exports_within_the_tolerance(backbone, cub_3x6, tmp_path):
     checkpoint = untrained_checkpoint(cub_3x6, tmp_path, f"--model.backbone={backbone}", "--model.pooling=avg",

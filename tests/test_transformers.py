@@ -209,10 +209,13 @@ def test_each_transformer_recipe_runs_both_stages(recipe, cub_3x6, tmp_path):
 
 
 # Every head on every named family at the recipes' 448 px (DINOv2 and EVA-02: 32 x 32 tokens; ViTs: 28 x 28; Swins:
-# 14 x 14), or refused where its vector would pass the size build_model allows (Swin-L's 1,536 channels). The large
-# networks are built and run on the meta device (shapes, no numbers: a second instead of ten); their base-size
-# siblings, the same timm classes with fewer and narrower blocks, run for real here.
-ON_META = {"vit_l16_in21k": "vit_b16_in21k", "dinov2_vitl14": "dinov2_vitb14", "swin_l_in22k": "swin_b_in22k",
+# 14 x 14), or refused where its vector would pass the size build_model allows (Swin-L's 1,536 channels). One network
+# of each timm class runs for real here (a DINOv2 ViT with registers, DeiT with its distillation token, EVA-02, Swin-B);
+# the others are built and run on the meta device (shapes, no numbers: a second instead of 3-17), and their class is
+# checked to be the one that ran for real.
+ON_META = {"vit_l16_in21k": "dinov2_vitb14_reg", "dinov2_vitl14": "dinov2_vitb14_reg", "swin_l_in22k": "swin_b_in22k",
+           "vit_b16_in21k": "dinov2_vitb14_reg", "dinov2_vitb14": "dinov2_vitb14_reg",
+           "clip_vitb16": "dinov2_vitb14_reg",
            # Swin-V2-B at 448 px takes 20 s here: on the meta device too (it runs for real at 128 px, above)
            "swinv2_b_in22k": "timm:swinv2_tiny_window8_256"}
 
