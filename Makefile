@@ -78,7 +78,8 @@ demo: $(VENV_DEP)
 test: $(VENV_DEP)
 	$(PY) -m pytest -q -n auto --dist loadgroup --durations=10 -m "not export_families" tests
 
-# every backbone family through bcnn.export's ONNX path and its parity check (docs/deployment.md)
+# each backbone family but VGG (ResNet, DenseNet, ConvNeXt, DINOv2, Swin) through bcnn.export's ONNX path and its
+# parity check (docs/deployment.md); every head's export is in make test
 test-export: $(VENV_DEP)
 	$(PY) -m pytest -q -n auto -m export_families tests
 
