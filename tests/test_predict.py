@@ -6,8 +6,10 @@ hand, for a model whose weights the test itself saved.
 
 import json
 import re
+import runpy
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from bcnn.data import write_synthetic_cub
 from bcnn.errors import UserError
 from bcnn.models import build_model
 from helpers.numerics import FORWARD_RTOL
-from helpers.runs import launch, run_in_process
+from helpers.runs import run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
@@ -251,18 +253,24 @@ def test_each_bad_input_gets_an_error_line_and_entry_and_the_rest_is_predicted(t
     assert "it has 200.0 megapixels, over the 179.0-megapixel limit" in errors[5]
 
 
-def test_cli_exit_status_is_1_when_an_input_failed_and_good_images_are_printed(trained, tmp_path):
+def test_cli_exit_status_is_1_when_an_input_failed_and_good_images_are_printed(trained, tmp_path, monkeypatch,
+                                                                                   capsys):
     missing, text_file = str(tmp_path / "missing.jpg"), tmp_path / "notes.txt"
     text_file.write_text("hello")
     good = photo_paths(trained)[0]
-    # a process of its own: the exit status 1 is set by the module's __main__ block, which is what this checks
-    result = launch(sys.executable, "-m", "bcnn.predict", missing, str(text_file), good,
-                    "--checkpoint", trained["checkpoint"])
-    assert result.returncode == 1, result.stderr
-    errors = result.stderr.splitlines()
+    # the exit status 1 is set by the module's __main__ block, which is what this checks: run as `python -m` runs it
+    # (runpy), in this process (a new interpreter costs seconds of imports)
+    monkeypatch.setattr(sys, "argv", ["bcnn.predict", missing, str(text_file), good, "--checkpoint",
+                                      trained["checkpoint"]])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exited:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: bcnn.predict is imported already (by this file)
+        runpy.run_module("bcnn.predict", run_name="__main__", alter_sys=True)
+    assert exited.value.code == 1
+    output = capsys.readouterr()
+    errors = output.err.splitlines()
     assert len(errors) == 2 and errors[0].startswith(f"error: {missing}: ")
     assert errors[1].startswith(f"error: {text_file}: ")
-    lines = result.stdout.splitlines()
+    lines = output.out.splitlines()
     assert lines[0] == good and len(lines) == 1 + len(CLASSES)  # default --topk 5, capped at 3 classes
     assert all(PERCENT_LINE.match(line) for line in lines[1:])
 
