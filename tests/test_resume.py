@@ -13,13 +13,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bcnn import engine
-from bcnn import run_dir as run_dir_module
 from bcnn import train as train_cli
 from bcnn.config import Config, config_to_dict
 from bcnn.data import write_synthetic_cub
 from bcnn.engine import TrainingDiverged
 from bcnn.errors import UserError
-from helpers.runs import REPO, launch, load, rows_without_timing, run_in_process, small_run_args
+from helpers.runs import REPO, launch, load, rows_without_timing, run_in_process, small_run_args, stop_after_last_pt
 
 KILL_HELPER = str(REPO / "tests" / "helpers" / "kill_after_save.py")
 
@@ -58,20 +57,10 @@ class Crashed(Exception):
 
 def test_resume_names_a_checkpoint_explicitly(cub_3x13, reference_run, tmp_path, monkeypatch):
     # a run that crashes right after its 3rd last.pt, in this process (the SIGKILLed process is the test above's)
-    real_save, writes = run_dir_module.save_checkpoint, []
-
-    def save_then_crash(state, path, **options):
-        real_save(state, path, **options)
-        if Path(path).name == "last.pt":
-            writes.append(path)
-            if len(writes) == 3:
-                raise Crashed
-
-    monkeypatch.setattr(run_dir_module, "save_checkpoint", save_then_crash)
+    stop_after_last_pt(monkeypatch, 3, Crashed)
     killed_dir = tmp_path / "killed"
     with pytest.raises(Crashed):
         train_cli.main(small_run_args(cub_3x13, killed_dir))
-    monkeypatch.setattr(run_dir_module, "save_checkpoint", real_save)
     assert load(killed_dir / "last.pt")["global_step"] == 4
     train_cli.main(small_run_args(cub_3x13, tmp_path / "elsewhere", f"--resume={killed_dir / 'last.pt'}"))
     expected, resumed = load(reference_run / "last.pt")["model"], load(tmp_path / "elsewhere" / "last.pt")["model"]

@@ -111,17 +111,25 @@ def end_children_as_an_exit_would(children_before: set) -> None:
 
 def interrupt_after_first_last_pt(monkeypatch):
     """Ctrl-C right after the first last.pt is written, as a user would press it (in this process)."""
+    stop_after_last_pt(monkeypatch, 1, KeyboardInterrupt)
+
+
+def stop_after_last_pt(monkeypatch, saves: int, exception) -> None:
+    """`exception` raised in this process right after the `saves`-th last.pt is written (KeyboardInterrupt: a
+    Ctrl-C; an exception nothing in bcnn catches: a crash); later writes go through as usual."""
     from bcnn import run_dir
 
-    real_save = run_dir.save_checkpoint
+    real_save, written = run_dir.save_checkpoint, []
 
-    def save_then_interrupt(state, path, **options):
+    def save_then_stop(state, path, **options):
         real_save(state, path, **options)
         if Path(path).name == "last.pt":
-            monkeypatch.setattr(run_dir, "save_checkpoint", real_save)
-            raise KeyboardInterrupt
+            written.append(path)
+            if len(written) == saves:
+                monkeypatch.setattr(run_dir, "save_checkpoint", real_save)
+                raise exception
 
-    monkeypatch.setattr(run_dir, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(run_dir, "save_checkpoint", save_then_stop)
 
 
 def load(path):
